@@ -1,0 +1,38 @@
+"""Typed configuration read by every other part of minimind."""
+
+from minimind.config.loading import (
+    apply_overrides,
+    build_config,
+    config_to_dict,
+    dump_yaml,
+    load_config,
+    load_yaml,
+    parse_override_args,
+)
+from minimind.config.presets import PRESETS, preset_fields
+from minimind.config.schema import (
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    LoggingConfig,
+    LoraConfig,
+    ModelConfig,
+    MoEConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    RuntimeConfig,
+    TrainConfig,
+)
+
+
+def model_config(preset: str, **overrides) -> ModelConfig:
+    """A validated :class:`ModelConfig` for ``preset`` with field overrides."""
+    return build_config({"model": {"preset": preset, **overrides}}).model
+
+
+__all__ = [
+    "PRESETS", "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "LoraConfig",
+    "ModelConfig", "MoEConfig", "ObjectiveConfig", "OptimConfig", "RuntimeConfig", "TrainConfig",
+    "apply_overrides", "build_config", "config_to_dict", "dump_yaml", "load_config", "load_yaml",
+    "model_config", "parse_override_args", "preset_fields",
+]

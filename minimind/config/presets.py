@@ -1,0 +1,28 @@
+"""Named model sizes. Parameter counts match MiniMind's released models exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from minimind.config.schema import ConfigError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # MiniMind2-small: 25,829,888 parameters.
+    "minimind-26m": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 2},
+    # MiniMind2: 104,030,976 parameters.
+    "minimind-104m": {"hidden_size": 768, "num_layers": 16, "num_heads": 8, "num_kv_heads": 2},
+    # MiniMind2-MoE: 145,029,760 parameters (4 routed + 1 shared expert, top-2).
+    "minimind-moe-145m": {
+        "hidden_size": 640, "num_layers": 8, "num_heads": 8, "num_kv_heads": 2,
+        "moe": {"enabled": True, "num_routed_experts": 4, "num_shared_experts": 1, "top_k": 2},
+    },
+    # For tests and CPU smoke runs: same vocabulary, a few hundred thousand parameters.
+    "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "max_seq_len": 1024},
+}
+
+
+def preset_fields(name: str) -> dict[str, Any]:
+    """Model fields of preset ``name`` (including ``preset`` itself)."""
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return {"preset": name, **PRESETS[name]}

@@ -1,0 +1,296 @@
+"""Typed run configuration: one tree of dataclasses that YAML, the command line and Tune address.
+
+Every field has a dotted path (``optim.lr``, ``model.moe.top_k``) that is the same in a YAML
+recipe, on the command line (``--optim.lr 3e-4``) and in a Tune ``param_space``. Construction
+goes through :func:`minimind.config.build_config`, which expands model presets, applies overrides
+and validates, so an invalid run fails before any weights are allocated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+STAGES = ("pretrain", "sft", "dpo", "reasoning", "distill")
+DATA_FORMATS = ("pretrain", "sft", "dpo", "r1")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the dotted field."""
+
+
+def _require(condition: bool, path: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{path}: {message}")
+
+
+def swiglu_hidden_size(hidden_size: int) -> int:
+    """MiniMind's SwiGLU width: 8h/3 rounded up to a multiple of 64."""
+    return 64 * math.ceil((8 * hidden_size // 3) / 64)
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts feed-forward (MiniMind's MoE variant); off unless ``enabled``."""
+
+    enabled: bool = False
+    num_routed_experts: int = 4
+    """Experts chosen per token by the router."""
+    num_shared_experts: int = 1
+    """Experts every token always goes through."""
+    top_k: int = 2
+    norm_topk_prob: bool = True
+    """Renormalise the top-k router probabilities to sum to one."""
+    aux_loss_alpha: float = 0.1
+    """Weight of the sequence-level load-balancing loss."""
+
+    def validate(self, path: str) -> None:
+        if not self.enabled:
+            return
+        _require(self.num_routed_experts >= 1, f"{path}.num_routed_experts", "must be >= 1")
+        _require(self.num_shared_experts >= 0, f"{path}.num_shared_experts", "must be >= 0")
+        _require(
+            1 <= self.top_k <= self.num_routed_experts,
+            f"{path}.top_k",
+            f"must be in [1, num_routed_experts={self.num_routed_experts}], got {self.top_k}",
+        )
+        _require(self.aux_loss_alpha >= 0, f"{path}.aux_loss_alpha", "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder with MiniMind's structure. ``preset`` names the size it started from."""
+
+    preset: str = "minimind-26m"
+    vocab_size: int = 6400
+    hidden_size: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    intermediate_size: int | None = None
+    """SwiGLU width; ``None`` means MiniMind's ``64*ceil(floor(8h/3)/64)``."""
+    max_seq_len: int = 32768
+    """Length of the precomputed RoPE table (the longest sequence the model can see)."""
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    dropout: float = 0.0
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or swiglu_hidden_size(self.hidden_size)
+
+    def validate(self, path: str = "model") -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
+            _require(getattr(self, name) > 0, f"{path}.{name}", f"must be positive, got {getattr(self, name)}")
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            f"{path}.hidden_size",
+            f"{self.hidden_size} is not divisible by num_heads={self.num_heads}",
+        )
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"{path}.num_kv_heads",
+            f"{self.num_kv_heads} does not divide num_heads={self.num_heads}",
+        )
+        _require(self.head_dim % 2 == 0, f"{path}.hidden_size", "head_dim must be even for RoPE")
+        _require(self.intermediate_size is None or self.intermediate_size > 0, f"{path}.intermediate_size", "must be positive")
+        _require(0.0 <= self.dropout < 1.0, f"{path}.dropout", "must be in [0, 1)")
+        self.moe.validate(f"{path}.moe")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters; when enabled only the adapters train and are saved apart."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def validate(self, path: str = "lora") -> None:
+        if not self.enabled:
+            return
+        _require(self.rank > 0, f"{path}.rank", "must be positive")
+        _require(self.alpha > 0, f"{path}.alpha", "must be positive")
+        unknown = sorted(set(self.target_modules) - set(LORA_TARGETS))
+        _require(not unknown, f"{path}.target_modules", f"unknown modules {unknown}; choose from {list(LORA_TARGETS)}")
+        _require(bool(self.target_modules), f"{path}.target_modules", "must name at least one module")
+
+
+@dataclass
+class DataConfig:
+    """Where training examples come from and how they are shaped."""
+
+    train_files: list[str] = field(default_factory=list)
+    """MiniMind jsonl files (pretrain ``{"text"}``, SFT ``{"conversations"}``, DPO, r1)."""
+    format: str | None = None
+    """One of pretrain|sft|dpo|r1; ``None`` derives it from the stage."""
+    tokenizer: str | None = None
+    """Directory or tokenizer.json; ``None`` is the tokenizer bundled with the package."""
+    seq_len: int = 512
+    strict: bool = False
+    """Stop at the first malformed record instead of counting and skipping it."""
+    packing: bool = True
+    """Pretrain only: pack documents into full blocks (False pads one document per row, as MiniMind does)."""
+    document_mask: bool = False
+    """Pretrain only: keep attention inside each packed document."""
+
+    def validate(self, path: str = "data") -> None:
+        _require(self.seq_len > 1, f"{path}.seq_len", f"must be > 1, got {self.seq_len}")
+        _require(self.format is None or self.format in DATA_FORMATS, f"{path}.format", f"must be one of {DATA_FORMATS}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay, computed per optimizer step."""
+
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of ``lr``."""
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    batch_size: int = 32
+    """Sequences per micro-batch per worker."""
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    """Clip threshold; 0 disables clipping."""
+    epochs: int = 1
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides ``epochs`` when smaller)."""
+    seed: int = 42
+
+    def validate(self, path: str = "optim") -> None:
+        _require(self.lr > 0, f"{path}.lr", f"must be positive, got {self.lr}")
+        _require(0 <= self.min_lr_ratio <= 1, f"{path}.min_lr_ratio", "must be in [0, 1]")
+        _require(self.warmup_steps >= 0, f"{path}.warmup_steps", "must be >= 0")
+        _require(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
+        _require(self.batch_size > 0, f"{path}.batch_size", f"must be positive, got {self.batch_size}")
+        _require(self.grad_accum_steps > 0, f"{path}.grad_accum_steps", "must be positive")
+        _require(self.max_grad_norm >= 0, f"{path}.max_grad_norm", "must be >= 0")
+        _require(self.epochs > 0, f"{path}.epochs", "must be positive")
+        _require(self.max_steps is None or self.max_steps > 0, f"{path}.max_steps", "must be positive")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Stage-specific loss settings; only the ones of the run's stage are read."""
+
+    dpo_beta: float = 0.1
+    dpo_length_normalize: bool = False
+    """Average instead of sum the response log-probs in DPO."""
+    reasoning_token_weight: float = 10.0
+    """Extra loss weight on <think>/</think>/<answer>/</answer> inside the assistant reply."""
+    distill_alpha: float = 0.5
+    """Weight of the KL-to-teacher term; ``1 - alpha`` goes to cross-entropy."""
+    distill_temperature: float = 2.0
+    teacher: str | None = None
+    """Checkpoint directory of the distillation teacher."""
+
+    def validate(self, path: str = "objective") -> None:
+        _require(self.dpo_beta > 0, f"{path}.dpo_beta", "must be positive")
+        _require(self.reasoning_token_weight > 0, f"{path}.reasoning_token_weight", "must be positive")
+        _require(0 <= self.distill_alpha <= 1, f"{path}.distill_alpha", "must be in [0, 1]")
+        _require(self.distill_temperature > 0, f"{path}.distill_temperature", "must be positive")
+
+
+@dataclass
+class RuntimeConfig:
+    """Device and numerics."""
+
+    device: str = "auto"
+    """auto|cpu|cuda|cuda:N; auto picks CUDA when present."""
+    dtype: str = "auto"
+    """auto|fp32|bf16|fp16; auto is bf16 on GPUs that support it, else fp32. fp16 uses a GradScaler."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    deterministic: bool = False
+    """Ask torch for deterministic kernels (slower; for exact-resume checks on GPU)."""
+
+    def validate(self, path: str = "runtime") -> None:
+        _require(self.dtype in DTYPES, f"{path}.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often training state is saved, and what a run starts from."""
+
+    dir: str | None = None
+    """Run directory for checkpoints and metrics; ``None`` saves nothing."""
+    every_steps: int = 500
+    keep_last: int = 2
+    resume: bool = True
+    """Continue from the newest checkpoint in ``dir`` when there is one."""
+    init_from: str | None = None
+    """Checkpoint directory whose weights start this run (e.g. the pretrain result for SFT)."""
+
+    def validate(self, path: str = "checkpoint") -> None:
+        _require(self.every_steps > 0, f"{path}.every_steps", "must be positive")
+        _require(self.keep_last > 0, f"{path}.keep_last", "must be positive")
+
+
+@dataclass
+class LoggingConfig:
+    """Metric reporting."""
+
+    every_steps: int = 10
+    gpu_peak_tflops: float | None = None
+    """Peak bf16 TFLOP/s for MFU when the GPU is not in the built-in table."""
+
+    def validate(self, path: str = "logging") -> None:
+        _require(self.every_steps > 0, f"{path}.every_steps", "must be positive")
+
+
+@dataclass
+class TrainConfig:
+    """One training run: a stage (objective + data format) over a model."""
+
+    stage: str = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def data_format(self) -> str:
+        if self.data.format is not None:
+            return self.data.format
+        return {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reasoning": "r1", "distill": "sft"}[self.stage]
+
+    def validate(self) -> TrainConfig:
+        _require(self.stage in STAGES, "stage", f"must be one of {STAGES}, got {self.stage!r}")
+        for name in ("model", "lora", "data", "optim", "objective", "runtime", "checkpoint", "logging"):
+            getattr(self, name).validate(name)
+        _require(
+            self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
+        )
+        fmt = self.data_format
+        allowed = {"pretrain": ("pretrain",), "sft": ("sft", "r1"), "reasoning": ("r1", "sft"),
+                   "dpo": ("dpo",), "distill": ("pretrain", "sft", "r1")}[self.stage]
+        _require(fmt in allowed, "data.format", f"stage {self.stage!r} reads {allowed}, got {fmt!r}")
+        _require(
+            self.stage != "distill" or self.objective.teacher is not None,
+            "objective.teacher",
+            "the distill stage needs a teacher checkpoint directory",
+        )
+        _require(
+            self.stage != "dpo" or self.checkpoint.init_from is not None,
+            "checkpoint.init_from",
+            "DPO needs a starting checkpoint (it is also the frozen reference model)",
+        )
+        return self

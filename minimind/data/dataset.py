@@ -1,0 +1,121 @@
+"""In-process examples and batches from jsonl files (no Ray): for tests, small runs and workers.
+
+:func:`load_examples` reads files through the stage formats, counting or raising on bad records;
+:class:`BatchSampler` yields a seeded, per-epoch shuffled order of micro-batches that can start
+from any position, which is what exact resume needs; :func:`collate` pads only to the longest
+sequence in the batch and reports how much of it is padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from minimind.data.formats import IGNORE_INDEX, RecordError, RejectCounts, encode_record, iter_jsonl
+from minimind.data.formats.pretrain import pack_documents, unpacked_example
+
+
+@dataclass
+class ExampleSet:
+    examples: list[dict]
+    rejects: RejectCounts = field(default_factory=RejectCounts)
+    records_read: int = 0
+
+
+def load_examples(
+    files: Sequence[str | Path],
+    fmt: str,
+    tokenizer,
+    seq_len: int,
+    strict: bool = False,
+    packing: bool = True,
+) -> ExampleSet:
+    """Tokenize every record of ``files`` in ``fmt``; pretrain documents are packed into blocks."""
+    if not files:
+        raise ValueError("data.train_files is empty")
+    rejects = RejectCounts()
+    encoded: list = []
+    records_read = 0
+    for path in files:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"data file not found: {path}")
+        for line, record in iter_jsonl(path):
+            records_read += 1
+            try:
+                if isinstance(record, RecordError):
+                    raise record
+                encoded.append(encode_record(fmt, record, tokenizer, seq_len))
+            except RecordError as error:
+                error = error if error.source is not None else error.located(str(path), line)
+                if strict:
+                    raise error from None
+                rejects.add(error)
+    if fmt == "pretrain":
+        if packing:
+            encoded = list(pack_documents(encoded, seq_len))
+        else:
+            encoded = [unpacked_example(tokens, seq_len) for tokens in encoded]
+    if not encoded:
+        raise ValueError(f"no usable records in {list(map(str, files))}: {rejects.summary()}")
+    return ExampleSet(encoded, rejects, records_read)
+
+
+@dataclass
+class BatchSampler:
+    """Micro-batches of example indices: shuffled per epoch from ``seed``, sharded by rank.
+
+    The order depends only on (seed, epoch), so ``batches(epoch, start=k)`` resumes exactly.
+    Each rank takes every ``world_size``-th batch; trailing batches that would leave ranks
+    unequal are not used in that epoch (they come back in a later epoch's shuffle).
+    """
+
+    num_examples: int
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    shuffle: bool = True
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch for this rank (the last partial batch is kept)."""
+        total = -(-self.num_examples // self.batch_size)
+        return total // self.world_size if self.world_size > 1 else total
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.num_examples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_examples))
+        for local in range(start, len(self)):
+            global_index = local * self.world_size + self.rank
+            yield order[global_index * self.batch_size:(global_index + 1) * self.batch_size]
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor:
+    return torch.tensor([list(row) + [value] * (length - len(row)) for row in rows], dtype=torch.long)
+
+
+def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack examples padded to the batch's longest sequence.
+
+    DPO pairs become one batch of 2B rows (chosen first, then rejected). ``real_tokens`` counts
+    non-padding positions for throughput and padding statistics.
+    """
+    if "chosen_ids" in examples[0]:
+        ids = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        labels = [e["chosen_labels"] for e in examples] + [e["rejected_labels"] for e in examples]
+    else:
+        ids = [e["input_ids"] for e in examples]
+        labels = [e["labels"] for e in examples]
+    length = max(len(row) for row in ids)
+    batch = {"input_ids": _pad(ids, pad_id, length), "labels": _pad(labels, IGNORE_INDEX, length)}
+    if "document_ids" in examples[0]:
+        batch["document_ids"] = _pad([e["document_ids"] for e in examples], -1, length)
+    real = sum(len(row) for row in ids)
+    batch["real_tokens"] = torch.tensor(real)
+    batch["total_tokens"] = torch.tensor(batch["input_ids"].numel())
+    return batch

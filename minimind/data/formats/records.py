@@ -1,0 +1,124 @@
+"""Reading MiniMind jsonl records with their file and line, and validating their fields.
+
+Every malformed record becomes a :class:`RecordError` that names the file, the line and the field.
+Strict readers raise it; lenient ones (the default) count it by reason in :class:`RejectCounts`
+and go on, so nothing is dropped without a number to show for it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from minimind.tokenizer import ROLES
+
+
+class RecordError(ValueError):
+    """A bad record: ``reason`` is a short stable key used for counting."""
+
+    def __init__(self, reason: str, message: str, field_name: str | None = None,
+                 source: str | None = None, line: int | None = None):
+        self.reason = reason
+        self.detail = message
+        self.field_name = field_name
+        self.source = source
+        self.line = line
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        where = f"{self.source}:{self.line}" if self.source is not None else "record"
+        field_part = f" field {self.field_name!r}:" if self.field_name else ""
+        return f"{where}:{field_part} {self.detail} [{self.reason}]"
+
+    def located(self, source: str, line: int) -> RecordError:
+        return RecordError(self.reason, self.detail, self.field_name, source, line)
+
+
+@dataclass
+class RejectCounts:
+    """Rejected records by reason, with the first few examples kept for the summary."""
+
+    by_reason: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    max_examples: int = 20
+
+    def add(self, error: RecordError) -> None:
+        self.by_reason[error.reason] += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append(str(error))
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no rejected records"
+        reasons = ", ".join(f"{reason}={count}" for reason, count in self.by_reason.most_common())
+        return f"{self.total} rejected records ({reasons}); first: {self.examples[0]}"
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any | RecordError]]:
+    """Yield ``(line_number, record)``; a line that is not a JSON object yields a RecordError."""
+    source = str(path)
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield line_number, RecordError("undecodable_bytes", f"not UTF-8 ({error.reason})", None, source, line_number)
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                yield line_number, RecordError("invalid_json", f"invalid JSON ({error.msg})", None, source, line_number)
+                continue
+            if not isinstance(record, dict):
+                yield line_number, RecordError("not_an_object", f"expected a JSON object, got {type(record).__name__}",
+                                               None, source, line_number)
+                continue
+            yield line_number, record
+
+
+def require_text(record: dict, name: str) -> str:
+    if name not in record:
+        raise RecordError("missing_field", "missing", name)
+    value = record[name]
+    if not isinstance(value, str):
+        raise RecordError("wrong_type", f"expected a string, got {type(value).__name__}", name)
+    if not value.strip():
+        raise RecordError("empty_text", "empty", name)
+    return value
+
+
+def require_messages(record: dict, name: str) -> list[dict[str, str]]:
+    """A list of ``{"role", "content"}`` messages with known roles and at least one assistant turn."""
+    if name not in record:
+        raise RecordError("missing_field", "missing", name)
+    messages = record[name]
+    if not isinstance(messages, list) or not messages:
+        raise RecordError("wrong_type", "expected a non-empty list of messages", name)
+    cleaned = []
+    for index, message in enumerate(messages):
+        where = f"{name}[{index}]"
+        if not isinstance(message, dict):
+            raise RecordError("wrong_type", f"expected an object, got {type(message).__name__}", where)
+        role = message.get("role")
+        if role not in ROLES:
+            raise RecordError("unknown_role", f"role {role!r} is not one of {ROLES}", f"{where}.role")
+        content = message.get("content")
+        if not isinstance(content, str):
+            reason = "missing_field" if content is None else "wrong_type"
+            raise RecordError(reason, f"expected a string, got {type(content).__name__}", f"{where}.content")
+        if role == "assistant" and not content.strip():
+            raise RecordError("empty_text", "empty assistant reply", f"{where}.content")
+        cleaned.append({"role": role, "content": content})
+    if not any(message["role"] == "assistant" for message in cleaned):
+        raise RecordError("no_assistant_turn", "conversation has no assistant turn", name)
+    return cleaned

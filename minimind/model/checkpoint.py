@@ -1,0 +1,115 @@
+"""Model weights on disk: fp32 safetensors plus a small JSON description of the architecture.
+
+A checkpoint directory holds ``model.safetensors`` (full weights, tied embedding stored once) and
+``model.json`` (model config, LoRA config if any, the base checkpoint a LoRA adapter applies to).
+A LoRA checkpoint stores only ``adapter.safetensors`` when its base lives elsewhere. A *run*
+directory holds ``checkpoints/step_N`` folders and a ``latest`` file naming the newest one;
+:func:`resolve_checkpoint` accepts either.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from minimind.config import LoraConfig, ModelConfig, build_config, config_to_dict
+from minimind.model.lora import adapter_state_dict, apply_lora, base_state_dict, merge_lora
+from minimind.model.minimind import MiniMindLM
+
+WEIGHTS_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
+META_FILE = "model.json"
+TIED_KEY = "lm_head.weight"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint or run directory (newest checkpoint of the run)."""
+    path = Path(path)
+    if (path / META_FILE).exists():
+        return path
+    latest = path / "latest"
+    if latest.exists():
+        return path / "checkpoints" / latest.read_text().strip()
+    raise FileNotFoundError(f"{path} is neither a checkpoint (no {META_FILE}) nor a run directory (no 'latest')")
+
+
+def save_model(model: MiniMindLM, directory: str | Path, lora: LoraConfig | None = None, base: str | None = None,
+               extra: dict | None = None) -> None:
+    """Write weights and ``model.json`` into ``directory`` (which must exist).
+
+    With ``lora`` and a ``base`` checkpoint, only the adapter is written: the base is unchanged.
+    """
+    directory = Path(directory)
+    meta = {"model": config_to_dict(model.config), "lora": config_to_dict(lora) if lora else None,
+            "base": str(base) if (lora and base) else None, **(extra or {})}
+    if lora:
+        save_file(_fp32(adapter_state_dict(model)), str(directory / ADAPTER_FILE))
+    if not (lora and base):
+        weights = base_state_dict(model)
+        weights.pop(TIED_KEY, None)
+        save_file(_fp32(weights), str(directory / WEIGHTS_FILE))
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def read_meta(path: str | Path) -> dict:
+    return json.loads((resolve_checkpoint(path) / META_FILE).read_text(encoding="utf-8"))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", merge: bool = False,
+               lora_trainable: bool = False) -> MiniMindLM:
+    """Rebuild a model from a checkpoint (or run) directory.
+
+    LoRA checkpoints come back with their adapters attached (frozen unless ``lora_trainable``),
+    or folded into plain weights with ``merge=True``.
+    """
+    directory = resolve_checkpoint(path)
+    meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    if meta.get("base"):
+        model = load_model(meta["base"], device)
+    else:
+        model = MiniMindLM(model_config_from_dict(meta["model"])).to(device)
+        load_weights(model, directory / WEIGHTS_FILE)
+    if meta.get("lora"):
+        lora = build_config({"lora": meta["lora"]}).lora
+        apply_lora(model, lora)
+        load_adapter(model, directory / ADAPTER_FILE)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(lora_trainable and "lora_" in name)
+        if merge:
+            merge_lora(model)
+    return model
+
+
+def load_weights(model: MiniMindLM, file: str | Path) -> None:
+    """Load full (un-wrapped) weights into ``model``; every parameter must be present."""
+    state = load_file(str(file), device=str(model.lm_head.weight.device))
+    expected = set(base_state_dict(model)) - {TIED_KEY}
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(f"{file}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    renamed = {}
+    wrapped = {name.replace(".base.", "."): name for name in model.state_dict()}
+    for name, tensor in state.items():
+        renamed[wrapped.get(name, name)] = tensor
+    model.load_state_dict(renamed, strict=False)
+
+
+def load_adapter(model: MiniMindLM, file: str | Path) -> None:
+    """Load LoRA adapter weights into a model that already has adapters attached."""
+    adapter = load_file(str(file), device=str(model.lm_head.weight.device))
+    expected = set(adapter_state_dict(model))
+    if expected != set(adapter):
+        raise ValueError(f"{file}: adapter weights do not match the model's LoRA layout "
+                         f"(missing {sorted(expected - set(adapter))[:3]}, unexpected {sorted(set(adapter) - expected)[:3]})")
+    model.load_state_dict(adapter, strict=False)
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    return build_config({"model": data}).model
+
+
+def _fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().float().contiguous().cpu() for name, tensor in state.items()}
