@@ -21,8 +21,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+CUSTOM = "custom"
+"""Preset name for architectures given field by field (imports, hand-written configs)."""
+
+
 def preset_fields(name: str) -> dict[str, Any]:
-    """Model fields of preset ``name`` (including ``preset`` itself)."""
+    """Model fields of preset ``name`` (including ``preset`` itself); ``custom`` sets none."""
+    if name == CUSTOM:
+        return {"preset": CUSTOM}
     if name not in PRESETS:
-        raise ConfigError(f"model.preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        raise ConfigError(f"model.preset: unknown preset {name!r}; choose from {sorted(PRESETS) + [CUSTOM]}")
     return {"preset": name, **PRESETS[name]}

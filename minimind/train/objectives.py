@@ -98,7 +98,7 @@ class DPO(Objective):
     def normalizer(self, batch):
         return batch["input_ids"].shape[0] / 2
 
-    def _sequence_log_probs(self, model, batch) -> torch.Tensor:
+    def _sequence_log_probs(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits, aux_loss, _ = model(batch["input_ids"])
         log_probs, mask = token_log_probs(logits, batch["labels"])
         totals = log_probs.sum(-1)
@@ -151,5 +151,6 @@ class Distillation(Objective):
         kl = (teacher_log.exp() * (teacher_log - student_log)).sum(-1) * (t * t)
         per_token = (1 - self.alpha) * ce + self.alpha * kl
         loss_sum = (per_token * mask).sum()
-        metrics = {"kl": float((kl * mask).sum() / mask.sum().clamp(min=1)), "ce": float((ce * mask).sum() / mask.sum().clamp(min=1))}
+        targets = mask.sum().clamp(min=1)
+        metrics = {"kl": float((kl.detach() * mask).sum() / targets), "ce": float((ce.detach() * mask).sum() / targets)}
         return LossParts(loss_sum, aux_loss, metrics)

@@ -19,7 +19,8 @@ def parse(record: dict) -> list[dict[str, str]]:
     return require_messages(record, "conversations")
 
 
-def encode_conversation(messages: Sequence[dict], tokenizer, seq_len: int, last_turn_only: bool = False) -> dict:
+def encode_conversation(messages: Sequence[dict], tokenizer, seq_len: int, last_turn_only: bool = False,
+                        field_name: str = "conversations") -> dict:
     """``input_ids``/``labels`` for a conversation, truncated to ``seq_len`` tokens.
 
     ``last_turn_only`` trains on the final assistant message alone (DPO responses).
@@ -41,5 +42,5 @@ def encode_conversation(messages: Sequence[dict], tokenizer, seq_len: int, last_
             labels[position] = ids[position]
     ids, labels = ids[:seq_len], labels[:seq_len]
     if all(label == IGNORE_INDEX for label in labels):
-        raise RecordError("too_long", f"no assistant token within the first {seq_len} tokens", "conversations")
+        raise RecordError("too_long", f"no assistant token within the first {seq_len} tokens", field_name)
     return {"input_ids": ids, "labels": labels}

@@ -1,0 +1,181 @@
+"""The ``minimind`` command: train, inspect, sample, convert and build tokenizers.
+
+Training options are the config's dotted paths: ``minimind train --config recipe.yaml
+--optim.lr 3e-4 --model.preset tiny``; the same paths are what Tune search spaces address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+CONTINUATION_PROMPTS = (
+    "马克思主义基本原理", "人类大脑的主要功能", "万有引力原理是", "世界上最高的山峰是",
+    "二氧化碳在空气中", "地球上最大的动物有", "杭州市的美食有",
+)
+CHAT_PROMPTS = ("你好，请介绍一下你自己。", "What is the capital of France?", "请用一句话解释什么是机器学习。")
+
+
+def _cmd_info(args: argparse.Namespace, overrides: dict) -> None:
+    import torch
+
+    from minimind.config import build_config
+    from minimind.model import MiniMindLM, flops_per_token
+
+    config = build_config({"model": {"preset": args.preset}}, overrides).model
+    with torch.device("meta"):
+        model = MiniMindLM(config)
+    total = model.num_parameters()
+    print(f"{config.preset}: {total:,} parameters")
+    if config.moe.enabled:
+        active = model.num_parameters(active_only=True)
+        print(f"  active per token: {active:,} (top-{config.moe.top_k} of {config.moe.num_routed_experts} routed experts)")
+    else:
+        active = total
+    print(f"  hidden {config.hidden_size} x {config.num_layers} layers, {config.num_heads} q / {config.num_kv_heads} kv heads, "
+          f"ffn {config.ffn_size}, vocab {config.vocab_size}")
+    print(f"  training FLOPs/token at seq 512: {flops_per_token(config, active, 512):.3e}")
+
+
+def _cmd_train(args: argparse.Namespace, overrides: dict) -> None:
+    from minimind.config import load_config
+    from minimind.train.loop import train
+
+    config = load_config(args.config, overrides)
+    result = train(config)
+    print(f"[done] {result.steps} steps; {result.rejects}; checkpoint: {result.checkpoint}")
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "repetition_penalty": args.repetition_penalty}
+
+
+def _cmd_generate(args: argparse.Namespace, overrides: dict) -> None:
+    import torch
+
+    from minimind.model.checkpoint import load_model
+    from minimind.model.generate import stream
+    from minimind.tokenizer import load_tokenizer
+
+    if overrides:
+        raise SystemExit(f"generate takes no config overrides, got {sorted(overrides)}")
+    model = load_model(args.checkpoint, args.device, merge=True)
+    tokenizer = load_tokenizer(args.tokenizer)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    prompts = args.prompt or list(CHAT_PROMPTS if args.chat else CONTINUATION_PROMPTS)
+    samples = []
+    for prompt in prompts:
+        if args.chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        else:
+            text = prompt
+        print(f">>> {prompt}\n", end="", flush=True)
+        ids = []
+        for token in stream(model, tokenizer.encode(text), eos_id=tokenizer.eos_id, generator=generator,
+                            **_sampling_kwargs(args)):
+            if token == tokenizer.eos_id:
+                break
+            ids.append(token)
+        reply = tokenizer.decode(ids)
+        print(reply + "\n", flush=True)
+        samples.append({"prompt": prompt, "output": reply})
+    if args.save:
+        Path(args.save).write_text(json.dumps(samples, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def _cmd_export_hf(args: argparse.Namespace, overrides: dict) -> None:
+    from minimind.model.checkpoint import load_model
+    from minimind.model.hf import export_hf
+    from minimind.tokenizer import load_tokenizer
+
+    model = load_model(args.checkpoint, merge=True)
+    print(f"wrote {export_hf(model, load_tokenizer(args.tokenizer), args.out)}")
+
+
+def _cmd_import_hf(args: argparse.Namespace, overrides: dict) -> None:
+    from minimind.model.checkpoint import save_model
+    from minimind.model.hf import import_hf
+
+    model = import_hf(args.hf_dir)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, out)
+    print(f"wrote checkpoint {out} ({model.num_parameters():,} parameters)")
+
+
+def _cmd_train_tokenizer(args: argparse.Namespace, overrides: dict) -> None:
+    from minimind.data.corpus import iter_texts
+    from minimind.tokenizer import MiniMindTokenizer, train_tokenizer
+
+    tokenizer = MiniMindTokenizer(train_tokenizer(iter_texts(args.files, args.max_chars), args.vocab_size))
+    tokenizer.save_pretrained(args.out)
+    print(f"wrote {args.out}: {tokenizer.vocab_size} tokens, fingerprint {tokenizer.fingerprint}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minimind", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="parameter count and shape of a model preset")
+    info.add_argument("preset")
+    info.set_defaults(run=_cmd_info)
+
+    train = commands.add_parser("train", help="run one training stage; extra --dotted.path VALUE override the config")
+    train.add_argument("--config", help="YAML recipe (see recipes/)")
+    train.set_defaults(run=_cmd_train)
+
+    gen = commands.add_parser("generate", help="sample continuations (or chat replies) from a checkpoint")
+    gen.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    gen.add_argument("--prompt", action="append", help="repeatable; default: MiniMind's evaluation prompts")
+    gen.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    gen.add_argument("--tokenizer", default=None)
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.85)
+    gen.add_argument("--top-p", type=float, default=0.85)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--save", help="write prompts and outputs to this JSON file")
+    gen.set_defaults(run=_cmd_generate)
+
+    export = commands.add_parser("export-hf", help="write a transformers LlamaForCausalLM directory")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--out", required=True)
+    export.add_argument("--tokenizer", default=None)
+    export.set_defaults(run=_cmd_export_hf)
+
+    imp = commands.add_parser("import-hf", help="turn a Llama-architecture HF directory into a checkpoint")
+    imp.add_argument("hf_dir")
+    imp.add_argument("--out", required=True)
+    imp.set_defaults(run=_cmd_import_hf)
+
+    tok = commands.add_parser("train-tokenizer", help="train the byte-level BPE tokenizer on jsonl files")
+    tok.add_argument("files", nargs="+")
+    tok.add_argument("--out", required=True)
+    tok.add_argument("--vocab-size", type=int, default=6400)
+    tok.add_argument("--max-chars", type=int, default=None, help="stop reading after this many characters")
+    tok.set_defaults(run=_cmd_train_tokenizer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from minimind.config import ConfigError, parse_override_args
+
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        overrides = parse_override_args(rest) if args.command in ("train", "info") else {}
+        if rest and args.command not in ("train", "info"):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.run(args, overrides)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Hugging Face interop: a dense MiniMind model is a ``LlamaForCausalLM`` with tied embeddings.
+
+:func:`export_hf` writes config.json, model.safetensors, generation_config.json and the tokenizer
+(with the chat template) so ``LlamaForCausalLM.from_pretrained`` and ``AutoTokenizer`` load the
+directory; :func:`import_hf` reads such a directory back. Parameter names are identical on both
+sides, so no tensor is renamed. transformers itself is not needed for either direction.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from minimind.model.checkpoint import TIED_KEY, model_config_from_dict
+from minimind.model.lora import LoRALinear
+from minimind.model.minimind import MiniMindLM
+
+
+def llama_config(model: MiniMindLM, bos_id: int = 1, eos_id: int = 2, pad_id: int = 0) -> dict:
+    config = model.config
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.ffn_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.rms_norm_eps,
+        # transformers 4.x reads rope_theta, 5.x reads rope_parameters.
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "torch_dtype": "float32",
+        "minimind_preset": config.preset,
+    }
+
+
+def export_hf(model: MiniMindLM, tokenizer, directory: str | Path) -> Path:
+    """Write a transformers-loadable directory for a dense (non-MoE, LoRA-merged) model."""
+    if model.config.moe.enabled:
+        raise ValueError("MoE models have no LlamaForCausalLM equivalent; only dense models export")
+    if any(isinstance(module, LoRALinear) for module in model.modules()):
+        raise ValueError("merge LoRA adapters before export (load_model(..., merge=True))")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {name: tensor.detach().float().contiguous().cpu() for name, tensor in model.state_dict().items()
+               if name != TIED_KEY}
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = llama_config(model, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    (directory / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+                  "do_sample": True, "temperature": 0.85, "top_p": 0.85}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def import_hf(directory: str | Path, device: str = "cpu") -> MiniMindLM:
+    """Load a Llama-architecture directory (e.g. one made by :func:`export_hf`) as a MiniMindLM."""
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") != "llama":
+        raise ValueError(f"{directory}/config.json: model_type {config.get('model_type')!r} is not 'llama'")
+    if not config.get("tie_word_embeddings", False):
+        raise ValueError(f"{directory}/config.json: MiniMind ties input and output embeddings; this model does not")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise ValueError(f"{directory}/config.json: biased projections are not part of the MiniMind architecture")
+    heads = config["num_attention_heads"]
+    if config.get("head_dim", config["hidden_size"] // heads) * heads != config["hidden_size"]:
+        raise ValueError(f"{directory}/config.json: head_dim * heads must equal hidden_size")
+    rope_theta = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta", 10000.0))
+    model_config = model_config_from_dict({
+        "preset": config.get("minimind_preset", "custom"),
+        "vocab_size": config["vocab_size"],
+        "hidden_size": config["hidden_size"],
+        "num_layers": config["num_hidden_layers"],
+        "num_heads": heads,
+        "num_kv_heads": config.get("num_key_value_heads", heads),
+        "intermediate_size": config["intermediate_size"],
+        "max_seq_len": config.get("max_position_embeddings", 32768),
+        "rope_theta": float(rope_theta),
+        "rms_norm_eps": config.get("rms_norm_eps", 1e-6),
+    })
+    state = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    state.pop(TIED_KEY, None)
+    model = MiniMindLM(model_config).to(device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if name != TIED_KEY]
+    if missing or unexpected:
+        raise ValueError(f"{directory}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
+    return model

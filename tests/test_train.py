@@ -1,0 +1,189 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, SAMPLE, tiny_config
+from minimind.config import model_config
+from minimind.model import MiniMindLM
+from minimind.data.dataset import collate
+from minimind.model.checkpoint import load_model, save_model
+from minimind.train.loop import Trainer, learning_rate, train
+from minimind.train.objectives import DPO
+
+
+def weights(model):
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def max_diff(a, b):
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    """A tiny model's weights saved as a checkpoint, to start SFT/LoRA/DPO/distill from."""
+    torch.manual_seed(1)
+    directory = tmp_path_factory.mktemp("base")
+    save_model(MiniMindLM(model_config("tiny")), directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    """A tiny model pretrained for a few dozen steps: a teacher that is far from uniform."""
+    directory = tmp_path_factory.mktemp("trained")
+    train(tiny_config(directory, optim={"batch_size": 16, "lr": 1e-2, "max_steps": 40}))
+    return directory
+
+
+def test_pretrain_loss_falls_30_percent_within_300_steps():
+    config = tiny_config(data={"seq_len": 128}, optim={"batch_size": 32, "lr": 5e-3, "warmup_steps": 20, "max_steps": 300})
+    history = train(config).history
+    first, last = history[0]["loss"], history[-1]["loss"]
+    assert first == pytest.approx(math.log(6400), abs=0.2)  # an untrained model is near uniform
+    assert last <= 0.7 * first, (first, last)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    sections = dict(stage="sft", model={"dropout": 0.1}, data={"train_files": [str(SAMPLE / "sft.jsonl")]},
+                    optim={"batch_size": 4, "grad_accum_steps": 2, "max_steps": 6, "warmup_steps": 2},
+                    checkpoint={"every_steps": 3})
+    straight = Trainer(tiny_config(tmp_path / "a", **sections))
+    straight.fit()
+    first = Trainer(tiny_config(tmp_path / "b", **sections))
+    first.fit(stop_at_step=3)
+    del first
+    resumed = Trainer(tiny_config(tmp_path / "b", **sections))
+    result = resumed.fit()
+    assert result.steps == 6 and result.history[0]["step"] == 4
+    assert max_diff(weights(straight.model), weights(resumed.model)) < 1e-6
+    saved = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000006" / "model.safetensors"))
+    assert all(tensor.dtype == torch.float32 for tensor in saved.values())
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path):
+    config = tiny_config(tmp_path, optim={"max_steps": 2}, checkpoint={"every_steps": 1})
+    Trainer(config).fit(stop_at_step=1)
+    (tmp_path / "checkpoints" / ".tmp-step_00000002").mkdir()  # a crash mid-write
+    resumed = Trainer(tiny_config(tmp_path, optim={"max_steps": 2}, checkpoint={"every_steps": 1}))
+    assert resumed.fit().history[0]["step"] == 2
+    assert (tmp_path / "latest").read_text() == "step_00000002"
+
+
+def test_accumulation_averages_over_all_targets_of_the_step(tmp_path):
+    data = {"train_files": [str(SAMPLE / "sft.jsonl")], "seq_len": 96}
+    whole = Trainer(tiny_config(stage="sft", data=data, optim={"batch_size": 8, "max_steps": 1}))
+    whole.fit()
+    split = Trainer(tiny_config(stage="sft", data=data, optim={"batch_size": 4, "grad_accum_steps": 2, "max_steps": 1}))
+    split.fit()
+    assert max_diff(weights(whole.model), weights(split.model)) < 1e-6
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    optim = tiny_config(optim={"lr": 1.0, "min_lr_ratio": 0.1, "warmup_steps": 10}).optim
+    lrs = [learning_rate(step, 110, optim) for step in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert learning_rate(110, 110, optim) == pytest.approx(0.1)
+
+
+def test_metrics_report_padding_throughput_and_mfu(tmp_path):
+    sft = train(tiny_config(tmp_path, stage="sft", data={"train_files": [str(SAMPLE / "sft.jsonl")]}, logging={"gpu_peak_tflops": 1.0}))
+    assert all(0 < m["padding_fraction"] < 1 and m["tokens_per_second"] > 0 for m in sft.history)
+    assert all(m["mfu"] > 0 for m in sft.history)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4] and {"loss", "lr", "grad_norm"} <= set(logged[0])
+    pretrain = train(tiny_config())
+    assert all(m["padding_fraction"] == 0 for m in pretrain.history[:-1])
+
+
+def test_lora_trains_only_adapters_saved_apart_and_mergeable(tmp_path, base_checkpoint):
+    config = tiny_config(tmp_path, stage="sft", lora={"enabled": True, "rank": 4},
+                         data={"train_files": [str(SAMPLE / "lora_identity.jsonl")]},
+                         optim={"max_steps": 5, "lr": 1e-2}, checkpoint={"init_from": str(base_checkpoint)})
+    trainer = Trainer(config)
+    trainer.fit()
+    before = load_model(base_checkpoint)
+    trained = trainer.model.state_dict()
+    for name, tensor in before.state_dict().items():
+        wrapped = name.replace("_proj.weight", "_proj.base.weight")
+        torch.testing.assert_close(trained.get(wrapped, trained.get(name)), tensor, atol=0, rtol=0)
+    final = tmp_path / "checkpoints" / "step_00000005"
+    assert (final / "adapter.safetensors").exists() and not (final / "model.safetensors").exists()
+    ids = torch.randint(0, 6400, (1, 24))
+    adapted = load_model(tmp_path)(ids)[0]
+    merged = load_model(tmp_path, merge=True)(ids)[0]
+    torch.testing.assert_close(adapted, merged, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(adapted, before(ids)[0], atol=1e-4)
+
+
+def test_dpo_starts_at_log2_and_learns_the_preference(tmp_path, base_checkpoint, tokenizer):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join((SAMPLE / "dpo.jsonl").read_text(encoding="utf-8").splitlines(True)[:40]), encoding="utf-8")
+    config = tiny_config(tmp_path / "run", stage="dpo", data={"train_files": [str(pairs)], "seq_len": 256},
+                         optim={"batch_size": 4, "epochs": 3, "max_steps": None, "lr": 2e-3}, objective={"dpo_beta": 0.5},
+                         checkpoint={"init_from": str(base_checkpoint)})
+    trainer = Trainer(config)
+    history = trainer.fit().history
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 0
+    assert history[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)
+    # On the pairs it trained on, the policy now prefers the chosen replies.
+    batch = collate(trainer.examples.examples, tokenizer.pad_id)
+    with torch.no_grad():
+        parts = DPO(load_model(base_checkpoint), beta=0.5)(trainer.model.eval(), batch)
+    pairs_seen = len(trainer.examples.examples)
+    assert float(parts.loss_sum) / pairs_seen < math.log(2) - 0.1
+    assert parts.metrics["reward_accuracy"] >= 0.75
+
+
+def test_distillation_from_an_identical_teacher_has_zero_kl(tmp_path, base_checkpoint):
+    config = tiny_config(tmp_path, stage="distill", data={"train_files": [str(SAMPLE / "sft.jsonl")]},
+                         objective={"teacher": str(base_checkpoint), "distill_alpha": 1.0},
+                         checkpoint={"init_from": str(base_checkpoint)}, optim={"max_steps": 1})
+    history = train(config).history
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5) and history[0]["loss"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_distillation_pulls_a_student_towards_the_teacher(tmp_path, trained_checkpoint):
+    config = tiny_config(tmp_path, stage="distill", data={"train_files": [str(SAMPLE / "sft.jsonl")]},
+                         objective={"teacher": str(trained_checkpoint), "distill_alpha": 1.0, "distill_temperature": 1.0},
+                         optim={"max_steps": 20, "lr": 1e-2})
+    history = train(config).history
+    assert history[-1]["kl"] < 0.6 * history[0]["kl"]
+
+
+def test_reasoning_stage_trains_on_r1_data(tmp_path, base_checkpoint):
+    config = tiny_config(tmp_path, stage="reasoning", data={"train_files": [str(SAMPLE / "r1.jsonl")], "seq_len": 256},
+                         optim={"batch_size": 4, "max_steps": 8}, checkpoint={"init_from": str(base_checkpoint)})
+    history = train(config).history
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_keeps_fp32_master_weights(dtype):
+    trainer = Trainer(tiny_config(runtime={"dtype": dtype}, optim={"max_steps": 3}))
+    history = trainer.fit().history
+    assert all(math.isfinite(m["loss"]) for m in history)
+    assert (trainer.scaler is not None) == (dtype == "fp16")
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_command_line_train_then_generate(tmp_path):
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "minimind.cli", "train", "--config", "recipes/tiny/pretrain.yaml",
+                    "--optim.max_steps", "3", "--data.seq_len", "64", f"--checkpoint.dir={run}"],
+                   cwd=ROOT, check=True, capture_output=True, text=True)
+    assert (run / "latest").read_text() == "step_00000003"
+    out = subprocess.run([sys.executable, "-m", "minimind.cli", "generate", "--checkpoint", str(run), "--prompt", "你好",
+                          "--max-new-tokens", "4", "--save", str(tmp_path / "s.json")],
+                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    assert out.startswith(">>> 你好")
+    assert json.loads((tmp_path / "s.json").read_text())[0]["prompt"] == "你好"
+    bad = subprocess.run([sys.executable, "-m", "minimind.cli", "train", "--config", "recipes/tiny/pretrain.yaml",
+                          "--optim.lr", "-1"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "optim.lr: must be positive" in bad.stderr
