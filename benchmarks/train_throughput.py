@@ -22,14 +22,17 @@ from minimind.train.loop import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(preset: str, seq_len: int, batch_size: int, packing: bool, compile_model: bool, device: str,
-            warmup: int, steps: int) -> dict:
-    config = build_config({
-        "model": {"preset": preset},
-        "data": {"train_files": [str(ROOT / "data/sample/pretrain.jsonl")], "seq_len": seq_len, "packing": packing},
-        "optim": {"batch_size": batch_size, "max_steps": warmup + steps},
-        "runtime": {"device": device, "compile": compile_model},
-    })
+def measure(
+    preset: str, seq_len: int, batch_size: int, packing: bool, compile_model: bool, device: str, warmup: int, steps: int
+) -> dict:
+    config = build_config(
+        {
+            "model": {"preset": preset},
+            "data": {"train_files": [str(ROOT / "data/sample/pretrain.jsonl")], "seq_len": seq_len, "packing": packing},
+            "optim": {"batch_size": batch_size, "max_steps": warmup + steps},
+            "runtime": {"device": device, "compile": compile_model},
+        }
+    )
     trainer = Trainer(config)
     for step in range(warmup):  # compilation and allocator warm-up are not measured
         trainer.train_step(step)
@@ -44,8 +47,13 @@ def measure(preset: str, seq_len: int, batch_size: int, packing: bool, compile_m
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    result = {"tokens_per_second": real / seconds, "padding_fraction": 1 - real / padded, "seconds": seconds,
-              "device": str(trainer.device), "dtype": str(trainer.dtype).replace("torch.", "")}
+    result = {
+        "tokens_per_second": real / seconds,
+        "padding_fraction": 1 - real / padded,
+        "seconds": seconds,
+        "device": str(trainer.device),
+        "dtype": str(trainer.dtype).replace("torch.", ""),
+    }
     if trainer.peak_flops:
         result["mfu"] = real / seconds * trainer.flops_per_token / trainer.peak_flops
     return result
@@ -66,21 +74,27 @@ def main() -> None:
     for compile_model in (False,) if args.no_compile else (False, True):
         for packing in (True, False):
             name = f"{'compile' if compile_model else 'eager'}/{'packed' if packing else 'padded'}"
-            rows[name] = measure(args.preset, args.seq_len, args.batch_size, packing, compile_model, args.device,
-                                 args.warmup, args.steps)
+            rows[name] = measure(
+                args.preset, args.seq_len, args.batch_size, packing, compile_model, args.device, args.warmup, args.steps
+            )
             print(f"measured {name}: {rows[name]['tokens_per_second']:.0f} tok/s", flush=True)
     base = rows["eager/padded"]["tokens_per_second"]
     first = next(iter(rows.values()))
-    print(f"\n{args.preset}, seq {args.seq_len}, batch {args.batch_size}, {first['device']} {first['dtype']}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up")
+    print(
+        f"\n{args.preset}, seq {args.seq_len}, batch {args.batch_size}, {first['device']} {first['dtype']}, "
+        f"{args.steps} timed steps after {args.warmup} warm-up"
+    )
     print(f"{'variant':<16}{'tokens/s':>12}{'padding':>10}{'vs eager/padded':>18}{'MFU':>8}")
     for name, row in rows.items():
         mfu = f"{row['mfu']:.1%}" if "mfu" in row else "-"
-        print(f"{name:<16}{row['tokens_per_second']:>12.0f}{row['padding_fraction']:>10.1%}"
-              f"{row['tokens_per_second'] / base:>17.2f}x{mfu:>8}")
-    if "compile/packed" in rows:
-        print(f"compile vs eager (packed): {rows['compile/packed']['tokens_per_second'] / rows['eager/packed']['tokens_per_second']:.2f}x")
-    print(f"packed vs padded (eager):  {rows['eager/packed']['tokens_per_second'] / base:.2f}x")
+        print(
+            f"{name:<16}{row['tokens_per_second']:>12.0f}{row['padding_fraction']:>10.1%}"
+            f"{row['tokens_per_second'] / base:>17.2f}x{mfu:>8}"
+        )
+    speed = {name: row["tokens_per_second"] for name, row in rows.items()}
+    if "compile/packed" in speed:
+        print(f"compile vs eager (packed): {speed['compile/packed'] / speed['eager/packed']:.2f}x")
+    print(f"packed vs padded (eager):  {speed['eager/packed'] / base:.2f}x")
 
 
 if __name__ == "__main__":

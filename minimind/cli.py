@@ -12,8 +12,13 @@ import sys
 from pathlib import Path
 
 CONTINUATION_PROMPTS = (
-    "马克思主义基本原理", "人类大脑的主要功能", "万有引力原理是", "世界上最高的山峰是",
-    "二氧化碳在空气中", "地球上最大的动物有", "杭州市的美食有",
+    "马克思主义基本原理",
+    "人类大脑的主要功能",
+    "万有引力原理是",
+    "世界上最高的山峰是",
+    "二氧化碳在空气中",
+    "地球上最大的动物有",
+    "杭州市的美食有",
 )
 CHAT_PROMPTS = ("你好，请介绍一下你自己。", "What is the capital of France?", "请用一句话解释什么是机器学习。")
 
@@ -31,11 +36,15 @@ def _cmd_info(args: argparse.Namespace, overrides: dict) -> None:
     print(f"{config.preset}: {total:,} parameters")
     if config.moe.enabled:
         active = model.num_parameters(active_only=True)
-        print(f"  active per token: {active:,} (top-{config.moe.top_k} of {config.moe.num_routed_experts} routed experts)")
+        print(
+            f"  active per token: {active:,} (top-{config.moe.top_k} of {config.moe.num_routed_experts} routed experts)"
+        )
     else:
         active = total
-    print(f"  hidden {config.hidden_size} x {config.num_layers} layers, {config.num_heads} q / {config.num_kv_heads} kv heads, "
-          f"ffn {config.ffn_size}, vocab {config.vocab_size}")
+    print(
+        f"  hidden {config.hidden_size} x {config.num_layers} layers, "
+        f"{config.num_heads} q / {config.num_kv_heads} kv heads, ffn {config.ffn_size}, vocab {config.vocab_size}"
+    )
     print(f"  training FLOPs/token at seq 512: {flops_per_token(config, active, 512):.3e}")
 
 
@@ -49,8 +58,13 @@ def _cmd_train(args: argparse.Namespace, overrides: dict) -> None:
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "repetition_penalty": args.repetition_penalty}
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+    }
 
 
 def _cmd_generate(args: argparse.Namespace, overrides: dict) -> None:
@@ -74,8 +88,9 @@ def _cmd_generate(args: argparse.Namespace, overrides: dict) -> None:
             text = prompt
         print(f">>> {prompt}\n", end="", flush=True)
         ids = []
-        for token in stream(model, tokenizer.encode(text), eos_id=tokenizer.eos_id, generator=generator,
-                            **_sampling_kwargs(args)):
+        for token in stream(
+            model, tokenizer.encode(text), eos_id=tokenizer.eos_id, generator=generator, **_sampling_kwargs(args)
+        ):
             if token == tokenizer.eos_id:
                 break
             ids.append(token)

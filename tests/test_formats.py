@@ -52,8 +52,10 @@ def test_sft_truncation_and_no_target_left(tokenizer):
 
 def test_dpo_masks_the_prompt_and_checks_it_is_shared(tokenizer):
     prompt = [{"role": "user", "content": "天空是什么颜色？"}]
-    record = {"chosen": prompt + [{"role": "assistant", "content": "蓝色"}],
-              "rejected": prompt + [{"role": "assistant", "content": "绿色的"}]}
+    record = {
+        "chosen": prompt + [{"role": "assistant", "content": "蓝色"}],
+        "rejected": prompt + [{"role": "assistant", "content": "绿色的"}],
+    }
     pair = dpo.encode_pair(dpo.parse(record), tokenizer, seq_len=128)
     for side, reply in (("chosen", "蓝色"), ("rejected", "绿色的")):
         labels = [t for t in pair[f"{side}_labels"] if t != IGNORE_INDEX]
@@ -119,8 +121,13 @@ def test_lenient_loading_counts_each_bad_record_by_reason(tmp_path, tokenizer):
     examples = load_examples([bad_sft_file(tmp_path)], "sft", tokenizer, 64)
     assert len(examples.examples) == 2 and examples.records_read == 9
     assert dict(examples.rejects.by_reason) == {
-        "invalid_json": 1, "not_an_object": 1, "missing_field": 1, "unknown_role": 1,
-        "no_assistant_turn": 1, "wrong_type": 1, "undecodable_bytes": 1,
+        "invalid_json": 1,
+        "not_an_object": 1,
+        "missing_field": 1,
+        "unknown_role": 1,
+        "no_assistant_turn": 1,
+        "wrong_type": 1,
+        "undecodable_bytes": 1,
     }
     assert any("bad.jsonl:5: field 'conversations[0].role'" in e for e in examples.rejects.examples)
 
@@ -134,8 +141,16 @@ def test_strict_loading_stops_at_the_first_bad_record_naming_file_line_field(tmp
     assert error.value.line == 2 and error.value.field_name == "text"
 
 
-@pytest.mark.parametrize("fmt,file", [("pretrain", "pretrain.jsonl"), ("sft", "sft.jsonl"), ("dpo", "dpo.jsonl"),
-                                      ("r1", "r1.jsonl"), ("sft", "lora_identity.jsonl")])
+@pytest.mark.parametrize(
+    "fmt,file",
+    [
+        ("pretrain", "pretrain.jsonl"),
+        ("sft", "sft.jsonl"),
+        ("dpo", "dpo.jsonl"),
+        ("r1", "r1.jsonl"),
+        ("sft", "lora_identity.jsonl"),
+    ],
+)
 def test_every_bundled_sample_loads(sample_dir, tokenizer, fmt, file):
     examples = load_examples([sample_dir / file], fmt, tokenizer, 512)
     assert examples.examples
@@ -148,7 +163,9 @@ def test_every_bundled_sample_loads(sample_dir, tokenizer, fmt, file):
 
 
 def test_collate_pads_only_to_the_longest_and_counts_padding(tokenizer):
-    batch = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}], tokenizer.pad_id)
+    batch = collate(
+        [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}], tokenizer.pad_id
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[5, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
     assert int(batch["real_tokens"]) == 4 and int(batch["total_tokens"]) == 6

@@ -29,8 +29,12 @@ def test_transformers_llama_logits_match(exported):
 def test_auto_tokenizer_renders_our_chat_template(exported, tokenizer):
     _, directory = exported
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    messages = [{"role": "system", "content": "你是MiniMind"}, {"role": "user", "content": "你好"},
-                {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "1+1?"}]
+    messages = [
+        {"role": "system", "content": "你是MiniMind"},
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"},
+        {"role": "user", "content": "1+1?"},
+    ]
     ours = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     assert hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == ours
     assert hf_tokenizer(ours, add_special_tokens=False)["input_ids"] == tokenizer.encode(ours)

@@ -18,8 +18,9 @@ def test_parameter_counts_equal_minimind(preset, expected):
 
 
 def test_info_command_prints_the_count():
-    out = subprocess.run([sys.executable, "-m", "minimind.cli", "info", "minimind-26m"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "minimind.cli", "info", "minimind-26m"], capture_output=True, text=True, check=True
+    ).stdout
     assert "25,829,888 parameters" in out
 
 
@@ -41,7 +42,7 @@ def test_kv_cache_matches_full_forward():
     logits, _, cache = model(ids[:, :12])
     steps = [logits[:, -1]]
     for position in range(12, 20):
-        logits, _, cache = model(ids[:, position:position + 1], cache=cache)
+        logits, _, cache = model(ids[:, position : position + 1], cache=cache)
         steps.append(logits[:, -1])
     torch.testing.assert_close(torch.stack(steps[:-1], 1), full[:, 11:19], atol=1e-5, rtol=1e-5)
 
@@ -52,15 +53,14 @@ def test_greedy_generation_is_deterministic_and_stops_at_eos():
     first = generate(model, [5, 6, 7], max_new_tokens=10, temperature=0)
     assert first == generate(model, [5, 6, 7], max_new_tokens=10, temperature=0)
     stop = first[-1]
-    assert generate(model, [5, 6, 7], max_new_tokens=10, temperature=0, eos_id=stop) == first[:first.index(stop) + 1]
+    assert generate(model, [5, 6, 7], max_new_tokens=10, temperature=0, eos_id=stop) == first[: first.index(stop) + 1]
 
 
 def test_sampling_respects_top_k_one():
     torch.manual_seed(0)
     model = MiniMindLM(model_config("tiny"))
     greedy = generate(model, [9, 10], max_new_tokens=6, temperature=0, eos_id=None)
-    sampled = generate(model, [9, 10], max_new_tokens=6, temperature=1.3, top_k=1, eos_id=None,
-                       repetition_penalty=1.0)
+    sampled = generate(model, [9, 10], max_new_tokens=6, temperature=1.3, top_k=1, eos_id=None, repetition_penalty=1.0)
     assert sampled == greedy
 
 

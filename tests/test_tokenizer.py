@@ -17,7 +17,11 @@ def test_byte_level_round_trip(tokenizer):
 
 
 def test_chat_template_renders_minimind_text(tokenizer):
-    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
+    ]
     assert tokenizer.apply_chat_template(messages) == (
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
     )

@@ -13,7 +13,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "minimind-104m": {"hidden_size": 768, "num_layers": 16, "num_heads": 8, "num_kv_heads": 2},
     # MiniMind2-MoE: 145,029,760 parameters (4 routed + 1 shared expert, top-2).
     "minimind-moe-145m": {
-        "hidden_size": 640, "num_layers": 8, "num_heads": 8, "num_kv_heads": 2,
+        "hidden_size": 640,
+        "num_layers": 8,
+        "num_heads": 8,
+        "num_kv_heads": 2,
         "moe": {"enabled": True, "num_routed_experts": 4, "num_shared_experts": 1, "top_k": 2},
     },
     # For tests and CPU smoke runs: same vocabulary, a few hundred thousand parameters.

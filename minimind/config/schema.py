@@ -100,7 +100,11 @@ class ModelConfig:
             f"{self.num_kv_heads} does not divide num_heads={self.num_heads}",
         )
         _require(self.head_dim % 2 == 0, f"{path}.hidden_size", "head_dim must be even for RoPE")
-        _require(self.intermediate_size is None or self.intermediate_size > 0, f"{path}.intermediate_size", "must be positive")
+        _require(
+            self.intermediate_size is None or self.intermediate_size > 0,
+            f"{path}.intermediate_size",
+            "must be positive",
+        )
         _require(0.0 <= self.dropout < 1.0, f"{path}.dropout", "must be in [0, 1)")
         self.moe.validate(f"{path}.moe")
 
@@ -280,8 +284,13 @@ class TrainConfig:
             f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
         fmt = self.data_format
-        allowed = {"pretrain": ("pretrain",), "sft": ("sft", "r1"), "reasoning": ("r1", "sft"),
-                   "dpo": ("dpo",), "distill": ("pretrain", "sft", "r1")}[self.stage]
+        allowed = {
+            "pretrain": ("pretrain",),
+            "sft": ("sft", "r1"),
+            "reasoning": ("r1", "sft"),
+            "dpo": ("dpo",),
+            "distill": ("pretrain", "sft", "r1"),
+        }[self.stage]
         _require(fmt in allowed, "data.format", f"stage {self.stage!r} reads {allowed}, got {fmt!r}")
         _require(
             self.stage != "distill" or self.objective.teacher is not None,

@@ -25,7 +25,9 @@ def iter_texts(files: Iterable[str | Path], max_chars: int | None = None) -> Ite
             for name in MESSAGE_FIELDS:
                 messages = record.get(name)
                 if isinstance(messages, list):
-                    texts.extend(m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+                    texts.extend(
+                        m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)
+                    )
             for text in texts:
                 yield text
                 seen += len(text)

@@ -92,7 +92,7 @@ class BatchSampler:
             order = list(range(self.num_examples))
         for local in range(start, len(self)):
             global_index = local * self.world_size + self.rank
-            yield order[global_index * self.batch_size:(global_index + 1) * self.batch_size]
+            yield order[global_index * self.batch_size : (global_index + 1) * self.batch_size]
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor:

@@ -36,18 +36,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path} is neither a checkpoint (no {META_FILE}) nor a run directory (no 'latest')")
 
 
-def save_model(model: MiniMindLM, directory: str | Path, lora: LoraConfig | None = None, base: str | None = None,
-               extra: dict | None = None) -> None:
+def save_model(
+    model: MiniMindLM,
+    directory: str | Path,
+    lora: LoraConfig | None = None,
+    base: str | None = None,
+    extra: dict | None = None,
+) -> None:
     """Write weights and ``model.json`` into ``directory`` (which must exist).
 
     With ``lora`` and a ``base`` checkpoint, only the adapter is written: the base is unchanged.
     """
     directory = Path(directory)
-    meta = {"model": config_to_dict(model.config), "lora": config_to_dict(lora) if lora else None,
-            "base": str(base) if (lora and base) else None, **(extra or {})}
+    # Pin the base to its exact checkpoint folder, not a run directory whose 'latest' moves on.
+    base = str(resolve_checkpoint(base).resolve()) if (lora and base) else None
+    meta = {
+        "model": config_to_dict(model.config),
+        "lora": config_to_dict(lora) if lora else None,
+        "base": base,
+        **(extra or {}),
+    }
     if lora:
         save_file(_fp32(adapter_state_dict(model)), str(directory / ADAPTER_FILE))
-    if not (lora and base):
+    if not base:
         weights = base_state_dict(model)
         weights.pop(TIED_KEY, None)
         save_file(_fp32(weights), str(directory / WEIGHTS_FILE))
@@ -58,8 +69,9 @@ def read_meta(path: str | Path) -> dict:
     return json.loads((resolve_checkpoint(path) / META_FILE).read_text(encoding="utf-8"))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", merge: bool = False,
-               lora_trainable: bool = False) -> MiniMindLM:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", merge: bool = False, lora_trainable: bool = False
+) -> MiniMindLM:
     """Rebuild a model from a checkpoint (or run) directory.
 
     LoRA checkpoints come back with their adapters attached (frozen unless ``lora_trainable``),
@@ -68,7 +80,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", merge: bool
     directory = resolve_checkpoint(path)
     meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
     if meta.get("base"):
-        model = load_model(meta["base"], device)
+        model = load_model(meta["base"], device, merge=True)
     else:
         model = MiniMindLM(model_config_from_dict(meta["model"])).to(device)
         load_weights(model, directory / WEIGHTS_FILE)
@@ -102,8 +114,10 @@ def load_adapter(model: MiniMindLM, file: str | Path) -> None:
     adapter = load_file(str(file), device=str(model.lm_head.weight.device))
     expected = set(adapter_state_dict(model))
     if expected != set(adapter):
-        raise ValueError(f"{file}: adapter weights do not match the model's LoRA layout "
-                         f"(missing {sorted(expected - set(adapter))[:3]}, unexpected {sorted(set(adapter) - expected)[:3]})")
+        raise ValueError(
+            f"{file}: adapter weights do not match the model's LoRA layout "
+            f"(missing {sorted(expected - set(adapter))[:3]}, unexpected {sorted(set(adapter) - expected)[:3]})"
+        )
     model.load_state_dict(adapter, strict=False)
 
 

@@ -43,7 +43,7 @@ def stream(
     model.eval()
     device = model.lm_head.weight.device
     limit = model.config.max_seq_len
-    prompt = list(prompt_ids)[-(limit - 1):]
+    prompt = list(prompt_ids)[-(limit - 1) :]
     seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
     seen[torch.tensor(prompt, device=device)] = True
     input_ids = torch.tensor([prompt], device=device)

@@ -56,13 +56,22 @@ def export_hf(model: MiniMindLM, tokenizer, directory: str | Path) -> Path:
         raise ValueError("merge LoRA adapters before export (load_model(..., merge=True))")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = {name: tensor.detach().float().contiguous().cpu() for name, tensor in model.state_dict().items()
-               if name != TIED_KEY}
+    weights = {
+        name: tensor.detach().float().contiguous().cpu()
+        for name, tensor in model.state_dict().items()
+        if name != TIED_KEY
+    }
     save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
     config = llama_config(model, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     (directory / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
-                  "do_sample": True, "temperature": 0.85, "top_p": 0.85}
+    generation = {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "do_sample": True,
+        "temperature": 0.85,
+        "top_p": 0.85,
+    }
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
     tokenizer.save_pretrained(directory)
     return directory
@@ -82,18 +91,20 @@ def import_hf(directory: str | Path, device: str = "cpu") -> MiniMindLM:
     if config.get("head_dim", config["hidden_size"] // heads) * heads != config["hidden_size"]:
         raise ValueError(f"{directory}/config.json: head_dim * heads must equal hidden_size")
     rope_theta = config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta", 10000.0))
-    model_config = model_config_from_dict({
-        "preset": config.get("minimind_preset", "custom"),
-        "vocab_size": config["vocab_size"],
-        "hidden_size": config["hidden_size"],
-        "num_layers": config["num_hidden_layers"],
-        "num_heads": heads,
-        "num_kv_heads": config.get("num_key_value_heads", heads),
-        "intermediate_size": config["intermediate_size"],
-        "max_seq_len": config.get("max_position_embeddings", 32768),
-        "rope_theta": float(rope_theta),
-        "rms_norm_eps": config.get("rms_norm_eps", 1e-6),
-    })
+    model_config = model_config_from_dict(
+        {
+            "preset": config.get("minimind_preset", "custom"),
+            "vocab_size": config["vocab_size"],
+            "hidden_size": config["hidden_size"],
+            "num_layers": config["num_hidden_layers"],
+            "num_heads": heads,
+            "num_kv_heads": config.get("num_key_value_heads", heads),
+            "intermediate_size": config["intermediate_size"],
+            "max_seq_len": config.get("max_position_embeddings", 32768),
+            "rope_theta": float(rope_theta),
+            "rms_norm_eps": config.get("rms_norm_eps", 1e-6),
+        }
+    )
     state = {}
     for file in sorted(directory.glob("*.safetensors")):
         state.update(load_file(str(file)))

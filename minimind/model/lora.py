@@ -59,11 +59,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights under their plain (un-wrapped) names, adapters excluded."""
-    return {
-        name.replace(".base.", "."): tensor
-        for name, tensor in model.state_dict().items()
-        if "lora_" not in name
-    }
+    return {name.replace(".base.", "."): tensor for name, tensor in model.state_dict().items() if "lora_" not in name}
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -220,8 +220,8 @@ class MiniMindLM(nn.Module):
         start = cache[0][0].shape[2] if cache else 0
         if start + length > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + length} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
-        cos = self.rope_cos[start:start + length]
-        sin = self.rope_sin[start:start + length]
+        cos = self.rope_cos[start : start + length]
+        sin = self.rope_sin[start : start + length]
         attn_mask = None
         if document_ids is not None:
             same_doc = document_ids[:, :, None] == document_ids[:, None, :]

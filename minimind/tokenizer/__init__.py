@@ -149,7 +149,9 @@ class MiniMindTokenizer:
             "model_max_length": 32768,
             "chat_template": CHAT_TEMPLATE,
         }
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"
+        )
 
 
 def load_tokenizer(path: str | Path | None = None) -> MiniMindTokenizer:
@@ -157,6 +159,16 @@ def load_tokenizer(path: str | Path | None = None) -> MiniMindTokenizer:
 
 
 __all__ = [
-    "BOS_TOKEN", "CHAT_TEMPLATE", "EOS_TOKEN", "PAD_TOKEN", "REASONING_TOKENS", "ROLES", "SPECIAL_TOKENS",
-    "MiniMindTokenizer", "TurnSpan", "load_tokenizer", "render_chat", "train_tokenizer",
+    "BOS_TOKEN",
+    "CHAT_TEMPLATE",
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+    "REASONING_TOKENS",
+    "ROLES",
+    "SPECIAL_TOKENS",
+    "MiniMindTokenizer",
+    "TurnSpan",
+    "load_tokenizer",
+    "render_chat",
+    "train_tokenizer",
 ]

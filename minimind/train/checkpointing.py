@@ -48,8 +48,13 @@ class CheckpointManager:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
         lora = self.config.lora if self.config.lora.enabled else None
-        save_model(trainer.model, temporary, lora=lora, base=self.config.checkpoint.init_from,
-                   extra={"step": trainer.step, "stage": self.config.stage, "tokenizer": trainer.tokenizer.fingerprint})
+        save_model(
+            trainer.model,
+            temporary,
+            lora=lora,
+            base=self.config.checkpoint.init_from,
+            extra={"step": trainer.step, "stage": self.config.stage, "tokenizer": trainer.tokenizer.fingerprint},
+        )
         state = {
             "step": trainer.step,
             "epoch": trainer.step // trainer.steps_per_epoch,

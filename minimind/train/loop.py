@@ -96,8 +96,14 @@ class TrainResult:
 class Trainer:
     """Holds the pieces of one run; :meth:`fit` trains to the end (or to ``stop_at_step``)."""
 
-    def __init__(self, config: TrainConfig, examples: ExampleSet | None = None, rank: int = 0, world_size: int = 1,
-                 report: Reporter | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        examples: ExampleSet | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        report: Reporter | None = None,
+    ):
         self.config = config
         self.rank, self.world_size = rank, world_size
         self.report = report
@@ -108,12 +114,20 @@ class Trainer:
         self.tokenizer = load_tokenizer(config.data.tokenizer)
         self.model = build_model(config, self.device)
         if self.tokenizer.vocab_size > config.model.vocab_size:
-            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size={config.model.vocab_size}")
+            raise ValueError(
+                f"tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size={config.model.vocab_size}"
+            )
         self.examples = examples or load_examples(
-            config.data.train_files, config.data_format, self.tokenizer, config.data.seq_len,
-            strict=config.data.strict, packing=config.data.packing,
+            config.data.train_files,
+            config.data_format,
+            self.tokenizer,
+            config.data.seq_len,
+            strict=config.data.strict,
+            packing=config.data.packing,
         )
-        self.sampler = BatchSampler(len(self.examples.examples), config.optim.batch_size, config.optim.seed, rank, world_size)
+        self.sampler = BatchSampler(
+            len(self.examples.examples), config.optim.batch_size, config.optim.seed, rank, world_size
+        )
         if len(self.sampler) == 0:
             raise ValueError(f"{len(self.examples.examples)} examples make no batch for {world_size} workers")
         self.steps_per_epoch = math.ceil(len(self.sampler) / config.optim.grad_accum_steps)
@@ -124,7 +138,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.forward_model = torch.compile(self.model) if config.runtime.compile else self.model
-        self.flops_per_token = flops_per_token(config.model, self.model.num_parameters(active_only=True), config.data.seq_len)
+        self.flops_per_token = flops_per_token(
+            config.model, self.model.num_parameters(active_only=True), config.data.seq_len
+        )
         self.peak_flops = peak_flops(self.device, config.logging.gpu_peak_tflops)
         self.checkpoints = CheckpointManager(config, rank) if config.checkpoint.dir else None
         self.step = 0
@@ -143,8 +159,10 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         config = self.config
-        batches = [collate([self.examples.examples[i] for i in indices], self.tokenizer.pad_id)
-                   for indices in self.micro_batches(step)]
+        batches = [
+            collate([self.examples.examples[i] for i in indices], self.tokenizer.pad_id)
+            for indices in self.micro_batches(step)
+        ]
         batches = [{k: v.to(self.device, non_blocking=True) for k, v in batch.items()} for batch in batches]
         counts = [self.objective.normalizer(batch) for batch in batches]
         total = sum(counts)
@@ -178,8 +196,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         real = sum(int(batch["real_tokens"]) for batch in batches)
         padded = sum(int(batch["total_tokens"]) for batch in batches)
-        return {"loss_sum": loss_sum, "targets": total, "aux_loss": aux_sum, "lr": lr, "grad_norm": grad_norm,
-                "real_tokens": real, "total_tokens": padded, **extra}
+        return {
+            "loss_sum": loss_sum,
+            "targets": total,
+            "aux_loss": aux_sum,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "real_tokens": real,
+            "total_tokens": padded,
+            **extra,
+        }
 
     # -- the run --------------------------------------------------------------------------------
 

@@ -76,7 +76,10 @@ class LanguageModeling(Objective):
         logits, aux_loss, _ = model(batch["input_ids"], document_ids=document_ids)
         logits, labels = shifted(logits, batch["labels"])
         losses = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+            logits.float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
         ).view_as(labels)
         weights = self._weights(batch["labels"])
         loss_sum = (losses * weights).sum()

@@ -25,6 +25,8 @@ def encode_pair(pair: tuple[list[dict], list[dict]], tokenizer, seq_len: int) ->
     chosen = encode_conversation(pair[0], tokenizer, seq_len, last_turn_only=True, field_name="chosen")
     rejected = encode_conversation(pair[1], tokenizer, seq_len, last_turn_only=True, field_name="rejected")
     return {
-        "chosen_ids": chosen["input_ids"], "chosen_labels": chosen["labels"],
-        "rejected_ids": rejected["input_ids"], "rejected_labels": rejected["labels"],
+        "chosen_ids": chosen["input_ids"],
+        "chosen_labels": chosen["labels"],
+        "rejected_ids": rejected["input_ids"],
+        "rejected_labels": rejected["labels"],
     }

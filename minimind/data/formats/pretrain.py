@@ -32,7 +32,7 @@ def pack_documents(documents: Iterable[list[int]], seq_len: int) -> Iterator[dic
         position = 0
         while position < len(tokens):
             take = min(seq_len - len(ids), len(tokens) - position)
-            ids.extend(tokens[position:position + take])
+            ids.extend(tokens[position : position + take])
             doc_ids.extend([doc_index] * take)
             position += take
             if len(ids) == seq_len:

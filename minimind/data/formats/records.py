@@ -20,8 +20,14 @@ from minimind.tokenizer import ROLES
 class RecordError(ValueError):
     """A bad record: ``reason`` is a short stable key used for counting."""
 
-    def __init__(self, reason: str, message: str, field_name: str | None = None,
-                 source: str | None = None, line: int | None = None):
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        field_name: str | None = None,
+        source: str | None = None,
+        line: int | None = None,
+    ):
         self.reason = reason
         self.detail = message
         self.field_name = field_name
@@ -72,7 +78,10 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any | RecordError]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                yield line_number, RecordError("undecodable_bytes", f"not UTF-8 ({error.reason})", None, source, line_number)
+                yield (
+                    line_number,
+                    RecordError("undecodable_bytes", f"not UTF-8 ({error.reason})", None, source, line_number),
+                )
                 continue
             try:
                 record = json.loads(text)
@@ -80,8 +89,16 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any | RecordError]]:
                 yield line_number, RecordError("invalid_json", f"invalid JSON ({error.msg})", None, source, line_number)
                 continue
             if not isinstance(record, dict):
-                yield line_number, RecordError("not_an_object", f"expected a JSON object, got {type(record).__name__}",
-                                               None, source, line_number)
+                yield (
+                    line_number,
+                    RecordError(
+                        "not_an_object",
+                        f"expected a JSON object, got {type(record).__name__}",
+                        None,
+                        source,
+                        line_number,
+                    ),
+                )
                 continue
             yield line_number, record
 

@@ -19,8 +19,9 @@ def parse(record: dict) -> list[dict[str, str]]:
     return require_messages(record, "conversations")
 
 
-def encode_conversation(messages: Sequence[dict], tokenizer, seq_len: int, last_turn_only: bool = False,
-                        field_name: str = "conversations") -> dict:
+def encode_conversation(
+    messages: Sequence[dict], tokenizer, seq_len: int, last_turn_only: bool = False, field_name: str = "conversations"
+) -> dict:
     """``input_ids``/``labels`` for a conversation, truncated to ``seq_len`` tokens.
 
     ``last_turn_only`` trains on the final assistant message alone (DPO responses).
