@@ -181,3 +181,21 @@ def test_sampler_order_is_seeded_per_epoch_and_resumable():
     ranks = [list(BatchSampler(50, 4, 3, rank=r, world_size=2).batches(0)) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 6
     assert not set(map(tuple, ranks[0])) & set(map(tuple, ranks[1]))
+
+
+def test_length_grouping_cuts_padding_and_keeps_every_example(sample_dir, tokenizer):
+    examples = load_examples([sample_dir / "sft.jsonl"], "sft", tokenizer, 512).examples
+    lengths = [len(e["input_ids"]) for e in examples]
+
+    def padding(sampler):
+        batches = list(sampler.batches(0))
+        assert sorted(i for b in batches for i in b) == list(range(len(examples)))
+        padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+        return 1 - sum(lengths) / padded
+
+    plain = padding(BatchSampler(len(examples), 16, seed=0))
+    grouped_sampler = BatchSampler(len(examples), 16, seed=0, lengths=lengths)
+    grouped = padding(grouped_sampler)
+    assert grouped < plain / 3, (plain, grouped)
+    assert list(grouped_sampler.batches(0, start=7)) == list(grouped_sampler.batches(0))[7:]
+    assert list(grouped_sampler.batches(1)) != list(grouped_sampler.batches(0))

@@ -146,6 +146,8 @@ class DataConfig:
     """Pretrain only: pack documents into full blocks (False pads one document per row, as MiniMind does)."""
     document_mask: bool = False
     """Pretrain only: keep attention inside each packed document."""
+    group_by_length: bool = True
+    """Batch conversations of similar length together (less padding; order stays seeded)."""
 
     def validate(self, path: str = "data") -> None:
         _require(self.seq_len > 1, f"{path}.seq_len", f"must be > 1, got {self.seq_len}")

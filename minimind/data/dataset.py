@@ -68,8 +68,10 @@ class BatchSampler:
     """Micro-batches of example indices: shuffled per epoch from ``seed``, sharded by rank.
 
     The order depends only on (seed, epoch), so ``batches(epoch, start=k)`` resumes exactly.
-    Each rank takes every ``world_size``-th batch; trailing batches that would leave ranks
-    unequal are not used in that epoch (they come back in a later epoch's shuffle).
+    With ``lengths``, each window of 64 batches is sorted by length before it is cut into
+    batches, so a batch holds examples of similar length and little padding; the batches are
+    then shuffled again. Each rank takes every ``world_size``-th batch; trailing batches that
+    would leave ranks unequal are not used in that epoch (they come back in a later shuffle).
     """
 
     num_examples: int
@@ -77,22 +79,46 @@ class BatchSampler:
     seed: int
     rank: int = 0
     world_size: int = 1
-    shuffle: bool = True
+    lengths: Sequence[int] | None = None
+    _cache: tuple[int, list[list[int]]] | None = field(default=None, init=False, repr=False)
 
     def __len__(self) -> int:
         """Micro-batches per epoch for this rank (the last partial batch is kept)."""
         total = -(-self.num_examples // self.batch_size)
         return total // self.world_size if self.world_size > 1 else total
 
-    def batches(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            order = torch.randperm(self.num_examples, generator=generator).tolist()
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of ``epoch`` in order, all ranks included."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(self.num_examples, generator=generator).tolist()
+        size = self.batch_size
+        if self.lengths is None:
+            batches = [order[i : i + size] for i in range(0, len(order), size)]
         else:
-            order = list(range(self.num_examples))
+            window = size * 64
+            batches = []
+            for start in range(0, len(order), window):
+                chunk = sorted(order[start : start + window], key=self.lengths.__getitem__)
+                batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+            # The last batch may be partial; it stays last so every other batch is full.
+            shuffled = torch.randperm(len(batches) - 1, generator=generator).tolist()
+            batches = [batches[i] for i in shuffled] + batches[-1:]
+        self._cache = (epoch, batches)
+        return batches
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
+        batches = self.epoch_batches(epoch)
         for local in range(start, len(self)):
-            global_index = local * self.world_size + self.rank
-            yield order[global_index * self.batch_size : (global_index + 1) * self.batch_size]
+            yield batches[local * self.world_size + self.rank]
+
+
+def example_length(example: dict) -> int:
+    """Padded length an example needs in a batch (for DPO, its longer side)."""
+    if "chosen_ids" in example:
+        return max(len(example["chosen_ids"]), len(example["rejected_ids"]))
+    return len(example["input_ids"])
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from minimind.config import TrainConfig, dump_yaml
-from minimind.data.dataset import BatchSampler, ExampleSet, collate, load_examples
+from minimind.data.dataset import BatchSampler, ExampleSet, collate, example_length, load_examples
 from minimind.model import MiniMindLM, flops_per_token
 from minimind.model.checkpoint import load_model
 from minimind.model.lora import apply_lora
@@ -125,8 +125,11 @@ class Trainer:
             strict=config.data.strict,
             packing=config.data.packing,
         )
+        lengths = None
+        if config.data.group_by_length and config.data_format != "pretrain":
+            lengths = [example_length(example) for example in self.examples.examples]
         self.sampler = BatchSampler(
-            len(self.examples.examples), config.optim.batch_size, config.optim.seed, rank, world_size
+            len(self.examples.examples), config.optim.batch_size, config.optim.seed, rank, world_size, lengths
         )
         if len(self.sampler) == 0:
             raise ValueError(f"{len(self.examples.examples)} examples make no batch for {world_size} workers")
