@@ -11,17 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-CONTINUATION_PROMPTS = (
-    "马克思主义基本原理",
-    "人类大脑的主要功能",
-    "万有引力原理是",
-    "世界上最高的山峰是",
-    "二氧化碳在空气中",
-    "地球上最大的动物有",
-    "杭州市的美食有",
-)
-CHAT_PROMPTS = ("你好，请介绍一下你自己。", "What is the capital of France?", "请用一句话解释什么是机器学习。")
-
 
 def _cmd_info(args: argparse.Namespace, overrides: dict) -> None:
     import torch
@@ -68,37 +57,35 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _cmd_generate(args: argparse.Namespace, overrides: dict) -> None:
-    import torch
-
+    from minimind.eval.samples import CHAT_PROMPTS, CONTINUATION_PROMPTS, generate_samples
     from minimind.model.checkpoint import load_model
-    from minimind.model.generate import stream
     from minimind.tokenizer import load_tokenizer
 
-    if overrides:
-        raise SystemExit(f"generate takes no config overrides, got {sorted(overrides)}")
     model = load_model(args.checkpoint, args.device, merge=True)
     tokenizer = load_tokenizer(args.tokenizer)
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
     prompts = args.prompt or list(CHAT_PROMPTS if args.chat else CONTINUATION_PROMPTS)
-    samples = []
-    for prompt in prompts:
-        if args.chat:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        else:
-            text = prompt
-        print(f">>> {prompt}\n", end="", flush=True)
-        ids = []
-        for token in stream(
-            model, tokenizer.encode(text), eos_id=tokenizer.eos_id, generator=generator, **_sampling_kwargs(args)
-        ):
-            if token == tokenizer.eos_id:
-                break
-            ids.append(token)
-        reply = tokenizer.decode(ids)
-        print(reply + "\n", flush=True)
-        samples.append({"prompt": prompt, "output": reply})
+    printed = {"index": -1, "text": ""}
+
+    def show(index: int, text: str) -> None:
+        if index != printed["index"]:
+            print(f"{'' if printed['index'] < 0 else chr(10)}>>> {prompts[index]}", flush=True)
+            printed.update(index=index, text="")
+        stable = text.rstrip("\ufffd")  # hold back a character whose bytes are still arriving
+        print(stable[len(printed["text"]) :], end="", flush=True)
+        printed["text"] = stable
+
+    samples = generate_samples(
+        model, tokenizer, prompts, chat=args.chat, seed=args.seed, on_token=show, **_sampling_kwargs(args)
+    )
+    print(flush=True)
     if args.save:
         Path(args.save).write_text(json.dumps(samples, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def _cmd_chat(args: argparse.Namespace, overrides: dict) -> None:
+    from minimind.chat import run_chat
+
+    run_chat(args, _sampling_kwargs(args))
 
 
 def _cmd_export_hf(args: argparse.Namespace, overrides: dict) -> None:
@@ -130,6 +117,17 @@ def _cmd_train_tokenizer(args: argparse.Namespace, overrides: dict) -> None:
     print(f"wrote {args.out}: {tokenizer.vocab_size} tokens, fingerprint {tokenizer.fingerprint}")
 
 
+def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--tokenizer", default=None, help="default: the export's own, else the bundled one")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.85, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=0.85)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minimind", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -146,16 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     gen.add_argument("--prompt", action="append", help="repeatable; default: MiniMind's evaluation prompts")
     gen.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
-    gen.add_argument("--tokenizer", default=None)
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.85)
-    gen.add_argument("--top-p", type=float, default=0.85)
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    _add_sampling_flags(gen, max_new_tokens=128)
     gen.add_argument("--save", help="write prompts and outputs to this JSON file")
     gen.set_defaults(run=_cmd_generate)
+
+    chat = commands.add_parser("chat", help="streaming multi-turn chat in the terminal")
+    chat.add_argument("--checkpoint", required=True, help="checkpoint, run or Hugging Face export directory")
+    chat.add_argument("--adapter", help="LoRA checkpoint whose adapters to apply")
+    chat.add_argument("--system", help="system prompt")
+    _add_sampling_flags(chat, max_new_tokens=256)
+    chat.set_defaults(run=_cmd_chat)
 
     export = commands.add_parser("export-hf", help="write a transformers LlamaForCausalLM directory")
     export.add_argument("--checkpoint", required=True)

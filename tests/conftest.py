@@ -35,3 +35,32 @@ def tiny_config(tmp_path: Path | None = None, **sections):
     if tmp_path is not None:
         raw.setdefault("checkpoint", {}).setdefault("dir", str(tmp_path))
     return build_config(raw)
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(tmp_path_factory):
+    """The tiny preset pretrained 300 steps on the sample corpus, 5% held out for evaluation.
+
+    Returns the trainer, its result, and the evaluation of the same weights before training.
+    Shared by the loss-fall and evaluation tests so the suite trains it once.
+    """
+    from minimind.train.loop import Trainer
+
+    config = tiny_config(
+        tmp_path_factory.mktemp("pretrained"),
+        data={"seq_len": 128},
+        optim={"batch_size": 16, "lr": 1e-2, "warmup_steps": 20, "min_lr_ratio": 1.0, "max_steps": 300},
+        eval={
+            "val_fraction": 0.05,
+            "every_steps": 150,
+            "max_examples": 16,
+            "continuation_docs": 16,
+            "prefix_tokens": 16,
+            "continuation_tokens": 8,
+        },
+        logging={"every_steps": 1},
+    )
+    trainer = Trainer(config)
+    untrained = trainer.evaluator(trainer.model)
+    result = trainer.fit()
+    return trainer, result, untrained

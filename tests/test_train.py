@@ -41,16 +41,14 @@ def trained_checkpoint(tmp_path_factory):
     return directory
 
 
-def test_pretrain_loss_falls_30_percent_within_300_steps():
-    config = tiny_config(
-        data={"seq_len": 128},
-        optim={"batch_size": 16, "lr": 1e-2, "warmup_steps": 20, "min_lr_ratio": 1.0, "max_steps": 300},
-    )
-    losses = [m["loss"] for m in train(config).history]
+def test_pretrain_loss_falls_30_percent_within_300_steps(pretrained_run):
+    _, result, _ = pretrained_run
+    losses = [m["loss"] for m in result.history if "loss" in m]
     assert len(losses) == 300
     assert losses[0] == pytest.approx(math.log(6400), abs=0.1)  # an untrained model is near uniform
     # Smoothed over 5 steps so a single lucky batch cannot pass the test.
     smoothed = [sum(losses[i - 5 : i]) / 5 for i in range(5, len(losses) + 1)]
+    print(f"first loss {losses[0]:.3f}, best 5-step mean {min(smoothed):.3f} ({min(smoothed) / losses[0]:.1%})")
     assert min(smoothed) <= 0.7 * losses[0], (losses[0], min(smoothed))
 
 
@@ -85,7 +83,8 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path):
 
 
 def test_accumulation_averages_over_all_targets_of_the_step(tmp_path):
-    data = {"train_files": [str(SAMPLE / "sft.jsonl")], "seq_len": 96}
+    # Random (ungrouped) batches, so the batch of 8 is exactly the two batches of 4.
+    data = {"train_files": [str(SAMPLE / "sft.jsonl")], "seq_len": 96, "group_by_length": False}
     whole = Trainer(tiny_config(stage="sft", data=data, optim={"batch_size": 8, "max_steps": 1}))
     whole.fit()
     split = Trainer(tiny_config(stage="sft", data=data, optim={"batch_size": 4, "grad_accum_steps": 2, "max_steps": 1}))
@@ -104,7 +103,10 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_metrics_report_padding_throughput_and_mfu(tmp_path):
     sft = train(
         tiny_config(
-            tmp_path, stage="sft", data={"train_files": [str(SAMPLE / "sft.jsonl")]}, logging={"gpu_peak_tflops": 1.0}
+            tmp_path,
+            stage="sft",
+            data={"train_files": [str(SAMPLE / "sft.jsonl")], "group_by_length": False},
+            logging={"gpu_peak_tflops": 1.0},
         )
     )
     assert all(0 < m["padding_fraction"] < 1 and m["tokens_per_second"] > 0 for m in sft.history)

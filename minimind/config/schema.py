@@ -257,6 +257,37 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation, run every ``every_steps`` and at the end of training.
+
+    It runs when there is validation data: ``val_files``, or ``val_fraction`` of the training
+    records held out by a hash of each record (so the split survives the corpus growing).
+    """
+
+    val_files: list[str] = field(default_factory=list)
+    val_fraction: float = 0.0
+    every_steps: int = 0
+    """0 evaluates only at the end of the run."""
+    max_examples: int = 64
+    """Size of the fixed validation subset scored for perplexity (and preference accuracy)."""
+    batch_size: int = 8
+    continuation_docs: int = 16
+    prefix_tokens: int = 32
+    continuation_tokens: int = 16
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.val_files) or self.val_fraction > 0
+
+    def validate(self, path: str = "eval") -> None:
+        _require(0 <= self.val_fraction < 1, f"{path}.val_fraction", "must be in [0, 1)")
+        _require(self.every_steps >= 0, f"{path}.every_steps", "must be >= 0")
+        for name in ("max_examples", "batch_size", "prefix_tokens", "continuation_tokens"):
+            _require(getattr(self, name) > 0, f"{path}.{name}", "must be positive")
+        _require(self.continuation_docs >= 0, f"{path}.continuation_docs", "must be >= 0")
+
+
+@dataclass
 class TrainConfig:
     """One training run: a stage (objective + data format) over a model."""
 
@@ -269,6 +300,7 @@ class TrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def data_format(self) -> str:
@@ -278,7 +310,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         _require(self.stage in STAGES, "stage", f"must be one of {STAGES}, got {self.stage!r}")
-        for name in ("model", "lora", "data", "optim", "objective", "runtime", "checkpoint", "logging"):
+        for name in ("model", "lora", "data", "optim", "objective", "runtime", "checkpoint", "logging", "eval"):
             getattr(self, name).validate(name)
         _require(
             self.data.seq_len <= self.model.max_seq_len,

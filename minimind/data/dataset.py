@@ -16,6 +16,7 @@ import torch
 
 from minimind.data.formats import IGNORE_INDEX, RecordError, RejectCounts, encode_record, iter_jsonl
 from minimind.data.formats.pretrain import pack_documents, unpacked_example
+from minimind.data.formats.records import in_validation_split
 
 
 @dataclass
@@ -32,8 +33,14 @@ def load_examples(
     seq_len: int,
     strict: bool = False,
     packing: bool = True,
+    split: str | None = None,
+    val_fraction: float = 0.0,
+    allow_empty: bool = False,
 ) -> ExampleSet:
-    """Tokenize every record of ``files`` in ``fmt``; pretrain documents are packed into blocks."""
+    """Tokenize every record of ``files`` in ``fmt``; pretrain documents are packed into blocks.
+
+    ``split="train"`` or ``"val"`` keeps only that side of the hash split at ``val_fraction``.
+    """
     if not files:
         raise ValueError("data.train_files is empty")
     rejects = RejectCounts()
@@ -46,7 +53,11 @@ def load_examples(
             records_read += 1
             try:
                 if isinstance(record, RecordError):
+                    if split == "val":
+                        continue  # malformed lines are counted once, by the training side
                     raise record
+                if split is not None and in_validation_split(record, val_fraction) != (split == "val"):
+                    continue
                 encoded.append(encode_record(fmt, record, tokenizer, seq_len))
             except RecordError as error:
                 error = error if error.source is not None else error.located(str(path), line)
@@ -58,7 +69,7 @@ def load_examples(
             encoded = list(pack_documents(encoded, seq_len))
         else:
             encoded = [unpacked_example(tokens, seq_len) for tokens in encoded]
-    if not encoded:
+    if not encoded and not allow_empty:
         raise ValueError(f"no usable records in {list(map(str, files))}: {rejects.summary()}")
     return ExampleSet(encoded, rejects, records_read)
 

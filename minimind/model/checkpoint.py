@@ -95,6 +95,22 @@ def load_model(
     return model
 
 
+def attach_adapter(model: MiniMindLM, adapter_checkpoint: str | Path) -> MiniMindLM:
+    """Apply a LoRA checkpoint's adapters to ``model`` (any base of the same architecture), in place."""
+    directory = resolve_checkpoint(adapter_checkpoint)
+    meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    if not meta.get("lora"):
+        raise ValueError(f"{directory} is not a LoRA checkpoint (no lora section in {META_FILE})")
+    trained_on = {k: v for k, v in meta["model"].items() if k != "preset"}
+    if trained_on != {k: v for k, v in config_to_dict(model.config).items() if k != "preset"}:
+        raise ValueError(f"{directory} was trained on a different architecture than this model")
+    apply_lora(model, build_config({"lora": meta["lora"]}).lora)
+    load_adapter(model, directory / ADAPTER_FILE)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
 def load_weights(model: MiniMindLM, file: str | Path) -> None:
     """Load full (un-wrapped) weights into ``model``; every parameter must be present."""
     state = load_file(str(file), device=str(model.lm_head.weight.device))

@@ -23,6 +23,7 @@ from torch import nn
 
 from minimind.config import TrainConfig, dump_yaml
 from minimind.data.dataset import BatchSampler, ExampleSet, collate, example_length, load_examples
+from minimind.eval.evaluator import Evaluator
 from minimind.model import MiniMindLM, flops_per_token
 from minimind.model.checkpoint import load_model
 from minimind.model.lora import apply_lora
@@ -91,6 +92,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     checkpoint: Path | None = None
     rejects: str = ""
+    final_eval: dict = field(default_factory=dict)
+    """Validation metrics at the last step (empty without validation data)."""
 
 
 class Trainer:
@@ -117,6 +120,7 @@ class Trainer:
             raise ValueError(
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size={config.model.vocab_size}"
             )
+        held_out = config.eval.enabled and not config.eval.val_files
         self.examples = examples or load_examples(
             config.data.train_files,
             config.data_format,
@@ -124,6 +128,8 @@ class Trainer:
             config.data.seq_len,
             strict=config.data.strict,
             packing=config.data.packing,
+            split="train" if held_out else None,
+            val_fraction=config.eval.val_fraction,
         )
         lengths = None
         if config.data.group_by_length and config.data_format != "pretrain":
@@ -138,6 +144,10 @@ class Trainer:
         if config.optim.max_steps is not None:
             self.total_steps = min(self.total_steps, config.optim.max_steps)
         self.objective = build_objective(config, self.tokenizer, self.device)
+        self.evaluator = None
+        if config.eval.enabled:
+            reference = self.objective.reference if isinstance(self.objective, DPO) else None
+            self.evaluator = Evaluator.from_config(config, self.tokenizer, self.device, reference)
         self.optimizer = build_optimizer(self.model, config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.forward_model = torch.compile(self.model) if config.runtime.compile else self.model
@@ -224,21 +234,31 @@ class Trainer:
         window: list[dict] = []
         window_start = time.perf_counter()
         checkpoint_path = None
+        final_eval: dict = {}
         while self.step < end:
             window.append(self.train_step(self.step))
             self.step += 1
-            if self.step % config.logging.every_steps == 0 or self.step == end:
+            log_due = self.step % config.logging.every_steps == 0 or self.step == end
+            metrics = None
+            if log_due:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 metrics = self._summarise(window, time.perf_counter() - window_start)
+            if self.evaluator and (
+                self.step == end or (config.eval.every_steps and self.step % config.eval.every_steps == 0)
+            ):
+                final_eval = self.evaluator(self.model)
+                metrics = {**(metrics or {"step": self.step}), **final_eval}
+            if metrics is not None:
                 history.append(metrics)
                 self._emit(metrics)
+            if log_due:
                 window, window_start = [], time.perf_counter()
             if self.checkpoints and (self.step % config.checkpoint.every_steps == 0 or self.step == end):
                 checkpoint_path = self.checkpoints.save(self)
         if self.checkpoints and checkpoint_path is None:
             checkpoint_path = self.checkpoints.latest_path()
-        return TrainResult(self.step, history, checkpoint_path, self.examples.rejects.summary())
+        return TrainResult(self.step, history, checkpoint_path, self.examples.rejects.summary(), final_eval)
 
     def _summarise(self, window: list[dict], seconds: float) -> dict:
         targets = sum(item["targets"] for item in window)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimind.data.formats import IGNORE_INDEX
+from minimind.eval.scoring import dpo_rewards, sequence_log_probs, shifted
 
 
 @dataclass
@@ -24,20 +25,6 @@ class LossParts:
     aux_loss: torch.Tensor
     """Per-batch regulariser (MoE load balance), weighted by the batch's share of the step."""
     metrics: dict[str, float]
-
-
-def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Position t predicts token t+1: drop the last logit and the first label."""
-    return logits[:, :-1], labels[:, 1:]
-
-
-def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each target token [batch, seq-1] (0 where ignored) and the target mask."""
-    logits, labels = shifted(logits, labels)
-    mask = labels != IGNORE_INDEX
-    safe = labels.masked_fill(~mask, 0)
-    log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return log_probs * mask, mask
 
 
 class Objective:
@@ -101,29 +88,15 @@ class DPO(Objective):
     def normalizer(self, batch):
         return batch["input_ids"].shape[0] / 2
 
-    def _sequence_log_probs(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, aux_loss, _ = model(batch["input_ids"])
-        log_probs, mask = token_log_probs(logits, batch["labels"])
-        totals = log_probs.sum(-1)
-        if self.length_normalize:
-            totals = totals / mask.sum(-1).clamp(min=1)
-        return totals, aux_loss
-
     def __call__(self, model, batch):
-        policy, aux_loss = self._sequence_log_probs(model, batch)
+        policy, aux_loss = sequence_log_probs(model, batch, self.length_normalize)
         with torch.no_grad():
-            reference, _ = self._sequence_log_probs(self.reference, batch)
-        half = policy.shape[0] // 2
-        policy_margin = policy[:half] - policy[half:]
-        reference_margin = reference[:half] - reference[half:]
-        logits = self.beta * (policy_margin - reference_margin)
-        loss_sum = -F.logsigmoid(logits).sum()
-        chosen_reward = self.beta * (policy[:half] - reference[:half]).detach()
-        rejected_reward = self.beta * (policy[half:] - reference[half:]).detach()
-        metrics = {
-            "reward_accuracy": float((chosen_reward > rejected_reward).float().mean()),
-            "reward_margin": float((chosen_reward - rejected_reward).mean()),
-        }
+            reference, _ = sequence_log_probs(self.reference, batch, self.length_normalize)
+        chosen_reward, rejected_reward = dpo_rewards(policy, reference, self.beta)
+        # -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
+        loss_sum = -F.logsigmoid(chosen_reward - rejected_reward).sum()
+        margin = (chosen_reward - rejected_reward).detach()
+        metrics = {"reward_accuracy": float((margin > 0).float().mean()), "reward_margin": float(margin.mean())}
         return LossParts(loss_sum, aux_loss, metrics)
 
 

@@ -7,6 +7,7 @@ and go on, so nothing is dropped without a number to show for it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -139,3 +140,13 @@ def require_messages(record: dict, name: str) -> list[dict[str, str]]:
     if not any(message["role"] == "assistant" for message in cleaned):
         raise RecordError("no_assistant_turn", "conversation has no assistant turn", name)
     return cleaned
+
+
+def in_validation_split(record: dict, fraction: float) -> bool:
+    """Whether ``record`` belongs to the held-out split: a hash of its canonical JSON, so a record's
+    side never changes when other records are added, removed or reordered."""
+    if fraction <= 0:
+        return False
+    canonical = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    bucket = int.from_bytes(hashlib.blake2b(canonical, digest_size=8).digest(), "big")
+    return bucket < fraction * 2**64

@@ -1,0 +1,89 @@
+"""``minimind chat``: a streaming terminal chat with a checkpoint or a Hugging Face export.
+
+Keeps the multi-turn history (trimmed from the oldest turn when it no longer fits the context),
+applies an optional LoRA adapter and system prompt. ``/reset`` clears the history, ``/exit`` or
+end of input quits.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from minimind.model.checkpoint import attach_adapter, load_model
+from minimind.model.generate import stream
+from minimind.model.hf import import_hf
+from minimind.tokenizer import load_tokenizer
+
+
+def load_chat_model(source: str, adapter: str | None, device: str):
+    """A checkpoint/run directory, or a directory with a Llama config.json (an HF export)."""
+    model = (
+        import_hf(source, device) if (Path(source) / "config.json").exists() else load_model(source, device, merge=True)
+    )
+    if adapter:
+        attach_adapter(model, adapter)
+    return model.eval()
+
+
+def prompt_ids(tokenizer, system: str | None, history: list[dict], budget: int) -> list[int]:
+    """Rendered conversation ending in the generation prompt; drops the oldest turns to fit ``budget``."""
+    turns = list(history)
+    while True:
+        messages = ([{"role": "system", "content": system}] if system else []) + turns
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        if len(ids) <= budget or len(turns) <= 1:
+            return ids[-budget:]
+        turns = turns[2:] if len(turns) > 2 else turns[1:]
+
+
+def run_chat(args, sampling: dict) -> None:
+    tokenizer = load_tokenizer(
+        args.tokenizer
+        if args.tokenizer
+        else (args.checkpoint if (Path(args.checkpoint) / "tokenizer.json").exists() else None)
+    )
+    model = load_chat_model(args.checkpoint, args.adapter, args.device)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    budget = model.config.max_seq_len - sampling["max_new_tokens"]
+    history: list[dict] = []
+    print("MiniMind chat. /reset clears the history, /exit quits.", flush=True)
+    while True:
+        try:
+            line = input("user> ")
+        except EOFError:
+            print(flush=True)
+            return
+        text = line.strip()
+        if text == "/exit":
+            return
+        if text == "/reset":
+            history.clear()
+            print("(history cleared)", flush=True)
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        ids: list[int] = []
+        shown = ""
+        for token in stream(
+            model,
+            prompt_ids(tokenizer, args.system, history, budget),
+            eos_id=tokenizer.eos_id,
+            generator=generator,
+            **sampling,
+        ):
+            if token == tokenizer.eos_id:
+                break
+            ids.append(token)
+            stable = tokenizer.decode(ids).rstrip("\ufffd")
+            sys.stdout.write(stable[len(shown) :])
+            sys.stdout.flush()
+            shown = stable
+        reply = tokenizer.decode(ids)
+        sys.stdout.write(reply[len(shown) :] + "\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": reply})

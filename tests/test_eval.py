@@ -1,0 +1,119 @@
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, SAMPLE, tiny_config
+
+from minimind.config import model_config
+from minimind.data.dataset import load_examples
+from minimind.data.formats.records import in_validation_split, iter_jsonl
+from minimind.eval.evaluator import Evaluator, token_byte_lengths
+from minimind.model import MiniMindLM
+from minimind.model.checkpoint import save_model
+from minimind.train.loop import Trainer
+
+EVAL = {"max_examples": 16, "batch_size": 8, "continuation_docs": 8, "prefix_tokens": 16, "continuation_tokens": 8}
+
+
+def test_uniform_model_has_perplexity_equal_to_vocabulary_size(tokenizer):
+    model = MiniMindLM(model_config("tiny"))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.zero_()  # zero hidden states -> zero logits -> uniform
+    examples = load_examples([SAMPLE / "sft.jsonl"], "sft", tokenizer, 128).examples[:20]
+    metrics = Evaluator(tiny_config().eval, tokenizer, examples, torch.device("cpu"))(model)
+    assert metrics["val_perplexity"] == pytest.approx(6400, rel=1e-6)
+    assert metrics["val_loss"] == pytest.approx(math.log(6400), rel=1e-7)  # fp32 log-softmax
+    # bits per byte = log2(6400) bits for each target token over the bytes those tokens spell
+    bytes_per_token = 1 / (metrics["val_bits_per_byte"] / math.log2(6400))
+    assert 1.0 < bytes_per_token < 6.0
+
+
+def test_token_byte_lengths_spell_the_text(tokenizer):
+    text = "杭州市的美食有 West Lake fish<|im_end|>"
+    lengths = token_byte_lengths(tokenizer)
+    assert sum(lengths[t] for t in tokenizer.encode(text)) == len(text.encode("utf-8"))
+
+
+def test_validation_split_is_stable_when_the_corpus_grows():
+    records = [record for _, record in iter_jsonl(SAMPLE / "pretrain.jsonl")]
+    held_out = [i for i, r in enumerate(records[:1000]) if in_validation_split(r, 0.1)]
+    grown = [i for i, r in enumerate(records) if in_validation_split(r, 0.1)]
+    assert held_out == [i for i in grown if i < 1000]
+    assert 0.07 < len(grown) / len(records) < 0.13
+
+
+def test_split_sides_are_disjoint_and_complete(tokenizer):
+    files = [SAMPLE / "sft.jsonl"]
+    train = load_examples(files, "sft", tokenizer, 256, split="train", val_fraction=0.2).examples
+    val = load_examples(files, "sft", tokenizer, 256, split="val", val_fraction=0.2).examples
+    everything = load_examples(files, "sft", tokenizer, 256).examples
+    assert len(train) + len(val) == len(everything)
+    assert not {tuple(e["input_ids"]) for e in train} & {tuple(e["input_ids"]) for e in val}
+
+
+def test_training_beats_the_untrained_model_and_metrics_repeat(pretrained_run):
+    trainer, result, untrained = pretrained_run
+    trained = result.final_eval
+    assert trained == trainer.evaluator(trainer.model)  # deterministic
+    rebuilt = Evaluator.from_config(trainer.config, trainer.tokenizer, trainer.device)  # a second, independent run
+    assert rebuilt(trainer.model) == trained
+    print(f"untrained {untrained}\ntrained {trained}")
+    assert trained["val_perplexity"] < 0.2 * untrained["val_perplexity"]
+    assert trained["continuation_accuracy"] > untrained["continuation_accuracy"]
+    assert trained["continuation_loglik"] > untrained["continuation_loglik"]
+    logged = [
+        json.loads(line) for line in (Path(trainer.config.checkpoint.dir) / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [m["step"] for m in logged if "val_perplexity" in m] == [150, 300]
+
+
+def test_dpo_evaluation_reports_preference_accuracy(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    save_model(MiniMindLM(model_config("tiny")), tmp_path)
+    config = tiny_config(
+        stage="dpo",
+        data={"train_files": [str(SAMPLE / "dpo.jsonl")], "seq_len": 256},
+        checkpoint={"init_from": str(tmp_path)},
+        eval={"val_fraction": 0.1, **EVAL},
+    )
+    trainer = Trainer(config)
+    metrics = trainer.evaluator(trainer.model)  # policy == reference: no preference yet
+    assert metrics == {"reward_accuracy": 0.0, "reward_margin": 0.0}
+
+
+def test_chat_command_answers_through_a_pseudo_terminal(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    torch.manual_seed(0)
+    save_model(MiniMindLM(model_config("tiny")), tmp_path)
+    child = pexpect.spawn(
+        sys.executable,
+        [
+            "-m",
+            "minimind.cli",
+            "chat",
+            "--checkpoint",
+            str(tmp_path),
+            "--max-new-tokens",
+            "6",
+            "--system",
+            "你是MiniMind",
+        ],
+        cwd=str(ROOT),
+        encoding="utf-8",
+        timeout=60,
+    )
+    child.expect("user> ")
+    child.sendline("你好")
+    child.expect("assistant> (.*)\r\n")
+    assert child.match.group(1).strip()  # streamed a reply
+    child.expect("user> ")
+    child.sendline("/reset")
+    child.expect(r"\(history cleared\)")
+    child.expect("user> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
