@@ -12,20 +12,9 @@ from pathlib import Path
 
 import torch
 
-from minimind.model.checkpoint import attach_adapter, load_model
 from minimind.model.generate import stream
-from minimind.model.hf import import_hf
+from minimind.model.hf import load_for_inference
 from minimind.tokenizer import load_tokenizer
-
-
-def load_chat_model(source: str, adapter: str | None, device: str):
-    """A checkpoint/run directory, or a directory with a Llama config.json (an HF export)."""
-    model = (
-        import_hf(source, device) if (Path(source) / "config.json").exists() else load_model(source, device, merge=True)
-    )
-    if adapter:
-        attach_adapter(model, adapter)
-    return model.eval()
 
 
 def prompt_ids(tokenizer, system: str | None, history: list[dict], budget: int) -> list[int]:
@@ -45,7 +34,7 @@ def run_chat(args, sampling: dict) -> None:
         if args.tokenizer
         else (args.checkpoint if (Path(args.checkpoint) / "tokenizer.json").exists() else None)
     )
-    model = load_chat_model(args.checkpoint, args.adapter, args.device)
+    model = load_for_inference(args.checkpoint, args.device, args.adapter)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     budget = model.config.max_seq_len - sampling["max_new_tokens"]
     history: list[dict] = []

@@ -4,6 +4,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source scripts/setup_env.sh
-ruff check minimind benchmarks tests
-ruff format --check --quiet minimind benchmarks tests
+ruff check minimind ray_jobs benchmarks tests
+ruff format --check --quiet minimind ray_jobs benchmarks tests
 python -m pytest "$@"

@@ -64,3 +64,27 @@ def pretrained_run(tmp_path_factory):
     untrained = trainer.evaluator(trainer.model)
     result = trainer.fit()
     return trainer, result, untrained
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray cluster for the whole session, with its own temp dir; shut down at the end."""
+    import os
+    import shutil
+    import tempfile
+
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="mmray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+    )
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    yield os.environ["RAY_ADDRESS"]
+    ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from minimind.model.checkpoint import TIED_KEY, model_config_from_dict
+from minimind.model.checkpoint import TIED_KEY, attach_adapter, load_model, model_config_from_dict
 from minimind.model.lora import LoRALinear
 from minimind.model.minimind import MiniMindLM
 
@@ -115,3 +115,16 @@ def import_hf(directory: str | Path, device: str = "cpu") -> MiniMindLM:
     if missing or unexpected:
         raise ValueError(f"{directory}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
     return model
+
+
+def is_hf_export(path: str | Path) -> bool:
+    return (Path(path) / "config.json").exists()
+
+
+def load_for_inference(source: str | Path, device: str = "cpu", adapter: str | Path | None = None) -> MiniMindLM:
+    """An eval-mode model from a checkpoint, a run directory or a Hugging Face export, plus an
+    optional LoRA adapter checkpoint applied on top."""
+    model = import_hf(source, device) if is_hf_export(source) else load_model(source, device, merge=True)
+    if adapter:
+        attach_adapter(model, adapter)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,128 @@
+"""Checkpoint evaluation spread over a Ray cluster (the Ray side of ``ray_jobs/eval.py``).
+
+Validation jsonl is streamed with ``ray.data.read_text`` (one row per line, so records of any
+shape survive and nothing is loaded whole), and scored by a pool of actors that each load the
+model once. Every actor returns sums (NLL, tokens, bytes; or DPO wins and margins) and reject
+counts per batch of lines; the driver adds them up, so the result does not depend on how the
+lines were spread. The continuation score, chat adherence and samples need few documents and run
+on the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from minimind.data.dataset import collate
+from minimind.data.formats import RecordError, encode_record
+from minimind.data.formats.pretrain import pack_documents
+from minimind.eval.evaluator import token_byte_lengths
+from minimind.eval.scoring import dpo_rewards, sequence_log_probs, shifted, token_log_probs
+from minimind.model.hf import load_for_inference
+from minimind.tokenizer import load_tokenizer
+
+
+@dataclass
+class ScoringJob:
+    """What every scoring actor needs to rebuild the model and encode lines."""
+
+    checkpoint: str
+    data_format: str
+    seq_len: int
+    tokenizer: str | None = None
+    adapter: str | None = None
+    reference: str | None = None
+    """DPO only: the frozen reference model the implicit reward is measured against."""
+    beta: float = 0.1
+    batch_size: int = 8
+
+
+class ShardScorer:
+    """Ray Data actor: encodes a batch of jsonl lines and returns the batch's metric sums."""
+
+    def __init__(self, job: ScoringJob):
+        torch.set_num_threads(1)  # one core per actor; the pool size sets the parallelism
+        self.job = job
+        self.tokenizer = load_tokenizer(job.tokenizer)
+        self.model = load_for_inference(job.checkpoint, "cpu", job.adapter)
+        self.reference = load_for_inference(job.reference, "cpu") if job.reference else None
+        self.token_bytes = token_byte_lengths(self.tokenizer)
+
+    def _encode(self, lines) -> tuple[list, Counter]:
+        encoded, rejects = [], Counter()
+        for line in lines:
+            try:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise RecordError("invalid_json", "invalid JSON") from None
+                if not isinstance(record, dict):
+                    raise RecordError("not_an_object", "expected a JSON object")
+                encoded.append(encode_record(self.job.data_format, record, self.tokenizer, self.job.seq_len))
+            except RecordError as error:
+                rejects[error.reason] += 1
+        if self.job.data_format == "pretrain":
+            encoded = list(pack_documents(encoded, self.job.seq_len))
+        return encoded, rejects
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        examples, rejects = self._encode(batch["text"])
+        sums = np.zeros(3)
+        for start in range(0, len(examples), self.job.batch_size):
+            tensors = collate(examples[start : start + self.job.batch_size], self.tokenizer.pad_id)
+            if self.reference is not None:
+                policy, _ = sequence_log_probs(self.model, tensors)
+                reference, _ = sequence_log_probs(self.reference, tensors)
+                chosen, rejected = dpo_rewards(policy, reference, self.job.beta)
+                margins = chosen - rejected
+                sums += [float((margins > 0).sum()), float(margins.sum()), margins.numel()]
+            else:
+                logits, _, _ = self.model(tensors["input_ids"])
+                log_probs, mask = token_log_probs(logits, tensors["labels"])
+                targets = shifted(tensors["labels"], tensors["labels"])[1].clamp(min=0)
+                sums += [float(-log_probs.sum()), float(mask.sum()), float((self.token_bytes[targets] * mask).sum())]
+        return {"sums": np.array([sums]), "rejects": np.array([json.dumps(rejects)])}
+
+
+def score_files(files: list[str], job: ScoringJob, num_actors: int, lines_per_batch: int = 256) -> dict:
+    """Perplexity/bits per byte (or DPO reward accuracy/margin) of ``files``, over Ray."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    # Leave a CPU for the read tasks: an actor pool holding every CPU starves them (a hang).
+    actors = max(1, min(num_actors, cpus - 1))
+    scored = ray.data.read_text(files).map_batches(
+        ShardScorer,
+        fn_constructor_args=(job,),
+        batch_size=lines_per_batch,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+    )
+    totals = np.zeros(3)
+    rejects: Counter = Counter()
+    for row in scored.iter_rows():
+        totals += row["sums"]
+        rejects.update(json.loads(row["rejects"]))
+    if job.reference is not None:
+        wins, margin_sum, pairs = totals
+        if not pairs:
+            raise ValueError(f"no usable preference pairs in {files}: {dict(rejects)}")
+        metrics = {"reward_accuracy": wins / pairs, "reward_margin": margin_sum / pairs, "pairs": int(pairs)}
+    else:
+        nll, tokens, num_bytes = totals
+        if not tokens:
+            raise ValueError(f"no labelled tokens in {files}: {dict(rejects)}")
+        metrics = {
+            "val_loss": nll / tokens,
+            "val_perplexity": math.exp(nll / tokens),
+            "val_bits_per_byte": nll / math.log(2) / max(num_bytes, 1.0),
+            "val_tokens": int(tokens),
+        }
+    metrics["rejected_records"] = dict(rejects)
+    return metrics

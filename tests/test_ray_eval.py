@@ -1,0 +1,79 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, SAMPLE
+
+from minimind.config import model_config
+from minimind.data.dataset import collate, load_examples
+from minimind.eval.distributed import ScoringJob, score_files
+from minimind.eval.evaluator import token_byte_lengths
+from minimind.eval.metrics import perplexity
+from minimind.model import MiniMindLM
+from minimind.model.checkpoint import load_model, save_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(3)
+    directory = tmp_path_factory.mktemp("ckpt")
+    save_model(MiniMindLM(model_config("tiny")), directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory):
+    """300 SFT lines plus two malformed ones."""
+    path = tmp_path_factory.mktemp("data") / "val.jsonl"
+    lines = (SAMPLE / "sft.jsonl").read_text(encoding="utf-8").splitlines()[:300]
+    path.write_text("\n".join(lines + ["{oops", json.dumps({"conversations": []})]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_ray_scoring_equals_in_process_perplexity(ray_address, checkpoint, subset, tokenizer):
+    metrics = score_files([str(subset)], ScoringJob(str(checkpoint), "sft", 256), num_actors=2, lines_per_batch=64)
+    examples = load_examples([subset], "sft", tokenizer, 256).examples
+    model = load_model(checkpoint)
+    batches = [collate(examples[i : i + 8], tokenizer.pad_id) for i in range(0, len(examples), 8)]
+    local = perplexity(model, batches, token_byte_lengths(tokenizer))
+    assert metrics["val_tokens"] == local["val_tokens"]
+    assert metrics["val_perplexity"] == pytest.approx(local["val_perplexity"], rel=1e-5)
+    assert metrics["val_bits_per_byte"] == pytest.approx(local["val_bits_per_byte"], rel=1e-5)
+    assert metrics["rejected_records"] == {"invalid_json": 1, "wrong_type": 1}
+
+
+def test_eval_job_writes_json_and_markdown(ray_address, checkpoint, subset, tmp_path):
+    env = dict(os.environ, RAY_ADDRESS=ray_address)
+    subprocess.run(
+        [
+            sys.executable,
+            "ray_jobs/eval.py",
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(subset),
+            "--format",
+            "sft",
+            "--seq-len",
+            "256",
+            "--out",
+            str(tmp_path),
+            "--max-new-tokens",
+            "8",
+            "--continuation-docs",
+            "4",
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
+    assert {"val_perplexity", "val_bits_per_byte", "continuation_accuracy", "chat_adherence"} <= set(result["metrics"])
+    assert [s["prompt"] for s in result["samples"]][0] == "你好，请介绍一下你自己。"
+    markdown = (tmp_path / "eval.md").read_text(encoding="utf-8")
+    assert "| val_perplexity |" in markdown and "## Samples" in markdown
