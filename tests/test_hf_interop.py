@@ -52,3 +52,11 @@ def test_moe_export_is_refused(tokenizer, tmp_path):
     model = MiniMindLM(model_config("tiny", moe={"enabled": True}))
     with pytest.raises(ValueError, match="only dense models export"):
         export_hf(model, tokenizer, tmp_path)
+
+
+def test_exports_load_for_inference_like_checkpoints(exported):
+    from minimind.model.hf import load_for_inference
+
+    model, directory = exported
+    ids = torch.randint(0, 6400, (1, 12))
+    torch.testing.assert_close(load_for_inference(directory)(ids)[0], model(ids)[0], atol=0, rtol=0)

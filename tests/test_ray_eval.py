@@ -77,3 +77,10 @@ def test_eval_job_writes_json_and_markdown(ray_address, checkpoint, subset, tmp_
     assert [s["prompt"] for s in result["samples"]][0] == "你好，请介绍一下你自己。"
     markdown = (tmp_path / "eval.md").read_text(encoding="utf-8")
     assert "| val_perplexity |" in markdown and "## Samples" in markdown
+
+
+def test_ray_preference_scoring_against_itself_is_neutral(ray_address, checkpoint):
+    job = ScoringJob(str(checkpoint), "dpo", 256, reference=str(checkpoint))
+    metrics = score_files([str(SAMPLE / "dpo.jsonl")], job, num_actors=1, lines_per_batch=200)
+    assert metrics["reward_accuracy"] == 0.0 and metrics["reward_margin"] == 0.0
+    assert metrics["pairs"] + sum(metrics["rejected_records"].values()) == 600
