@@ -17,6 +17,7 @@ import ray
 
 from minimind.data.formats import FORMATS, RecordError, encode_record, iter_jsonl
 from minimind.data.formats.pretrain import pack_documents
+from minimind.data.pipeline import Manifest, is_prepared
 from minimind.eval.distributed import ScoringJob, score_files
 from minimind.eval.metrics import chat_adherence, continuation_score
 from minimind.eval.report import write_report
@@ -27,6 +28,8 @@ from minimind.tokenizer import load_tokenizer
 
 def leading_documents(files: list[str], fmt: str, tokenizer, seq_len: int, count: int) -> list[list[int]]:
     """Token ids of the first ``count`` usable records (packed blocks for pretrain) for the continuation score."""
+    if len(files) == 1 and is_prepared(files[0]):
+        return [row["input_ids"] for row in Manifest.load(files[0]).examples("val")[:count] if "input_ids" in row]
     encoded = []
     lines = itertools.chain.from_iterable(iter_jsonl(path) for path in files)
     for _, record in itertools.islice(lines, count * 4):
@@ -44,7 +47,12 @@ def leading_documents(files: list[str], fmt: str, tokenizer, seq_len: int, count
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint, run or Hugging Face export directory")
-    parser.add_argument("--data", nargs="+", required=True, help="validation jsonl files (local or pyarrow URIs)")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="validation jsonl files (local or pyarrow URIs), or a prepared corpus (its val split)",
+    )
     parser.add_argument("--format", choices=FORMATS, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seq-len", type=int, default=512)

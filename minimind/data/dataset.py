@@ -8,6 +8,7 @@ sequence in the batch and reports how much of it is padding.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from minimind.data.formats import IGNORE_INDEX, RecordError, RejectCounts, encode_record, iter_jsonl
 from minimind.data.formats.pretrain import pack_documents, unpacked_example
 from minimind.data.formats.records import in_validation_split
+from minimind.data.pipeline.manifest import Manifest, is_prepared
 
 
 @dataclass
@@ -40,9 +42,19 @@ def load_examples(
     """Tokenize every record of ``files`` in ``fmt``; pretrain documents are packed into blocks.
 
     ``split="train"`` or ``"val"`` keeps only that side of the hash split at ``val_fraction``.
+    A single directory made by the prepare pipeline is read from its shards instead (its
+    tokenizer, seq len and format are checked against the arguments; its split is its own).
     """
     if not files:
         raise ValueError("data.train_files is empty")
+    if len(files) == 1 and is_prepared(files[0]):
+        manifest = Manifest.load(files[0])
+        manifest.check(tokenizer.fingerprint, seq_len, fmt)
+        examples = manifest.examples(split or "train")
+        if not examples and not allow_empty:
+            raise ValueError(f"{files[0]}: the {split or 'train'!r} split is empty")
+        rejects = RejectCounts(by_reason=Counter(manifest.rejects))
+        return ExampleSet(examples, rejects, manifest.rows_in)
     rejects = RejectCounts()
     encoded: list = []
     records_read = 0

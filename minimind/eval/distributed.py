@@ -22,6 +22,8 @@ import torch
 from minimind.data.dataset import collate
 from minimind.data.formats import RecordError, encode_record
 from minimind.data.formats.pretrain import pack_documents
+from minimind.data.formats.records import parse_line
+from minimind.data.pipeline import Manifest, is_prepared
 from minimind.eval.evaluator import token_byte_lengths
 from minimind.eval.scoring import dpo_rewards, sequence_log_probs, shifted, token_log_probs
 from minimind.model.hf import load_for_inference
@@ -57,13 +59,10 @@ class ShardScorer:
     def _encode(self, lines) -> tuple[list, Counter]:
         encoded, rejects = [], Counter()
         for line in lines:
+            if not line.strip():
+                continue
             try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    raise RecordError("invalid_json", "invalid JSON") from None
-                if not isinstance(record, dict):
-                    raise RecordError("not_an_object", "expected a JSON object")
+                record = parse_line(line.encode("utf-8"))
                 encoded.append(encode_record(self.job.data_format, record, self.tokenizer, self.job.seq_len))
             except RecordError as error:
                 rejects[error.reason] += 1
@@ -73,7 +72,15 @@ class ShardScorer:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        examples, rejects = self._encode(batch["text"])
+        if "text" in batch:  # raw jsonl lines
+            examples, rejects = self._encode(batch["text"])
+        else:  # rows of a prepared corpus, already tokenized
+            columns = list(batch)
+            examples = [{c: batch[c][i].tolist() for c in columns} for i in range(len(batch[columns[0]]))]
+            if "labels" not in batch and "input_ids" in batch:
+                for example in examples:
+                    example["labels"] = example["input_ids"]
+            rejects = Counter()
         sums = np.zeros(3)
         for start in range(0, len(examples), self.job.batch_size):
             tensors = collate(examples[start : start + self.job.batch_size], self.tokenizer.pad_id)
@@ -92,11 +99,21 @@ class ShardScorer:
 
 
 def score_files(files: list[str], job: ScoringJob, num_actors: int, lines_per_batch: int = 256) -> dict:
-    """Perplexity/bits per byte (or DPO reward accuracy/margin) of ``files``, over Ray."""
+    """Perplexity/bits per byte (or DPO reward accuracy/margin) of ``files``, over Ray.
+
+    ``files`` are jsonl files, or a single prepared corpus directory whose ``val`` split is scored
+    (its tokenizer and seq len are checked first).
+    """
     cpus = int(ray.cluster_resources().get("CPU", 1))
     # Leave a CPU for the read tasks: an actor pool holding every CPU starves them (a hang).
     actors = max(1, min(num_actors, cpus - 1))
-    scored = ray.data.read_text(files).map_batches(
+    if len(files) == 1 and is_prepared(files[0]):
+        manifest = Manifest.load(files[0])
+        manifest.check(load_tokenizer(job.tokenizer).fingerprint, job.seq_len, job.data_format)
+        rows = manifest.ray_dataset("val")
+    else:
+        rows = ray.data.read_text(files)
+    scored = rows.map_batches(
         ShardScorer,
         fn_constructor_args=(job,),
         batch_size=lines_per_batch,

@@ -6,6 +6,7 @@ import torch
 
 from minimind.config import EvalConfig
 from minimind.data.dataset import collate, load_examples
+from minimind.data.pipeline import is_prepared
 from minimind.eval.metrics import continuation_score, perplexity, preference_accuracy
 
 
@@ -53,7 +54,9 @@ class Evaluator:
         config = train_config.eval
         data = train_config.data
         if config.val_files:
-            files, split = config.val_files, None
+            # A prepared corpus brings its own held-out split; jsonl files are used whole.
+            files = config.val_files
+            split = "val" if len(files) == 1 and is_prepared(files[0]) else None
         else:
             files, split = data.train_files, "val"
         examples = load_examples(

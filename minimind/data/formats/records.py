@@ -69,39 +69,32 @@ class RejectCounts:
         return f"{self.total} rejected records ({reasons}); first: {self.examples[0]}"
 
 
+def parse_line(raw: bytes) -> dict:
+    """One jsonl line as a JSON object, or a RecordError (without location) saying why not."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RecordError("undecodable_bytes", f"not UTF-8 ({error.reason})") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RecordError("invalid_json", f"invalid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise RecordError("not_an_object", f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any | RecordError]]:
-    """Yield ``(line_number, record)``; a line that is not a JSON object yields a RecordError."""
+    """Yield ``(line_number, record)``; a line that is not a JSON object yields a located RecordError."""
     source = str(path)
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
             try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                yield (
-                    line_number,
-                    RecordError("undecodable_bytes", f"not UTF-8 ({error.reason})", None, source, line_number),
-                )
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                yield line_number, RecordError("invalid_json", f"invalid JSON ({error.msg})", None, source, line_number)
-                continue
-            if not isinstance(record, dict):
-                yield (
-                    line_number,
-                    RecordError(
-                        "not_an_object",
-                        f"expected a JSON object, got {type(record).__name__}",
-                        None,
-                        source,
-                        line_number,
-                    ),
-                )
-                continue
-            yield line_number, record
+                yield line_number, parse_line(raw)
+            except RecordError as error:
+                yield line_number, error.located(source, line_number)
 
 
 def require_text(record: dict, name: str) -> str:
