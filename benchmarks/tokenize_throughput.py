@@ -5,8 +5,9 @@ a document gets a distinct suffix, so nothing is a duplicate), then prints side 
 
 - MB/s and tokens/s of ``prepare`` with 1 and 2 tokenizer actors, and of a single process that
   streams the same file through ``tokenizer.encode_batch`` in batches of 1,000 lines, with ratios;
-- peak RSS of the whole pipeline (driver plus every Ray worker, sampled every 0.2 s) at two input
-  sizes: it should stay flat, because nothing holds the corpus in memory.
+- peak memory of the whole pipeline (driver plus every Ray worker, sampled every 0.2 s) at two input
+  sizes, as summed RSS and as PSS (shared object-store pages counted once): it should stay flat,
+  because nothing holds the corpus in memory.
 
     python benchmarks/tokenize_throughput.py                       # 200 MB throughput; 0.5 and 2 GB memory
     python benchmarks/tokenize_throughput.py --throughput-mb 50 --memory-mb 100 400   # quicker
@@ -48,28 +49,30 @@ def build_input(path: Path, megabytes: int) -> Path:
     return path
 
 
-class PeakRSS:
-    """Peak of the summed RSS of this process and all its descendants (Ray's raylet and workers)."""
+class PeakMemory:
+    """Peak memory of this process and all its descendants (Ray's raylet and workers), sampled.
+
+    ``rss`` sums each process's resident set; pages of Ray's shared-memory object store count
+    once per process that maps them. ``pss`` (proportional set size) splits shared pages among
+    the processes sharing them, so it is the footprint the machine actually pays.
+    """
 
     def __init__(self):
-        self.peak = 0
+        self.rss = 0
+        self.pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def _family_rss() -> int:
-        """Linux /proc: RSS of this process and every descendant, in bytes."""
-        parents, rss = {}, {}
+    def _family() -> set[int]:
+        parents = {}
         for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{entry}/statm") as handle:
-                    rss[int(entry)] = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            except (OSError, ValueError, IndexError):
-                continue
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as handle:
+                        parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
         family, frontier = {os.getpid()}, [os.getpid()]
         while frontier:
             parent = frontier.pop()
@@ -77,11 +80,27 @@ class PeakRSS:
                 if ppid == parent and pid not in family:
                     family.add(pid)
                     frontier.append(pid)
-        return sum(rss.get(pid, 0) for pid in family)
+        return family
+
+    @staticmethod
+    def _memory(pid: int) -> tuple[int, int]:
+        rss = pss = 0
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Rss:"):
+                        rss = int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return rss, pss
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._family_rss())
+            sizes = [self._memory(pid) for pid in self._family()]
+            self.rss = max(self.rss, sum(r for r, _ in sizes))
+            self.pss = max(self.pss, sum(p for _, p in sizes))
             self._stop.wait(0.2)
 
     def __enter__(self):
@@ -95,7 +114,7 @@ class PeakRSS:
 
 def run_pipeline(path: Path, out: Path, actors: int, seq_len: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    with PeakRSS() as memory:
+    with PeakMemory() as memory:
         start = time.perf_counter()
         manifest = prepare(
             PrepareOptions(
@@ -104,14 +123,20 @@ def run_pipeline(path: Path, out: Path, actors: int, seq_len: int) -> dict:
         )
         seconds = time.perf_counter() - start
     tokens = sum(split["tokens"] for split in manifest.splits.values())
-    return {"seconds": seconds, "megabytes": path.stat().st_size / 1e6, "tokens": tokens, "peak_rss": memory.peak}
+    return {
+        "seconds": seconds,
+        "megabytes": path.stat().st_size / 1e6,
+        "tokens": tokens,
+        "peak_rss": memory.rss,
+        "peak_pss": memory.pss,
+    }
 
 
 def run_single_process(path: Path) -> dict:
     tokenizer = load_tokenizer()
     start = time.perf_counter()
     tokens, batch = 0, []
-    with PeakRSS() as memory, open(path, encoding="utf-8") as handle:
+    with PeakMemory() as memory, open(path, encoding="utf-8") as handle:
         for line in handle:
             batch.append(json.loads(line)["text"])
             if len(batch) == 1000:
@@ -123,7 +148,8 @@ def run_single_process(path: Path) -> dict:
         "seconds": time.perf_counter() - start,
         "megabytes": path.stat().st_size / 1e6,
         "tokens": tokens,
-        "peak_rss": memory.peak,
+        "peak_rss": memory.rss,
+        "peak_pss": memory.pss,
     }
 
 
@@ -148,31 +174,34 @@ def main() -> None:
     base = rows["single process encode_batch"]
     print(
         f"\nthroughput on {base['megabytes']:.0f} MB of pretrain jsonl, {cpus} CPUs "
-        f"(actors are capped at CPUs - 1 so the read tasks keep a core)"
+        f"(actors leave one CPU to the read tasks; on 2 CPUs each actor takes half a CPU)"
     )
-    print(f"{'':<30}{'MB/s':>8}{'tokens/s':>12}{'vs single':>11}{'peak RSS':>11}")
+    print(f"{'':<30}{'MB/s':>8}{'tokens/s':>12}{'vs single':>11}{'peak RSS':>11}{'peak PSS':>11}")
     for name, row in rows.items():
         rate = row["megabytes"] / row["seconds"]
         print(
             f"{name:<30}{rate:>8.2f}{row['tokens'] / row['seconds']:>12.0f}"
-            f"{rate / (base['megabytes'] / base['seconds']):>10.2f}x{row['peak_rss'] / 2**20:>9.0f}MB"
+            f"{rate / (base['megabytes'] / base['seconds']):>10.2f}x"
+            f"{row['peak_rss'] / 2**20:>9.0f}MB{row['peak_pss'] / 2**20:>9.0f}MB"
         )
     source.unlink()
 
-    print("\npeak RSS of the pipeline (driver + all Ray workers) by input size, 2 actors")
+    print("\npeak memory of the pipeline (driver + all Ray workers) by input size, 2 actors")
     peaks = []
     for megabytes in args.memory_mb:
         path = build_input(work / f"corpus_{megabytes}mb.jsonl", megabytes)
         row = run_pipeline(path, work / "out_mem", 2, args.seq_len)
-        peaks.append(row["peak_rss"])
+        peaks.append(row)
         print(
             f"{megabytes:>6} MB input: peak RSS {row['peak_rss'] / 2**20:7.0f} MB, "
+            f"peak PSS {row['peak_pss'] / 2**20:7.0f} MB, "
             f"{row['megabytes'] / row['seconds']:.2f} MB/s, {row['tokens']:,} tokens"
         )
         path.unlink()
+    small, large = peaks
     print(
-        f"peak RSS ratio {args.memory_mb[1]} MB / {args.memory_mb[0]} MB input: {peaks[1] / peaks[0]:.2f}x "
-        f"(input ratio {args.memory_mb[1] / args.memory_mb[0]:.1f}x)"
+        f"{args.memory_mb[1]} MB vs {args.memory_mb[0]} MB input ({args.memory_mb[1] / args.memory_mb[0]:.1f}x): "
+        f"peak RSS {large['peak_rss'] / small['peak_rss']:.2f}x, peak PSS {large['peak_pss'] / small['peak_pss']:.2f}x"
     )
     shutil.rmtree(work, ignore_errors=True)
 

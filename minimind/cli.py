@@ -109,12 +109,17 @@ def _cmd_import_hf(args: argparse.Namespace, overrides: dict) -> None:
 
 
 def _cmd_train_tokenizer(args: argparse.Namespace, overrides: dict) -> None:
-    from minimind.data.corpus import iter_texts
-    from minimind.tokenizer import MiniMindTokenizer, train_tokenizer
+    from minimind.data.corpus import train_tokenizer_on_files
 
-    tokenizer = MiniMindTokenizer(train_tokenizer(iter_texts(args.files, args.max_chars), args.vocab_size))
-    tokenizer.save_pretrained(args.out)
+    max_bytes = int(args.sample_mb * 1e6) if args.sample_mb else None
+    tokenizer = train_tokenizer_on_files(args.files, args.out, args.vocab_size, max_bytes)
     print(f"wrote {args.out}: {tokenizer.vocab_size} tokens, fingerprint {tokenizer.fingerprint}")
+
+
+def _cmd_prepare(args: argparse.Namespace, overrides: dict) -> None:
+    from minimind.data.pipeline.cli import run_prepare
+
+    run_prepare(args)
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -170,8 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("files", nargs="+")
     tok.add_argument("--out", required=True)
     tok.add_argument("--vocab-size", type=int, default=6400)
-    tok.add_argument("--max-chars", type=int, default=None, help="stop reading after this many characters")
+    tok.add_argument(
+        "--sample-mb",
+        type=float,
+        default=None,
+        help="train on about this many MB of lines spread over the files (default: all)",
+    )
     tok.set_defaults(run=_cmd_train_tokenizer)
+
+    from minimind.data.pipeline.cli import add_prepare_arguments
+
+    prep = commands.add_parser("prepare", help="shard, validate, tokenize and pack jsonl into Parquet (Ray Data)")
+    add_prepare_arguments(prep)
+    prep.set_defaults(run=_cmd_prepare)
     return parser
 
 

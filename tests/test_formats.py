@@ -154,8 +154,8 @@ def test_strict_loading_stops_at_the_first_bad_record_naming_file_line_field(tmp
 def test_every_bundled_sample_loads(sample_dir, tokenizer, fmt, file):
     examples = load_examples([sample_dir / file], fmt, tokenizer, 512)
     assert examples.examples
-    if fmt == "dpo":  # some sample prompts exceed 512 tokens: counted as too long, nothing else
-        assert set(examples.rejects.by_reason) == {"too_long"}
+    if fmt == "dpo":  # some sample prompts exceed 512 tokens: counted as such, nothing else
+        assert set(examples.rejects.by_reason) == {"reply_beyond_seq_len"}
         assert len(examples.examples) + examples.rejects.total == examples.records_read
         assert "field 'chosen': no assistant token within the first 512 tokens" in examples.rejects.examples[0]
     else:

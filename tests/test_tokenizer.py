@@ -32,7 +32,23 @@ def test_chat_template_renders_minimind_text(tokenizer):
 
 def test_training_is_deterministic_and_keeps_special_ids(sample_dir):
     files = [sample_dir / "sft.jsonl"]
-    first = MiniMindTokenizer(train_tokenizer(iter_texts(files, max_chars=200_000), vocab_size=800))
-    second = MiniMindTokenizer(train_tokenizer(iter_texts(files, max_chars=200_000), vocab_size=800))
+    first = MiniMindTokenizer(train_tokenizer(iter_texts(files, max_bytes=200_000), vocab_size=800))
+    second = MiniMindTokenizer(train_tokenizer(iter_texts(files, max_bytes=200_000), vocab_size=800))
     assert first.vocab_size == 800 and first.fingerprint == second.fingerprint
     assert first.reasoning_ids == (3, 4, 5, 6)
+
+
+def test_bundled_tokenizer_is_reproducible_from_the_bundled_corpus(tmp_path, sample_dir, tokenizer):
+    from minimind.data.corpus import train_tokenizer_on_files
+
+    retrained = train_tokenizer_on_files([str(sample_dir / "*.jsonl")], str(tmp_path))
+    assert retrained.fingerprint == tokenizer.fingerprint
+    assert (tmp_path / "tokenizer.json").exists() and (tmp_path / "tokenizer_config.json").exists()
+
+
+def test_sampled_training_reads_from_the_whole_corpus(sample_dir):
+    texts = list(iter_texts([sample_dir / "pretrain.jsonl"], max_bytes=64_000))
+    assert 40_000 < sum(len(t.encode()) for t in texts) < 200_000
+    everything = list(iter_texts([sample_dir / "pretrain.jsonl"]))
+    last_quarter = set(everything[3 * len(everything) // 4 :])
+    assert any(text in last_quarter for text in texts)  # not just the first lines

@@ -43,5 +43,5 @@ def encode_conversation(
             labels[position] = ids[position]
     ids, labels = ids[:seq_len], labels[:seq_len]
     if all(label == IGNORE_INDEX for label in labels):
-        raise RecordError("too_long", f"no assistant token within the first {seq_len} tokens", field_name)
+        raise RecordError("reply_beyond_seq_len", f"no assistant token within the first {seq_len} tokens", field_name)
     return {"input_ids": ids, "labels": labels}

@@ -147,3 +147,24 @@ def read_lines(chunk: Chunk) -> Iterator[tuple[int, bytes]]:
             position += len(block)
         if buffer and not skipping and line_start < chunk.end and line_start < size:
             yield line_number, buffer.rstrip(b"\r")
+
+
+def sample_lines(files: list[str], max_bytes: int, pieces: int = 64) -> Iterator[bytes]:
+    """About ``max_bytes`` of whole lines drawn evenly from across all files (streamed).
+
+    The inputs are cut into ``pieces`` ranges and each contributes lines from its start up to its
+    share of the budget, so a sample covers the whole corpus rather than its first megabytes.
+    """
+    total = sum(file_size(path) for path in files)
+    if total == 0:
+        return
+    ranges = plan_chunks(files, max(1, -(-total // pieces)))
+    share = max(1, max_bytes // len(ranges))
+    for path, start, end in ranges:
+        taken = 0
+        for _, line in read_lines(Chunk(path, start, end)):
+            if line.strip():
+                yield line
+                taken += len(line)
+            if taken >= share:
+                break
