@@ -219,8 +219,6 @@ class RuntimeConfig:
     """auto|fp32|bf16|fp16; auto is bf16 on GPUs that support it, else fp32. fp16 uses a GradScaler."""
     compile: bool = False
     """Wrap the model in torch.compile."""
-    deterministic: bool = False
-    """Ask torch for deterministic kernels (slower; for exact-resume checks on GPU)."""
 
     def validate(self, path: str = "runtime") -> None:
         _require(self.dtype in DTYPES, f"{path}.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")

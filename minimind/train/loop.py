@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from minimind.config import TrainConfig, dump_yaml
-from minimind.data.dataset import BatchSampler, ExampleSet, collate, example_length, load_examples
+from minimind.data.dataset import BatchSampler, collate, example_length, load_examples
 from minimind.eval.evaluator import Evaluator
 from minimind.model import MiniMindLM, flops_per_token
 from minimind.model.checkpoint import load_model
@@ -102,7 +102,6 @@ class Trainer:
     def __init__(
         self,
         config: TrainConfig,
-        examples: ExampleSet | None = None,
         rank: int = 0,
         world_size: int = 1,
         report: Reporter | None = None,
@@ -112,8 +111,6 @@ class Trainer:
         self.report = report
         self.device = resolve_device(config.runtime)
         self.dtype = resolve_dtype(config.runtime, self.device)
-        if config.runtime.deterministic:
-            torch.use_deterministic_algorithms(True)
         self.tokenizer = load_tokenizer(config.data.tokenizer)
         self.model = build_model(config, self.device)
         if self.tokenizer.vocab_size > config.model.vocab_size:
@@ -121,7 +118,7 @@ class Trainer:
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size={config.model.vocab_size}"
             )
         held_out = config.eval.enabled and not config.eval.val_files
-        self.examples = examples or load_examples(
+        self.examples = load_examples(
             config.data.train_files,
             config.data_format,
             self.tokenizer,
