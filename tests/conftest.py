@@ -38,6 +38,21 @@ def tiny_config(tmp_path: Path | None = None, **sections):
 
 
 @pytest.fixture(scope="session")
+def base_checkpoint(tmp_path_factory):
+    """Untrained tiny-preset weights saved as a checkpoint: a start for SFT/LoRA/DPO/distill, a model to score."""
+    import torch
+
+    from minimind.config import model_config
+    from minimind.model import MiniMindLM
+    from minimind.model.checkpoint import save_model
+
+    torch.manual_seed(1)
+    directory = tmp_path_factory.mktemp("base")
+    save_model(MiniMindLM(model_config("tiny")), directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def pretrained_run(tmp_path_factory):
     """The tiny preset pretrained 300 steps on the sample corpus, 5% held out for evaluation.
 

@@ -12,7 +12,6 @@ from minimind.data.dataset import load_examples
 from minimind.data.formats.records import in_validation_split, iter_jsonl
 from minimind.eval.evaluator import Evaluator, token_byte_lengths
 from minimind.model import MiniMindLM
-from minimind.model.checkpoint import save_model
 from minimind.train.loop import Trainer
 
 EVAL = {"max_examples": 16, "batch_size": 8, "continuation_docs": 8, "prefix_tokens": 16, "continuation_tokens": 8}
@@ -70,13 +69,11 @@ def test_training_beats_the_untrained_model_and_metrics_repeat(pretrained_run):
     assert [m["step"] for m in logged if "val_perplexity" in m] == [150, 300]
 
 
-def test_dpo_evaluation_reports_preference_accuracy(tmp_path, tokenizer):
-    torch.manual_seed(0)
-    save_model(MiniMindLM(model_config("tiny")), tmp_path)
+def test_dpo_evaluation_reports_preference_accuracy(base_checkpoint):
     config = tiny_config(
         stage="dpo",
         data={"train_files": [str(SAMPLE / "dpo.jsonl")], "seq_len": 256},
-        checkpoint={"init_from": str(tmp_path)},
+        checkpoint={"init_from": str(base_checkpoint)},
         eval={"val_fraction": 0.1, **EVAL},
     )
     trainer = Trainer(config)
@@ -84,10 +81,8 @@ def test_dpo_evaluation_reports_preference_accuracy(tmp_path, tokenizer):
     assert metrics == {"reward_accuracy": 0.0, "reward_margin": 0.0}
 
 
-def test_chat_command_answers_through_a_pseudo_terminal(tmp_path):
+def test_chat_command_answers_through_a_pseudo_terminal(base_checkpoint):
     pexpect = pytest.importorskip("pexpect")
-    torch.manual_seed(0)
-    save_model(MiniMindLM(model_config("tiny")), tmp_path)
     child = pexpect.spawn(
         sys.executable,
         [
@@ -95,7 +90,7 @@ def test_chat_command_answers_through_a_pseudo_terminal(tmp_path):
             "minimind.cli",
             "chat",
             "--checkpoint",
-            str(tmp_path),
+            str(base_checkpoint),
             "--max-new-tokens",
             "6",
             "--system",

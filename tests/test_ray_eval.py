@@ -4,24 +4,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import ROOT, SAMPLE
 
-from minimind.config import model_config
 from minimind.data.dataset import collate, load_examples
 from minimind.eval.distributed import ScoringJob, score_files
 from minimind.eval.evaluator import token_byte_lengths
 from minimind.eval.metrics import perplexity
-from minimind.model import MiniMindLM
-from minimind.model.checkpoint import load_model, save_model
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(3)
-    directory = tmp_path_factory.mktemp("ckpt")
-    save_model(MiniMindLM(model_config("tiny")), directory)
-    return directory
+from minimind.model.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +22,10 @@ def subset(tmp_path_factory):
     return path
 
 
-def test_ray_scoring_equals_in_process_perplexity(ray_address, checkpoint, subset, tokenizer):
-    metrics = score_files([str(subset)], ScoringJob(str(checkpoint), "sft", 256), num_actors=2, lines_per_batch=64)
+def test_ray_scoring_equals_in_process_perplexity(ray_address, base_checkpoint, subset, tokenizer):
+    metrics = score_files([str(subset)], ScoringJob(str(base_checkpoint), "sft", 256), num_actors=2, lines_per_batch=64)
     examples = load_examples([subset], "sft", tokenizer, 256).examples
-    model = load_model(checkpoint)
+    model = load_model(base_checkpoint)
     batches = [collate(examples[i : i + 8], tokenizer.pad_id) for i in range(0, len(examples), 8)]
     local = perplexity(model, batches, token_byte_lengths(tokenizer))
     assert metrics["val_tokens"] == local["val_tokens"]
@@ -45,14 +34,14 @@ def test_ray_scoring_equals_in_process_perplexity(ray_address, checkpoint, subse
     assert metrics["rejected_records"] == {"invalid_json": 1, "wrong_type": 1}
 
 
-def test_eval_job_writes_json_and_markdown(ray_address, checkpoint, subset, tmp_path):
+def test_eval_job_writes_json_and_markdown(ray_address, base_checkpoint, subset, tmp_path):
     env = dict(os.environ, RAY_ADDRESS=ray_address)
     subprocess.run(
         [
             sys.executable,
             "ray_jobs/eval.py",
             "--checkpoint",
-            str(checkpoint),
+            str(base_checkpoint),
             "--data",
             str(subset),
             "--format",
@@ -79,8 +68,8 @@ def test_eval_job_writes_json_and_markdown(ray_address, checkpoint, subset, tmp_
     assert "| val_perplexity |" in markdown and "## Samples" in markdown
 
 
-def test_ray_preference_scoring_against_itself_is_neutral(ray_address, checkpoint):
-    job = ScoringJob(str(checkpoint), "dpo", 256, reference=str(checkpoint))
+def test_ray_preference_scoring_against_itself_is_neutral(ray_address, base_checkpoint):
+    job = ScoringJob(str(base_checkpoint), "dpo", 256, reference=str(base_checkpoint))
     metrics = score_files([str(SAMPLE / "dpo.jsonl")], job, num_actors=1, lines_per_batch=200)
     assert metrics["reward_accuracy"] == 0.0 and metrics["reward_margin"] == 0.0
     assert metrics["pairs"] + sum(metrics["rejected_records"].values()) == 600

@@ -8,10 +8,8 @@ import torch
 from conftest import ROOT, SAMPLE, tiny_config
 from safetensors.torch import load_file
 
-from minimind.config import model_config
 from minimind.data.dataset import collate
-from minimind.model import MiniMindLM
-from minimind.model.checkpoint import load_model, save_model
+from minimind.model.checkpoint import load_model
 from minimind.train.loop import Trainer, learning_rate, train
 from minimind.train.objectives import DPO
 
@@ -22,15 +20,6 @@ def weights(model):
 
 def max_diff(a, b):
     return max((a[name] - b[name]).abs().max().item() for name in a)
-
-
-@pytest.fixture(scope="module")
-def base_checkpoint(tmp_path_factory):
-    """A tiny model's weights saved as a checkpoint, to start SFT/LoRA/DPO/distill from."""
-    torch.manual_seed(1)
-    directory = tmp_path_factory.mktemp("base")
-    save_model(MiniMindLM(model_config("tiny")), directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
