@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from minimind.model.generate import stream
+from minimind.model.generate import stream_text
 from minimind.model.hf import load_for_inference
 from minimind.tokenizer import load_tokenizer
 
@@ -56,23 +56,19 @@ def run_chat(args, sampling: dict) -> None:
             continue
         history.append({"role": "user", "content": text})
         print("assistant> ", end="", flush=True)
-        ids: list[int] = []
-        shown = ""
-        for token in stream(
+        pieces = []
+        for piece in stream_text(
             model,
             prompt_ids(tokenizer, args.system, history, budget),
-            eos_id=tokenizer.eos_id,
+            tokenizer.decode,
+            tokenizer.eos_id,
             generator=generator,
             **sampling,
         ):
-            if token == tokenizer.eos_id:
-                break
-            ids.append(token)
-            stable = tokenizer.decode(ids).rstrip("\ufffd")
-            sys.stdout.write(stable[len(shown) :])
+            pieces.append(piece)
+            sys.stdout.write(piece)
             sys.stdout.flush()
-            shown = stable
-        reply = tokenizer.decode(ids)
-        sys.stdout.write(reply[len(shown) :] + "\n")
+        sys.stdout.write("\n")
         sys.stdout.flush()
+        reply = "".join(pieces)
         history.append({"role": "assistant", "content": reply})

@@ -64,18 +64,16 @@ def _cmd_generate(args: argparse.Namespace, overrides: dict) -> None:
     model = load_model(args.checkpoint, args.device, merge=True)
     tokenizer = load_tokenizer(args.tokenizer)
     prompts = args.prompt or list(CHAT_PROMPTS if args.chat else CONTINUATION_PROMPTS)
-    printed = {"index": -1, "text": ""}
+    started: list[int] = []
 
-    def show(index: int, text: str) -> None:
-        if index != printed["index"]:
-            print(f"{'' if printed['index'] < 0 else chr(10)}>>> {prompts[index]}", flush=True)
-            printed.update(index=index, text="")
-        stable = text.rstrip("\ufffd")  # hold back a character whose bytes are still arriving
-        print(stable[len(printed["text"]) :], end="", flush=True)
-        printed["text"] = stable
+    def show(index: int, piece: str) -> None:
+        if not piece:  # a new prompt begins
+            print(f"{chr(10) if started else ''}>>> {prompts[index]}", flush=True)
+            started.append(index)
+        print(piece, end="", flush=True)
 
     samples = generate_samples(
-        model, tokenizer, prompts, chat=args.chat, seed=args.seed, on_token=show, **_sampling_kwargs(args)
+        model, tokenizer, prompts, chat=args.chat, seed=args.seed, on_text=show, **_sampling_kwargs(args)
     )
     print(flush=True)
     if args.save:

@@ -80,13 +80,9 @@ def main() -> None:
     model = load_for_inference(args.checkpoint, "cpu", args.adapter)
     if args.format != "dpo" and args.continuation_docs:
         documents = leading_documents(args.data, args.format, tokenizer, args.seq_len, args.continuation_docs * 4)
-        long_enough = [d for d in documents if len(d) >= args.prefix_tokens + args.continuation_tokens]
-        if long_enough:
-            metrics.update(
-                continuation_score(
-                    model, long_enough[: args.continuation_docs], args.prefix_tokens, args.continuation_tokens
-                )
-            )
+        metrics.update(
+            continuation_score(model, documents, args.prefix_tokens, args.continuation_tokens, args.continuation_docs)
+        )
     chat = args.format != "pretrain"
     if chat:
         metrics.update(chat_adherence(model, tokenizer, CHAT_PROMPTS, args.max_new_tokens))

@@ -90,3 +90,27 @@ def test_moe_routes_top_k_and_returns_balance_loss():
     assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
     model.eval()
     assert float(model(torch.randint(0, 6400, (1, 4)))[1]) == 0.0
+
+
+def test_streamed_text_joins_to_the_decoded_reply(tokenizer):
+    from minimind.model.generate import stream_text
+
+    torch.manual_seed(0)
+    model = MiniMindLM(model_config("tiny"))
+    prompt = tokenizer.encode("杭州市的美食有")
+    ids = generate(
+        model, prompt, max_new_tokens=40, temperature=1.0, eos_id=None, generator=torch.Generator().manual_seed(5)
+    )
+    pieces = list(
+        stream_text(
+            model,
+            prompt,
+            tokenizer.decode,
+            eos_id=-1,
+            max_new_tokens=40,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(5),
+        )
+    )
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert len(pieces) > 1 and all(pieces)

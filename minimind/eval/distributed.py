@@ -11,7 +11,6 @@ on the driver.
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -24,8 +23,9 @@ from minimind.data.formats import RecordError, encode_record
 from minimind.data.formats.pretrain import pack_documents
 from minimind.data.formats.records import parse_line
 from minimind.data.pipeline import Manifest, is_prepared
+from minimind.data.pipeline.manifest import as_examples
 from minimind.eval.evaluator import token_byte_lengths
-from minimind.eval.scoring import dpo_rewards, sequence_log_probs, shifted, token_log_probs
+from minimind.eval.metrics import perplexity_from_sums, perplexity_sums, preference_from_sums, preference_sums
 from minimind.model.hf import load_for_inference
 from minimind.tokenizer import load_tokenizer
 
@@ -76,26 +76,18 @@ class ShardScorer:
             examples, rejects = self._encode(batch["text"])
         else:  # rows of a prepared corpus, already tokenized
             columns = list(batch)
-            examples = [{c: batch[c][i].tolist() for c in columns} for i in range(len(batch[columns[0]]))]
-            if "labels" not in batch and "input_ids" in batch:
-                for example in examples:
-                    example["labels"] = example["input_ids"]
+            rows = [{c: batch[c][i].tolist() for c in columns} for i in range(len(batch[columns[0]]))]
+            examples = as_examples(self.job.data_format, rows)
             rejects = Counter()
-        sums = np.zeros(3)
-        for start in range(0, len(examples), self.job.batch_size):
-            tensors = collate(examples[start : start + self.job.batch_size], self.tokenizer.pad_id)
-            if self.reference is not None:
-                policy, _ = sequence_log_probs(self.model, tensors)
-                reference, _ = sequence_log_probs(self.reference, tensors)
-                chosen, rejected = dpo_rewards(policy, reference, self.job.beta)
-                margins = chosen - rejected
-                sums += [float((margins > 0).sum()), float(margins.sum()), margins.numel()]
-            else:
-                logits, _, _ = self.model(tensors["input_ids"])
-                log_probs, mask = token_log_probs(logits, tensors["labels"])
-                targets = shifted(tensors["labels"], tensors["labels"])[1].clamp(min=0)
-                sums += [float(-log_probs.sum()), float(mask.sum()), float((self.token_bytes[targets] * mask).sum())]
-        return {"sums": np.array([sums]), "rejects": np.array([json.dumps(rejects)])}
+        batches = [
+            collate(examples[start : start + self.job.batch_size], self.tokenizer.pad_id)
+            for start in range(0, len(examples), self.job.batch_size)
+        ]
+        if self.reference is not None:
+            sums = preference_sums(self.model, self.reference, batches, self.job.beta)
+        else:
+            sums = perplexity_sums(self.model, batches, self.token_bytes)
+        return {"sums": np.array([sums], dtype=np.float64), "rejects": np.array([json.dumps(rejects)])}
 
 
 def score_files(files: list[str], job: ScoringJob, num_actors: int, lines_per_batch: int = 256) -> dict:
@@ -126,20 +118,12 @@ def score_files(files: list[str], job: ScoringJob, num_actors: int, lines_per_ba
     for row in scored.iter_rows():
         totals += row["sums"]
         rejects.update(json.loads(row["rejects"]))
-    if job.reference is not None:
-        wins, margin_sum, pairs = totals
-        if not pairs:
-            raise ValueError(f"no usable preference pairs in {files}: {dict(rejects)}")
-        metrics = {"reward_accuracy": wins / pairs, "reward_margin": margin_sum / pairs, "pairs": int(pairs)}
-    else:
-        nll, tokens, num_bytes = totals
-        if not tokens:
-            raise ValueError(f"no labelled tokens in {files}: {dict(rejects)}")
-        metrics = {
-            "val_loss": nll / tokens,
-            "val_perplexity": math.exp(nll / tokens),
-            "val_bits_per_byte": nll / math.log(2) / max(num_bytes, 1.0),
-            "val_tokens": int(tokens),
-        }
+    try:
+        if job.reference is not None:
+            metrics = {**preference_from_sums(*totals), "pairs": int(totals[2])}
+        else:
+            metrics = perplexity_from_sums(*totals)
+    except ValueError as error:
+        raise ValueError(f"{error} in {files}; rejected records: {dict(rejects)}") from None
     metrics["rejected_records"] = dict(rejects)
     return metrics

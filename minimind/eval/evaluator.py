@@ -82,16 +82,15 @@ class Evaluator:
             metrics = perplexity(model, self.batches, self.token_bytes)
             config = self.config
             if config.continuation_docs:
-                long_enough = [d for d in self.documents if len(d) >= config.prefix_tokens + config.continuation_tokens]
-                if long_enough:
-                    metrics.update(
-                        continuation_score(
-                            model,
-                            long_enough[: config.continuation_docs],
-                            config.prefix_tokens,
-                            config.continuation_tokens,
-                        )
+                metrics.update(
+                    continuation_score(
+                        model,
+                        self.documents,
+                        config.prefix_tokens,
+                        config.continuation_tokens,
+                        config.continuation_docs,
                     )
+                )
             return metrics
         finally:
             model.train(was_training)

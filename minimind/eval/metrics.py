@@ -14,14 +14,10 @@ from minimind.model.generate import generate
 
 
 @torch.no_grad()
-def perplexity(model, batches: Iterable[dict], token_bytes: torch.Tensor) -> dict:
-    """Token-weighted mean NLL over every labelled target, its exp, and bits per UTF-8 byte.
-
-    Bits per byte divides the total NLL (in bits) by the bytes the target tokens spell, so it is
-    comparable across tokenizers.
-    """
+def perplexity_sums(model, batches: Iterable[dict], token_bytes: torch.Tensor) -> list[float]:
+    """``[total NLL, target tokens, target bytes]`` over the batches; sums add across shards."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # nll, tokens, bytes
+    totals = torch.zeros(3, dtype=torch.float64)
     for batch in batches:
         logits, _, _ = model(batch["input_ids"])
         log_probs, mask = token_log_probs(logits, batch["labels"])
@@ -30,7 +26,15 @@ def perplexity(model, batches: Iterable[dict], token_bytes: torch.Tensor) -> dic
         totals += torch.tensor(
             [float(-log_probs.sum()), float(mask.sum()), float(byte_counts.sum())], dtype=torch.float64
         )
-    nll, tokens, num_bytes = totals.tolist()
+    return totals.tolist()
+
+
+def perplexity_from_sums(nll: float, tokens: float, num_bytes: float) -> dict:
+    """Token-weighted mean NLL, its exp, and bits per UTF-8 byte.
+
+    Bits per byte divides the total NLL (in bits) by the bytes the target tokens spell, so it is
+    comparable across tokenizers.
+    """
     if tokens == 0:
         raise ValueError("no labelled tokens to evaluate")
     mean = nll / tokens
@@ -42,19 +46,27 @@ def perplexity(model, batches: Iterable[dict], token_bytes: torch.Tensor) -> dic
     }
 
 
+def perplexity(model, batches: Iterable[dict], token_bytes: torch.Tensor) -> dict:
+    """Held-out perplexity and bits per byte of ``model`` over ``batches``."""
+    return perplexity_from_sums(*perplexity_sums(model, batches, token_bytes))
+
+
 @torch.no_grad()
-def continuation_score(model, documents: Sequence[Sequence[int]], prefix_tokens: int, continuation_tokens: int) -> dict:
+def continuation_score(
+    model, documents: Sequence[Sequence[int]], prefix_tokens: int, continuation_tokens: int, max_docs: int | None = None
+) -> dict:
     """Greedy continuation of held-out documents: exact-token accuracy and teacher-forced log-likelihood.
 
-    Each document long enough gives its first ``prefix_tokens`` as the prompt; the model greedily
-    writes ``continuation_tokens`` more, compared position by position with the true text.
+    The first ``max_docs`` documents long enough give their first ``prefix_tokens`` as the prompt;
+    the model greedily writes ``continuation_tokens`` more, compared position by position with the
+    true text. Without a long enough document there is nothing to score and the result is empty.
     """
     model.eval()
     device = model.lm_head.weight.device
     length = prefix_tokens + continuation_tokens
-    usable = [list(doc[:length]) for doc in documents if len(doc) >= length]
+    usable = [list(doc[:length]) for doc in documents if len(doc) >= length][:max_docs]
     if not usable:
-        raise ValueError(f"no document has the {length} tokens a continuation needs")
+        return {}
     correct, loglik = 0, 0.0
     for doc in usable:
         truth = doc[prefix_tokens:]
@@ -85,16 +97,27 @@ def chat_adherence(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
 
 
 @torch.no_grad()
-def preference_accuracy(model, reference, batches: Iterable[dict], beta: float) -> dict:
-    """Implicit DPO reward on held-out pairs: how often chosen beats rejected, and by how much."""
+def preference_sums(model, reference, batches: Iterable[dict], beta: float) -> list[float]:
+    """``[pairs where chosen wins, summed reward margin, pairs]``; sums add across shards."""
     model.eval()
-    wins, margin_sum, pairs = 0, 0.0, 0
+    totals = [0.0, 0.0, 0.0]
     for batch in batches:
         chosen, rejected = dpo_rewards(
             sequence_log_probs(model, batch)[0], sequence_log_probs(reference, batch)[0], beta
         )
         margins = chosen - rejected
-        wins += int((margins > 0).sum())
-        margin_sum += float(margins.sum())
-        pairs += margins.numel()
+        totals[0] += float((margins > 0).sum())
+        totals[1] += float(margins.sum())
+        totals[2] += margins.numel()
+    return totals
+
+
+def preference_from_sums(wins: float, margin_sum: float, pairs: float) -> dict:
+    if not pairs:
+        raise ValueError("no preference pairs to evaluate")
     return {"reward_accuracy": wins / pairs, "reward_margin": margin_sum / pairs}
+
+
+def preference_accuracy(model, reference, batches: Iterable[dict], beta: float) -> dict:
+    """Implicit DPO reward on held-out pairs: how often chosen beats rejected, and by how much."""
+    return preference_from_sums(*preference_sums(model, reference, batches, beta))

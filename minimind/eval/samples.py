@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from minimind.model.generate import stream
+from minimind.model.generate import stream_text
 
 CONTINUATION_PROMPTS = (
     "马克思主义基本原理",
@@ -21,9 +21,10 @@ CHAT_PROMPTS = ("你好，请介绍一下你自己。", "What is the capital of 
 
 
 def generate_samples(
-    model, tokenizer, prompts: Sequence[str], chat: bool, seed: int = 0, on_token=None, **sampling
+    model, tokenizer, prompts: Sequence[str], chat: bool, seed: int = 0, on_text=None, **sampling
 ) -> list[dict]:
-    """Generate one reply per prompt (seeded); ``on_token(prompt_index, text_so_far)`` streams progress."""
+    """Generate one reply per prompt (seeded); ``on_text(prompt_index, piece)`` streams the text,
+    called first with an empty piece when a prompt starts."""
     device = model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = []
@@ -33,14 +34,14 @@ def generate_samples(
             if chat
             else prompt
         )
-        ids: list[int] = []
-        if on_token:
-            on_token(index, "")
-        for token in stream(model, tokenizer.encode(text), eos_id=tokenizer.eos_id, generator=generator, **sampling):
-            if token == tokenizer.eos_id:
-                break
-            ids.append(token)
-            if on_token:
-                on_token(index, tokenizer.decode(ids))
-        samples.append({"prompt": prompt, "output": tokenizer.decode(ids), "chat": chat})
+        if on_text:
+            on_text(index, "")
+        pieces = []
+        for piece in stream_text(
+            model, tokenizer.encode(text), tokenizer.decode, tokenizer.eos_id, generator=generator, **sampling
+        ):
+            pieces.append(piece)
+            if on_text:
+                on_text(index, piece)
+        samples.append({"prompt": prompt, "output": "".join(pieces), "chat": chat})
     return samples

@@ -70,3 +70,24 @@ def stream(
 def generate(model: MiniMindLM, prompt_ids: Sequence[int], **kwargs) -> list[int]:
     """All generated ids (the stop token included when reached)."""
     return list(stream(model, prompt_ids, **kwargs))
+
+
+def stream_text(model: MiniMindLM, prompt_ids: Sequence[int], decode, eos_id: int, **kwargs) -> Iterator[str]:
+    """The reply as text pieces while it is generated, stopping before ``eos_id``.
+
+    ``decode`` maps ids to text. A character whose bytes span several tokens is held back until it
+    is complete, so the pieces join to exactly ``decode(reply_ids)``.
+    """
+    ids: list[int] = []
+    shown = ""
+    for token in stream(model, prompt_ids, eos_id=eos_id, **kwargs):
+        if token == eos_id:
+            break
+        ids.append(token)
+        stable = decode(ids).rstrip("\ufffd")
+        if len(stable) > len(shown):
+            yield stable[len(shown) :]
+            shown = stable
+    rest = decode(ids)[len(shown) :]
+    if rest:
+        yield rest

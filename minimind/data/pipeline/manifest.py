@@ -25,6 +25,14 @@ SHARD_COLUMNS = {
 }
 
 
+def as_examples(fmt: str, rows: list[dict]) -> list[dict]:
+    """Shard rows as training examples: pretrain shards store no labels (they equal the inputs)."""
+    if fmt == "pretrain":
+        for row in rows:
+            row["labels"] = row["input_ids"]
+    return rows
+
+
 @dataclass
 class Manifest:
     format: str
@@ -123,10 +131,7 @@ class Manifest:
         rows: list[dict] = []
         for path in self.shard_paths(split):
             rows.extend(pq.read_table(path).to_pylist())
-        if self.format == "pretrain":
-            for row in rows:
-                row["labels"] = row["input_ids"]
-        return rows
+        return as_examples(self.format, rows)
 
     def ray_dataset(self, split: str):
         """The split as a Ray Dataset (for ``TorchTrainer(datasets=...)``)."""
