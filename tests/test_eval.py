@@ -8,7 +8,7 @@ import torch
 from conftest import ROOT, SAMPLE, tiny_config
 
 from minimind.config import model_config
-from minimind.data.dataset import load_examples
+from minimind.data.dataset import build_training_data, load_examples
 from minimind.data.formats.records import in_validation_split, iter_jsonl
 from minimind.eval.evaluator import Evaluator, token_byte_lengths
 from minimind.model import MiniMindLM
@@ -57,7 +57,8 @@ def test_training_beats_the_untrained_model_and_metrics_repeat(pretrained_run):
     trainer, result, untrained = pretrained_run
     trained = result.final_eval
     assert trained == trainer.evaluator(trainer.model)  # deterministic
-    rebuilt = Evaluator.from_config(trainer.config, trainer.tokenizer, trainer.device)  # a second, independent run
+    validation = build_training_data(trainer.config, trainer.tokenizer).validation  # a second, independent load
+    rebuilt = Evaluator(trainer.config.eval, trainer.tokenizer, validation, trainer.device)
     assert rebuilt(trainer.model) == trained
     print(f"untrained {untrained}\ntrained {trained}")
     assert trained["val_perplexity"] < 0.2 * untrained["val_perplexity"]

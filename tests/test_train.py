@@ -149,10 +149,10 @@ def test_dpo_starts_at_log2_and_learns_the_preference(tmp_path, base_checkpoint,
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 0
     assert history[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)
     # On the pairs it trained on, the policy now prefers the chosen replies.
-    batch = collate(trainer.examples.examples, tokenizer.pad_id)
+    batch = collate(trainer.examples, tokenizer.pad_id)
     with torch.no_grad():
         parts = DPO(load_model(base_checkpoint), beta=0.5)(trainer.model.eval(), batch)
-    pairs_seen = len(trainer.examples.examples)
+    pairs_seen = len(trainer.examples)
     assert float(parts.loss_sum) / pairs_seen < math.log(2) - 0.1
     assert parts.metrics["reward_accuracy"] >= 0.75
 

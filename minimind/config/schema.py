@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 
 STAGES = ("pretrain", "sft", "dpo", "reasoning", "distill")
+STRATEGIES = ("ddp",)
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DATA_FORMATS = ("pretrain", "sft", "dpo", "r1")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -130,11 +132,29 @@ class LoraConfig:
 
 
 @dataclass
+class MixtureSource:
+    """One dataset of a training mixture: a prepared corpus directory or jsonl files."""
+
+    files: list[str] = field(default_factory=list)
+    weight: float = 1.0
+    """Share of each epoch's examples drawn from this source (weights are normalised)."""
+    format: str | None = None
+    """Format of jsonl files (pretrain|sft|dpo|r1); a prepared corpus states its own."""
+
+    def validate(self, path: str) -> None:
+        _require(bool(self.files), f"{path}.files", "must name a prepared directory or jsonl files")
+        _require(self.weight > 0, f"{path}.weight", f"must be positive, got {self.weight}")
+        _require(self.format is None or self.format in DATA_FORMATS, f"{path}.format", f"must be one of {DATA_FORMATS}")
+
+
+@dataclass
 class DataConfig:
     """Where training examples come from and how they are shaped."""
 
     train_files: list[str] = field(default_factory=list)
-    """MiniMind jsonl files (pretrain ``{"text"}``, SFT ``{"conversations"}``, DPO, r1)."""
+    """MiniMind jsonl files (pretrain ``{"text"}``, SFT ``{"conversations"}``, DPO, r1), or one prepared directory."""
+    mixture: list[MixtureSource] = field(default_factory=list)
+    """Several sources drawn by weight each epoch (e.g. new pretrain shards plus SFT); replaces ``train_files``."""
     format: str | None = None
     """One of pretrain|sft|dpo|r1; ``None`` derives it from the stage."""
     tokenizer: str | None = None
@@ -151,6 +171,13 @@ class DataConfig:
 
     def validate(self, path: str = "data") -> None:
         _require(self.seq_len > 1, f"{path}.seq_len", f"must be > 1, got {self.seq_len}")
+        _require(
+            not (self.mixture and self.train_files),
+            f"{path}.mixture",
+            "give either data.train_files or data.mixture, not both",
+        )
+        for index, source in enumerate(self.mixture):
+            source.validate(f"{path}.mixture[{index}]")
         _require(self.format is None or self.format in DATA_FORMATS, f"{path}.format", f"must be one of {DATA_FORMATS}")
 
 
@@ -229,17 +256,24 @@ class CheckpointConfig:
     """Where and how often training state is saved, and what a run starts from."""
 
     dir: str | None = None
-    """Run directory for checkpoints and metrics; ``None`` saves nothing."""
+    """Run directory for checkpoints, ``metrics.jsonl`` and ``config.yaml``; ``None`` saves nothing.
+    Under Ray Train it is ``storage_path/name`` (local, NFS, ``s3://`` or ``gs://``)."""
     every_steps: int = 500
     keep_last: int = 2
+    """Checkpoints kept (the newest is always kept; with ``score_metric``, the best others)."""
+    score_metric: str | None = None
+    """Ray Train keeps the ``keep_last`` best checkpoints by this reported metric (e.g. ``val_loss``)."""
+    score_mode: str = "min"
     resume: bool = True
     """Continue from the newest checkpoint in ``dir`` when there is one."""
     init_from: str | None = None
-    """Checkpoint directory whose weights start this run (e.g. the pretrain result for SFT)."""
+    """Weights that start this run: a checkpoint, a run directory (its newest checkpoint), or a run name
+    under the storage path (e.g. the pretrain result for SFT)."""
 
     def validate(self, path: str = "checkpoint") -> None:
         _require(self.every_steps > 0, f"{path}.every_steps", "must be positive")
         _require(self.keep_last > 0, f"{path}.keep_last", "must be positive")
+        _require(self.score_mode in ("min", "max"), f"{path}.score_mode", "must be min or max")
 
 
 @dataclass
@@ -247,11 +281,45 @@ class LoggingConfig:
     """Metric reporting."""
 
     every_steps: int = 10
+    """Metrics are computed, printed and reported to Ray every this many optimizer steps (each report is a
+    barrier across workers, and the only point where the loop waits for the device)."""
     gpu_peak_tflops: float | None = None
     """Peak bf16 TFLOP/s for MFU when the GPU is not in the built-in table."""
+    wandb: bool = False
+    """Log metrics to Weights & Biases from rank 0 (offline mode when no WANDB_API_KEY is set)."""
+    wandb_project: str = "minimind"
 
     def validate(self, path: str = "logging") -> None:
         _require(self.every_steps > 0, f"{path}.every_steps", "must be positive")
+
+
+@dataclass
+class DistributedConfig:
+    """Ray Train workers that run the loop, what each holds, and how they share the model."""
+
+    strategy: str = "ddp"
+    """How workers share the model: ddp (data parallel; one worker runs it plainly)."""
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    """GPUs per worker when ``use_gpu``."""
+    placement_strategy: str = "PACK"
+    """Ray placement of the workers: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one per node)."""
+    max_failures: int = 0
+    """Times the worker group is restarted from the last checkpoint after a worker dies (-1: always)."""
+
+    def validate(self, path: str = "distributed") -> None:
+        _require(self.strategy in STRATEGIES, f"{path}.strategy", f"must be one of {STRATEGIES}, got {self.strategy!r}")
+        _require(self.num_workers >= 1, f"{path}.num_workers", f"must be >= 1, got {self.num_workers}")
+        _require(self.cpus_per_worker > 0, f"{path}.cpus_per_worker", "must be positive")
+        _require(self.gpus_per_worker > 0, f"{path}.gpus_per_worker", "must be positive")
+        _require(
+            self.placement_strategy in PLACEMENT_STRATEGIES,
+            f"{path}.placement_strategy",
+            f"must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}",
+        )
+        _require(self.max_failures >= -1, f"{path}.max_failures", "must be >= -1")
 
 
 @dataclass
@@ -299,6 +367,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def data_format(self) -> str:
@@ -308,7 +377,18 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         _require(self.stage in STAGES, "stage", f"must be one of {STAGES}, got {self.stage!r}")
-        for name in ("model", "lora", "data", "optim", "objective", "runtime", "checkpoint", "logging", "eval"):
+        for name in (
+            "model",
+            "lora",
+            "data",
+            "optim",
+            "objective",
+            "runtime",
+            "checkpoint",
+            "logging",
+            "eval",
+            "distributed",
+        ):
             getattr(self, name).validate(name)
         _require(
             self.data.seq_len <= self.model.max_seq_len,

@@ -87,6 +87,66 @@ def load_examples(
 
 
 @dataclass
+class TrainingData:
+    """What the training loop reads: random-access examples, a sampler per rank, held-out examples."""
+
+    examples: Sequence[dict]
+    """``examples[i]`` is one example dict (``input_ids``/``labels``[/``document_ids``] or the DPO keys)."""
+    rejects: RejectCounts
+    validation: list[dict]
+    """Held-out examples in a fixed order, at most the requested limit; empty without validation data."""
+    lengths: Sequence[int] | None = None
+    """Padded length of each example, when batches are grouped by length."""
+
+    def sampler(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> BatchSampler:
+        """This rank's micro-batches: the same count on every rank, disjoint across ranks."""
+        return BatchSampler(len(self.examples), batch_size, seed, rank, world_size, self.lengths)
+
+
+def validation_limit(eval_config) -> int:
+    """How many held-out examples evaluation can use: the perplexity subset and the continuation documents."""
+    return max(eval_config.max_examples, 4 * eval_config.continuation_docs)
+
+
+def build_training_data(config, tokenizer) -> TrainingData:
+    """Training examples of ``config.data`` and the held-out examples of ``config.eval``."""
+    data = config.data
+    held_out = config.eval.enabled and not config.eval.val_files
+    train = load_examples(
+        data.train_files,
+        config.data_format,
+        tokenizer,
+        data.seq_len,
+        strict=data.strict,
+        packing=data.packing,
+        split="train" if held_out else None,
+        val_fraction=config.eval.val_fraction,
+    )
+    validation: list[dict] = []
+    if config.eval.enabled:
+        if config.eval.val_files:
+            files = config.eval.val_files
+            split = "val" if len(files) == 1 and is_prepared(files[0]) else None
+        else:
+            files, split = data.train_files, "val"
+        validation = load_examples(
+            files,
+            config.data_format,
+            tokenizer,
+            data.seq_len,
+            strict=data.strict,
+            packing=data.packing,
+            split=split,
+            val_fraction=config.eval.val_fraction,
+            allow_empty=True,
+        ).examples[: validation_limit(config.eval)]
+    lengths = None
+    if data.group_by_length and config.data_format != "pretrain":
+        lengths = [example_length(example) for example in train.examples]
+    return TrainingData(train.examples, train.rejects, validation, lengths)
+
+
+@dataclass
 class BatchSampler:
     """Micro-batches of example indices: shuffled per epoch from ``seed``, sharded by rank.
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from minimind.config import EvalConfig
-from minimind.data.dataset import collate, load_examples
-from minimind.data.pipeline import is_prepared
+from minimind.data.dataset import collate
 from minimind.eval.metrics import continuation_score, perplexity, preference_accuracy
 
 
@@ -48,29 +47,6 @@ class Evaluator:
         ]
         self.documents = [] if reference is not None else [e["input_ids"] for e in examples]
         self.token_bytes = token_byte_lengths(tokenizer)
-
-    @classmethod
-    def from_config(cls, train_config, tokenizer, device: torch.device, reference=None) -> Evaluator:
-        config = train_config.eval
-        data = train_config.data
-        if config.val_files:
-            # A prepared corpus brings its own held-out split; jsonl files are used whole.
-            files = config.val_files
-            split = "val" if len(files) == 1 and is_prepared(files[0]) else None
-        else:
-            files, split = data.train_files, "val"
-        examples = load_examples(
-            files,
-            train_config.data_format,
-            tokenizer,
-            data.seq_len,
-            strict=data.strict,
-            packing=data.packing,
-            split=split,
-            val_fraction=config.val_fraction,
-            allow_empty=True,
-        ).examples
-        return cls(config, tokenizer, examples, device, reference, train_config.objective.dpo_beta)
 
     @torch.no_grad()
     def __call__(self, model) -> dict:

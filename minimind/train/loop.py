@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from minimind.config import TrainConfig, dump_yaml
-from minimind.data.dataset import BatchSampler, collate, example_length, load_examples
+from minimind.data.dataset import build_training_data, collate
 from minimind.eval.evaluator import Evaluator
 from minimind.model import MiniMindLM, flops_per_token
 from minimind.model.checkpoint import load_model
@@ -117,25 +117,11 @@ class Trainer:
             raise ValueError(
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size={config.model.vocab_size}"
             )
-        held_out = config.eval.enabled and not config.eval.val_files
-        self.examples = load_examples(
-            config.data.train_files,
-            config.data_format,
-            self.tokenizer,
-            config.data.seq_len,
-            strict=config.data.strict,
-            packing=config.data.packing,
-            split="train" if held_out else None,
-            val_fraction=config.eval.val_fraction,
-        )
-        lengths = None
-        if config.data.group_by_length and config.data_format != "pretrain":
-            lengths = [example_length(example) for example in self.examples.examples]
-        self.sampler = BatchSampler(
-            len(self.examples.examples), config.optim.batch_size, config.optim.seed, rank, world_size, lengths
-        )
+        self.data = build_training_data(config, self.tokenizer)
+        self.examples = self.data.examples
+        self.sampler = self.data.sampler(config.optim.batch_size, config.optim.seed, rank, world_size)
         if len(self.sampler) == 0:
-            raise ValueError(f"{len(self.examples.examples)} examples make no batch for {world_size} workers")
+            raise ValueError(f"{len(self.examples)} examples make no batch for {world_size} workers")
         self.steps_per_epoch = math.ceil(len(self.sampler) / config.optim.grad_accum_steps)
         self.total_steps = config.optim.epochs * self.steps_per_epoch
         if config.optim.max_steps is not None:
@@ -144,7 +130,9 @@ class Trainer:
         self.evaluator = None
         if config.eval.enabled:
             reference = self.objective.reference if isinstance(self.objective, DPO) else None
-            self.evaluator = Evaluator.from_config(config, self.tokenizer, self.device, reference)
+            self.evaluator = Evaluator(
+                config.eval, self.tokenizer, self.data.validation, self.device, reference, config.objective.dpo_beta
+            )
         self.optimizer = build_optimizer(self.model, config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.forward_model = torch.compile(self.model) if config.runtime.compile else self.model
@@ -170,8 +158,7 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         config = self.config
         batches = [
-            collate([self.examples.examples[i] for i in indices], self.tokenizer.pad_id)
-            for indices in self.micro_batches(step)
+            collate([self.examples[i] for i in indices], self.tokenizer.pad_id) for indices in self.micro_batches(step)
         ]
         batches = [{k: v.to(self.device, non_blocking=True) for k, v in batch.items()} for batch in batches]
         counts = [self.objective.normalizer(batch) for batch in batches]
@@ -255,7 +242,7 @@ class Trainer:
                 checkpoint_path = self.checkpoints.save(self)
         if self.checkpoints and checkpoint_path is None:
             checkpoint_path = self.checkpoints.latest_path()
-        return TrainResult(self.step, history, checkpoint_path, self.examples.rejects.summary(), final_eval)
+        return TrainResult(self.step, history, checkpoint_path, self.data.rejects.summary(), final_eval)
 
     def _summarise(self, window: list[dict], seconds: float) -> dict:
         targets = sum(item["targets"] for item in window)
@@ -296,6 +283,6 @@ class Trainer:
 def train(config: TrainConfig, report: Reporter | None = None) -> TrainResult:
     """Run one stage end to end in this process."""
     trainer = Trainer(config, report=report)
-    if trainer.examples.rejects.total:
-        print(f"[data] {trainer.examples.rejects.summary()}", flush=True)
+    if trainer.data.rejects.total:
+        print(f"[data] {trainer.data.rejects.summary()}", flush=True)
     return trainer.fit()
