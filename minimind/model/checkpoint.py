@@ -3,7 +3,7 @@
 A checkpoint directory holds ``model.safetensors`` (full weights, tied embedding stored once) and
 ``model.json`` (model config, LoRA config if any, the base checkpoint a LoRA adapter applies to).
 A LoRA checkpoint stores only ``adapter.safetensors`` when its base lives elsewhere. A *run*
-directory holds ``checkpoints/step_N`` folders and a ``latest`` file naming the newest one;
+directory holds ``step_N`` checkpoint folders and a ``latest`` file naming the newest one;
 :func:`resolve_checkpoint` accepts either.
 """
 
@@ -32,7 +32,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     latest = path / "latest"
     if latest.exists():
-        return path / "checkpoints" / latest.read_text().strip()
+        return path / latest.read_text().strip()
+    # A run whose last pointer update was cut short: its newest complete checkpoint.
+    steps = sorted(p for p in path.glob("step_*") if (p / META_FILE).exists()) if path.is_dir() else []
+    if steps:
+        return steps[-1]
     raise FileNotFoundError(f"{path} is neither a checkpoint (no {META_FILE}) nor a run directory (no 'latest')")
 
 

@@ -1,13 +1,17 @@
-"""Training checkpoints: weights (safetensors) plus optimizer, scaler, RNG and data position.
+"""Training checkpoints: weights (safetensors) plus optimizer, scaler, per-rank RNG and data position.
 
-Layout of a run directory::
+Layout of a run directory, the same for an in-process run and a Ray Train run (Ray names each
+reported checkpoint ``step_N`` and adds its own bookkeeping files beside them)::
 
     config.yaml  metrics.jsonl  latest
-    checkpoints/step_00000100/{model.safetensors | adapter.safetensors, model.json, trainer_state.pt}
+    step_00000100/{model.safetensors | adapter.safetensors, model.json, trainer_state.pt}
 
-A checkpoint is written into a temporary folder and renamed into place, then ``latest`` is
-replaced atomically, so a crash at any moment leaves the previous checkpoint intact and named.
+In process, a checkpoint is written into a temporary folder and renamed into place, then
+``latest`` is replaced atomically, so a crash at any moment leaves the previous checkpoint intact.
 ``trainer_state.pt`` holds only tensors and plain values and is read with ``weights_only=True``.
+Data position is a function of the optimizer step, so the step is all a resume needs to find its
+place; the run's world size and global batch are stored so a resume that would change either is
+refused instead of silently training on a different order.
 """
 
 from __future__ import annotations
@@ -24,47 +28,91 @@ from minimind.model.checkpoint import ADAPTER_FILE, WEIGHTS_FILE, load_adapter, 
 STATE_FILE = "trainer_state.pt"
 
 
-class CheckpointManager:
-    def __init__(self, config, rank: int = 0):
-        self.config = config
-        self.rank = rank
-        self.run_dir = Path(config.checkpoint.dir)
-        self.root = self.run_dir / "checkpoints"
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict:
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def write_checkpoint(trainer, directory: Path, rng_states: list[dict]) -> None:
+    """Weights and trainer state of ``trainer`` into ``directory`` (rank 0 calls this)."""
+    config = trainer.config
+    lora = config.lora if config.lora.enabled else None
+    save_model(
+        trainer.model,
+        directory,
+        lora=lora,
+        base=config.checkpoint.init_from,
+        extra={"step": trainer.step, "stage": config.stage, "tokenizer": trainer.tokenizer.fingerprint},
+    )
+    state = {
+        "step": trainer.step,
+        "epoch": trainer.step // trainer.steps_per_epoch,
+        "step_in_epoch": trainer.step % trainer.steps_per_epoch,
+        "world_size": trainer.strategy.world_size,
+        "batch_size": config.optim.batch_size,
+        "grad_accum_steps": config.optim.grad_accum_steps,
+        "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
+        "rng": rng_states,
+    }
+    torch.save(state, directory / STATE_FILE)
+
+
+def load_checkpoint(trainer, directory: Path) -> int:
+    """Restore ``trainer`` from ``directory`` (every rank calls this); return the step to continue at."""
+    meta = read_meta(directory)
+    if meta["model"] != config_to_dict(trainer.model.config):
+        raise ValueError(f"{directory} was written by a different model configuration than this run's")
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    optim = trainer.config.optim
+    saved = (state["world_size"], state["batch_size"], state["grad_accum_steps"])
+    wanted = (trainer.strategy.world_size, optim.batch_size, optim.grad_accum_steps)
+    if saved != wanted:
+        raise ValueError(
+            f"{directory} was written by {saved[0]} worker(s) x batch {saved[1]} x accumulation {saved[2]}; "
+            f"this run has {wanted[0]} x {wanted[1]} x {wanted[2]}. Its data position cannot carry over: "
+            "resume with the same workers and batch, or start a new run from its weights with "
+            f"--checkpoint.init_from {directory}"
+        )
+    if (directory / WEIGHTS_FILE).exists():
+        load_weights(trainer.model, directory / WEIGHTS_FILE)
+    if (directory / ADAPTER_FILE).exists():
+        load_adapter(trainer.model, directory / ADAPTER_FILE)
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    if trainer.scaler and state["scaler"]:
+        trainer.scaler.load_state_dict(state["scaler"])
+    rng = state["rng"][trainer.strategy.rank]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(state["step"])
+
+
+class LocalRun:
+    """Checkpoints of an in-process run, in ``checkpoint.dir`` on this machine."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int):
+        self.run_dir = Path(run_dir)
+        self.keep_last = keep_last
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
-    def latest_path(self) -> Path | None:
-        latest = self.run_dir / "latest"
-        if not latest.exists():
-            return None
-        return self.root / latest.read_text().strip()
+    def latest(self) -> Path | None:
+        pointer = self.run_dir / "latest"
+        return self.run_dir / pointer.read_text().strip() if pointer.exists() else None
 
-    def save(self, trainer) -> Path:
-        """Write the trainer's state at its current step (rank 0 writes, all ranks return the path)."""
-        name = f"step_{trainer.step:08d}"
-        final = self.root / name
-        if self.rank != 0:
-            return final
-        temporary = self.root / f".tmp-{name}"
+    def save(self, trainer, rng_states: list[dict]) -> Path:
+        name = checkpoint_name(trainer.step)
+        final = self.run_dir / name
+        temporary = self.run_dir / f".tmp-{name}"
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
-        lora = self.config.lora if self.config.lora.enabled else None
-        save_model(
-            trainer.model,
-            temporary,
-            lora=lora,
-            base=self.config.checkpoint.init_from,
-            extra={"step": trainer.step, "stage": self.config.stage, "tokenizer": trainer.tokenizer.fingerprint},
-        )
-        state = {
-            "step": trainer.step,
-            "epoch": trainer.step // trainer.steps_per_epoch,
-            "step_in_epoch": trainer.step % trainer.steps_per_epoch,
-            "optimizer": trainer.optimizer.state_dict(),
-            "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        torch.save(state, temporary / STATE_FILE)
+        write_checkpoint(trainer, temporary, rng_states)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
         pointer = self.run_dir / ".latest.tmp"
@@ -73,31 +121,8 @@ class CheckpointManager:
         self._prune(keep=name)
         return final
 
-    def restore(self, trainer) -> int:
-        """Load the newest checkpoint into ``trainer`` when resuming; return the step to start at."""
-        path = self.latest_path()
-        if not self.config.checkpoint.resume or path is None:
-            return 0
-        meta = read_meta(path)
-        if meta["model"] != config_to_dict(trainer.model.config):
-            raise ValueError(f"{path} was written by a different model configuration than this run's")
-        if (path / WEIGHTS_FILE).exists():
-            load_weights(trainer.model, path / WEIGHTS_FILE)
-        if (path / ADAPTER_FILE).exists():
-            load_adapter(trainer.model, path / ADAPTER_FILE)
-        state = torch.load(path / STATE_FILE, map_location=trainer.device, weights_only=True)
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        if trainer.scaler and state["scaler"]:
-            trainer.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
-        if self.rank == 0:
-            print(f"[checkpoint] resumed from {path} at step {state['step']}", flush=True)
-        return int(state["step"])
-
     def _prune(self, keep: str) -> None:
-        finished = sorted(p for p in self.root.iterdir() if p.name.startswith("step_"))
-        for old in finished[: max(0, len(finished) - self.config.checkpoint.keep_last)]:
+        finished = sorted(p for p in self.run_dir.iterdir() if p.name.startswith("step_"))
+        for old in finished[: max(0, len(finished) - self.keep_last)]:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)

@@ -2,38 +2,46 @@
 
 A stage is an objective plus a data format (``build_objective``). The loop owns: AdamW with warmup
 and cosine decay computed from the optimizer step, gradient accumulation normalised by the true
-number of targets in the step, clipping, autocast, checkpoints that resume exactly, and metrics
-every ``logging.every_steps`` steps.
+number of targets in the step (over all workers), clipping, autocast, checkpoints that resume
+exactly, and metrics every ``logging.every_steps`` steps.
+
+Construction is a sequence of plug-in steps: data source -> model -> parallelize (the strategy:
+one process or DDP) -> optimizer; where checkpoints go (a local run directory, or Ray Train's
+storage) is a store handed in. The loop never branches on either.
 
 Data position is a function of the optimizer step (``step -> (epoch, micro-batch range)``), so a
-resumed run sees exactly the batches the uninterrupted run would have seen.
+resumed run sees exactly the batches the uninterrupted run would have seen. Between log steps the
+loop never waits for the device: losses and counts stay tensors until a log or checkpoint step.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from minimind.config import TrainConfig, dump_yaml
-from minimind.data.dataset import build_training_data, collate
+from minimind.config import TrainConfig
+from minimind.data.dataset import TrainingData, build_training_data, collate
 from minimind.eval.evaluator import Evaluator
 from minimind.model import MiniMindLM, flops_per_token
 from minimind.model.checkpoint import load_model
 from minimind.model.lora import apply_lora
 from minimind.tokenizer import MiniMindTokenizer, load_tokenizer
-from minimind.train.checkpointing import CheckpointManager
+from minimind.train.checkpointing import LocalRun, load_checkpoint, rng_state
 from minimind.train.metrics import mfu, peak_flops
 from minimind.train.objectives import DPO, Distillation, LanguageModeling, Objective
+from minimind.train.parallel import SingleProcess
+from minimind.train.reporting import RunFiles, WandbLogger, progress_line
 from minimind.train.runtime import autocast, resolve_device, resolve_dtype
 
-Reporter = Callable[[dict], None]
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient norm became NaN or infinite; the run stops at the step that did it."""
 
 
 def learning_rate(step: int, total_steps: int, config) -> float:
@@ -96,52 +104,80 @@ class TrainResult:
     """Validation metrics at the last step (empty without validation data)."""
 
 
-class Trainer:
-    """Holds the pieces of one run; :meth:`fit` trains to the end (or to ``stop_at_step``)."""
+class InProcessRun:
+    """Checkpoint store of a run in this process: ``checkpoint.dir`` on this machine."""
 
-    def __init__(
-        self,
-        config: TrainConfig,
-        rank: int = 0,
-        world_size: int = 1,
-        report: Reporter | None = None,
-    ):
+    def __init__(self, config: TrainConfig):
+        self.local = LocalRun(config.checkpoint.dir, config.checkpoint.keep_last)
+        self.resume = config.checkpoint.resume
+
+    def resume_directory(self):
+        """Context giving the checkpoint directory to resume from, or None."""
+        return contextlib.nullcontext(self.local.latest() if self.resume else None)
+
+    def publish(self, trainer: Trainer, metrics: dict | None, save: bool) -> Path | None:
+        return self.local.save(trainer, [rng_state()]) if save else None
+
+
+# Per-step statistics summed over a log window (and over workers when logging).
+SUMMED = ("loss_sum", "targets", "aux_loss", "real_tokens", "total_tokens")
+
+
+class Trainer:
+    """Holds the pieces of one run; :meth:`fit` trains to the end (or to ``stop_at_step``).
+
+    ``strategy`` shares the model between workers (default: one process); ``run`` stores
+    checkpoints (default: ``checkpoint.dir`` when set); ``device`` defaults to ``runtime.device``.
+    """
+
+    def __init__(self, config: TrainConfig, strategy=None, run=None, device: torch.device | None = None):
         self.config = config
-        self.rank, self.world_size = rank, world_size
-        self.report = report
-        self.device = resolve_device(config.runtime)
+        self.strategy = strategy or SingleProcess()
+        self.device = device or resolve_device(config.runtime)
         self.dtype = resolve_dtype(config.runtime, self.device)
+        self.is_main = self.strategy.rank == 0
         self.tokenizer = load_tokenizer(config.data.tokenizer)
+        # 1. data source
+        self.data: TrainingData = build_training_data(config, self.tokenizer)
+        self.examples = self.data.examples
+        world = self.strategy.world_size
+        self.sampler = self.data.sampler(config.optim.batch_size, config.optim.seed, self.strategy.rank, world)
+        if len(self.sampler) == 0:
+            raise ValueError(
+                f"{len(self.examples)} examples make no batch of {config.optim.batch_size} for {world} workers"
+            )
+        self.steps_per_epoch = math.ceil(len(self.sampler) / config.optim.grad_accum_steps)
+        self.total_steps = config.optim.epochs * self.steps_per_epoch
+        if config.optim.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.optim.max_steps)
+        # 2. model (identical on every worker), then per-worker randomness (dropout) from here on
         self.model = build_model(config, self.device)
         if self.tokenizer.vocab_size > config.model.vocab_size:
             raise ValueError(
                 f"tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size={config.model.vocab_size}"
             )
-        self.data = build_training_data(config, self.tokenizer)
-        self.examples = self.data.examples
-        self.sampler = self.data.sampler(config.optim.batch_size, config.optim.seed, rank, world_size)
-        if len(self.sampler) == 0:
-            raise ValueError(f"{len(self.examples)} examples make no batch for {world_size} workers")
-        self.steps_per_epoch = math.ceil(len(self.sampler) / config.optim.grad_accum_steps)
-        self.total_steps = config.optim.epochs * self.steps_per_epoch
-        if config.optim.max_steps is not None:
-            self.total_steps = min(self.total_steps, config.optim.max_steps)
+        torch.manual_seed(config.optim.seed + 1 + self.strategy.rank)
         self.objective = build_objective(config, self.tokenizer, self.device)
+        # 3. parallelize: outside the model, which stays the plain module for saving and eval
+        self.parallel_model = self.strategy.parallelize(self.model)
+        self.forward_model = torch.compile(self.parallel_model) if config.runtime.compile else self.parallel_model
+        # 4. optimizer
+        self.optimizer = build_optimizer(self.model, config, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.evaluator = None
-        if config.eval.enabled:
+        if config.eval.enabled and self.is_main:  # evaluated once, on rank 0, while the others wait
             reference = self.objective.reference if isinstance(self.objective, DPO) else None
             self.evaluator = Evaluator(
                 config.eval, self.tokenizer, self.data.validation, self.device, reference, config.objective.dpo_beta
             )
-        self.optimizer = build_optimizer(self.model, config, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
-        self.forward_model = torch.compile(self.model) if config.runtime.compile else self.model
         self.flops_per_token = flops_per_token(
             config.model, self.model.num_parameters(active_only=True), config.data.seq_len
         )
         self.peak_flops = peak_flops(self.device, config.logging.gpu_peak_tflops)
-        self.checkpoints = CheckpointManager(config, rank) if config.checkpoint.dir else None
+        self.run = run if run is not None else (InProcessRun(config) if config.checkpoint.dir else None)
+        self.files = RunFiles(config.checkpoint.dir) if config.checkpoint.dir and self.is_main else None
         self.step = 0
+        self._first_bad_step = torch.full((), math.inf, device=self.device)
 
     # -- data position -------------------------------------------------------------------------
 
@@ -155,134 +191,181 @@ class Trainer:
 
     # -- one optimizer step ---------------------------------------------------------------------
 
-    def train_step(self, step: int) -> dict:
-        config = self.config
-        batches = [
+    def accumulate_gradients(self, step: int) -> dict:
+        """Forward and backward over the step's micro-batches; gradients are left in ``.grad``.
+
+        Each worker divides its summed loss by the step's target count over *all* workers and
+        multiplies by the world size, so DDP's gradient average is the exact mean over every
+        target of the step, however unevenly targets fall into micro-batches and workers.
+        """
+        cpu_batches = [
             collate([self.examples[i] for i in indices], self.tokenizer.pad_id) for indices in self.micro_batches(step)
         ]
-        batches = [{k: v.to(self.device, non_blocking=True) for k, v in batch.items()} for batch in batches]
-        counts = [self.objective.normalizer(batch) for batch in batches]
-        total = sum(counts)
-        lr = learning_rate(step, self.total_steps, config.optim)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
+        counts = [self.objective.normalizer(batch).float() for batch in batches]
+        local_targets = torch.stack(counts).sum()
+        world = self.strategy.world_size
+        total = self.strategy.all_reduce(local_targets).clamp(min=1e-8)
         self.model.train()
-        loss_sum, aux_sum, extra = 0.0, 0.0, {}
-        for batch, count in zip(batches, counts):
-            with autocast(self.device, self.dtype):
-                parts = self.objective(self.forward_model, batch)
-            # Sum of target losses / targets in the whole step = exact mean over the step; the aux
-            # loss is per micro-batch, weighted by the micro-batch's share of the targets.
-            share = count / total if total else 0.0
-            loss = parts.loss_sum / max(total, 1e-8) + parts.aux_loss * share
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum += float(parts.loss_sum.detach())
-            aux_sum += float(parts.aux_loss.detach()) * share
+        stats = {name: torch.zeros((), device=self.device) for name in ("loss_sum", "aux_loss")}
+        for index, (batch, count) in enumerate(zip(batches, counts)):
+            last = index == len(batches) - 1
+            with self.strategy.accumulating(self.parallel_model, last):
+                with autocast(self.device, self.dtype):
+                    parts = self.objective(self.forward_model, batch)
+                # The aux loss is per micro-batch, weighted by the micro-batch's share of the targets.
+                share = count / total
+                loss = (parts.loss_sum / total + parts.aux_loss * share) * world
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            stats["loss_sum"] += parts.loss_sum.detach().float()
+            stats["aux_loss"] += parts.aux_loss.detach().float() * share
             for key, value in parts.metrics.items():
-                extra[key] = extra.get(key, 0.0) + value * share
+                stats[key] = stats.get(key, 0.0) + value.float() * share
+        stats["targets"] = local_targets
+        # Token counts come from the CPU batches: no device round trip.
+        stats["real_tokens"] = torch.tensor(float(sum(int(b["real_tokens"]) for b in cpu_batches)))
+        stats["total_tokens"] = torch.tensor(float(sum(int(b["total_tokens"]) for b in cpu_batches)))
+        return stats
+
+    def optimizer_step(self, step: int) -> torch.Tensor:
+        """Clip, step and zero the gradients; return the gradient norm (a tensor)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+        max_norm = self.config.optim.max_grad_norm if self.config.optim.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        real = sum(int(batch["real_tokens"]) for batch in batches)
-        padded = sum(int(batch["total_tokens"]) for batch in batches)
-        return {
-            "loss_sum": loss_sum,
-            "targets": total,
-            "aux_loss": aux_sum,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "real_tokens": real,
-            "total_tokens": padded,
-            **extra,
-        }
+        return grad_norm
+
+    def train_step(self, step: int) -> dict:
+        lr = learning_rate(step, self.total_steps, self.config.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        stats = self.accumulate_gradients(step)
+        grad_norm = self.optimizer_step(step)
+        # A GradScaler expects occasional inf gradients (it skips those steps): only the loss counts then.
+        finite = torch.isfinite(stats["loss_sum"])
+        if self.scaler is None:
+            finite = finite & torch.isfinite(grad_norm)
+        self._first_bad_step = torch.where(finite, self._first_bad_step, self._first_bad_step.clamp(max=step + 1))
+        return {**stats, "lr": lr, "grad_norm": grad_norm.detach()}
 
     # -- the run --------------------------------------------------------------------------------
 
     def fit(self, stop_at_step: int | None = None) -> TrainResult:
         """Train from the newest checkpoint (if resuming) to the end, or up to ``stop_at_step``."""
         config = self.config
-        if self.checkpoints:
-            self.step = self.checkpoints.restore(self)
-            if self.rank == 0:
-                dump_yaml(config, Path(config.checkpoint.dir) / "config.yaml")
+        if self.run is not None:
+            with self.run.resume_directory() as directory:
+                if directory is not None:
+                    self.step = load_checkpoint(self, Path(directory))
+                    if self.is_main:
+                        print(f"[checkpoint] resumed from {directory} at step {self.step}", flush=True)
+        if self.files:
+            self.files.write_config(config)
+        wandb = (
+            WandbLogger(config, Path(config.checkpoint.dir or "runs/wandb").name, self._wandb_dir())
+            if (config.logging.wandb and self.is_main)
+            else None
+        )
         end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
         history: list[dict] = []
-        window: list[dict] = []
-        window_start = time.perf_counter()
+        window: dict = {}
+        window_steps, first_step = 0, self.step
+        started = window_start = time.perf_counter()
         checkpoint_path = None
         final_eval: dict = {}
         while self.step < end:
-            window.append(self.train_step(self.step))
+            stats = self.train_step(self.step)
+            for key, value in stats.items():
+                window[key] = value if key in ("lr", "grad_norm") else window.get(key, 0.0) + value
+            window_steps += 1
             self.step += 1
             log_due = self.step % config.logging.every_steps == 0 or self.step == end
+            save_due = self.run is not None and (self.step % config.checkpoint.every_steps == 0 or self.step == end)
+            eval_due = self.step == end or bool(config.eval.every_steps and self.step % config.eval.every_steps == 0)
+            if log_due or save_due:
+                self._check_finite()
             metrics = None
             if log_due:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                metrics = self._summarise(window, time.perf_counter() - window_start)
-            if self.evaluator and (
-                self.step == end or (config.eval.every_steps and self.step % config.eval.every_steps == 0)
-            ):
+                metrics = self._summarise(window, window_steps, time.perf_counter() - window_start)
+                window, window_steps, window_start = {}, 0, time.perf_counter()
+            if self.evaluator and eval_due:
                 final_eval = self.evaluator(self.model)
                 metrics = {**(metrics or {"step": self.step}), **final_eval}
             if metrics is not None:
                 history.append(metrics)
-                self._emit(metrics)
-            if log_due:
-                window, window_start = [], time.perf_counter()
-            if self.checkpoints and (self.step % config.checkpoint.every_steps == 0 or self.step == end):
-                checkpoint_path = self.checkpoints.save(self)
-        if self.checkpoints and checkpoint_path is None:
-            checkpoint_path = self.checkpoints.latest_path()
+                if self.is_main:
+                    elapsed = time.perf_counter() - started
+                    eta = (end - self.step) * elapsed / max(1, self.step - first_step)
+                    self._emit(metrics, eta, wandb)
+            if self.run is not None and (metrics is not None or save_due):
+                saved = self.run.publish(self, metrics, save_due)
+                checkpoint_path = saved or checkpoint_path
+        if wandb:
+            wandb.close()
         return TrainResult(self.step, history, checkpoint_path, self.data.rejects.summary(), final_eval)
 
-    def _summarise(self, window: list[dict], seconds: float) -> dict:
-        targets = sum(item["targets"] for item in window)
-        real = sum(item["real_tokens"] for item in window)
-        padded = sum(item["total_tokens"] for item in window)
-        tokens_per_second = real * self.world_size / seconds if seconds > 0 else 0.0
+    def _wandb_dir(self) -> str:
+        directory = self.config.checkpoint.dir or "runs"
+        # Offline W&B files stay next to the run when it is local; object stores get a local folder.
+        return str(Path(directory)) if "://" not in directory else str(Path("runs") / "wandb")
+
+    def _check_finite(self) -> None:
+        """Stop at the first step whose loss or gradient norm was NaN/inf (one sync, at log steps)."""
+        bad = float(self.strategy.all_reduce(self._first_bad_step, "min"))
+        if math.isfinite(bad):
+            raise NonFiniteLoss(
+                f"[{self.config.stage}] the loss or gradient norm became NaN/inf at step {int(bad)}; "
+                "stopping before it reaches a checkpoint (the last saved checkpoint is intact). "
+                "Lower optim.lr, raise optim.warmup_steps, or use bf16 instead of fp16."
+            )
+
+    def _summarise(self, window: dict, steps: int, seconds: float) -> dict:
+        """Metrics of the window, summed over workers: the one host-device synchronisation per log."""
+        names = sorted(key for key in window if key not in ("lr", "grad_norm"))
+        local = torch.stack([torch.as_tensor(window[name], dtype=torch.float32).to(self.device) for name in names])
+        totals = dict(zip(names, self.strategy.all_reduce(local).tolist()))
+        world = self.strategy.world_size
+        tokens_per_second = totals["real_tokens"] / seconds if seconds > 0 else 0.0
         metrics = {
             "step": self.step,
             "epoch": (self.step - 1) // self.steps_per_epoch,
-            "loss": sum(item["loss_sum"] for item in window) / max(targets, 1e-8),
-            "lr": window[-1]["lr"],
-            "grad_norm": window[-1]["grad_norm"],
+            "loss": totals["loss_sum"] / max(totals["targets"], 1e-8),
+            "lr": window["lr"],
+            "grad_norm": float(window["grad_norm"]),
             "tokens_per_second": tokens_per_second,
-            "padding_fraction": 1.0 - real / padded if padded else 0.0,
+            "padding_fraction": 1.0 - totals["real_tokens"] / totals["total_tokens"] if totals["total_tokens"] else 0.0,
         }
         if self.config.model.moe.enabled:
-            metrics["aux_loss"] = sum(item["aux_loss"] for item in window) / len(window)
-        for key in window[-1]:
-            if key not in ("loss_sum", "targets", "aux_loss", "lr", "grad_norm", "real_tokens", "total_tokens"):
-                metrics[key] = sum(item[key] for item in window) / len(window)
-        utilisation = mfu(tokens_per_second, self.flops_per_token, self.peak_flops)
+            metrics["aux_loss"] = totals["aux_loss"] / steps
+        for name in names:
+            if name not in SUMMED:  # objective diagnostics: per-step weighted means, summed over workers
+                metrics[name] = totals[name] / steps
+        # MFU is per device: each device's share of the throughput against one device's peak.
+        utilisation = mfu(tokens_per_second / world, self.flops_per_token, self.peak_flops)
         if utilisation is not None:
             metrics["mfu"] = utilisation
         return metrics
 
-    def _emit(self, metrics: dict) -> None:
-        if self.report:
-            self.report(metrics)
-        if self.rank != 0:
-            return
-        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-        print(f"[{self.config.stage}] {text}", flush=True)
-        if self.config.checkpoint.dir:
-            with open(Path(self.config.checkpoint.dir) / "metrics.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(metrics) + "\n")
+    def _emit(self, metrics: dict, eta_seconds: float, wandb) -> None:
+        print(progress_line(self.config.stage, metrics, self.total_steps, eta_seconds), flush=True)
+        if self.files:
+            self.files.append_metrics(metrics)
+        if wandb:
+            wandb.log(metrics)
 
 
-def train(config: TrainConfig, report: Reporter | None = None) -> TrainResult:
+def train(config: TrainConfig) -> TrainResult:
     """Run one stage end to end in this process."""
-    trainer = Trainer(config, report=report)
+    trainer = Trainer(config)
     if trainer.data.rejects.total:
         print(f"[data] {trainer.data.rejects.summary()}", flush=True)
+    if config.checkpoint.dir:
+        print(f"[run] checkpoints, metrics.jsonl and config.yaml in {config.checkpoint.dir}", flush=True)
     return trainer.fit()

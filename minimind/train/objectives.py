@@ -24,11 +24,13 @@ class LossParts:
     """Summed loss over the batch's targets (divide by the step's total normalizer)."""
     aux_loss: torch.Tensor
     """Per-batch regulariser (MoE load balance), weighted by the batch's share of the step."""
-    metrics: dict[str, float]
+    metrics: dict[str, torch.Tensor]
+    """Per-batch diagnostics as detached tensors (turned into numbers only when the loop logs)."""
 
 
 class Objective:
-    def normalizer(self, batch: dict[str, torch.Tensor]) -> float:
+    def normalizer(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Number of targets (tokens or pairs) in ``batch``, as a float tensor on the batch's device."""
         raise NotImplementedError
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossParts:
@@ -56,7 +58,7 @@ class LanguageModeling(Objective):
         return weights
 
     def normalizer(self, batch):
-        return float(self._weights(batch["labels"]).sum())
+        return self._weights(batch["labels"]).sum()
 
     def __call__(self, model, batch):
         document_ids = batch.get("document_ids") if self.document_mask else None
@@ -86,7 +88,7 @@ class DPO(Objective):
         self.length_normalize = length_normalize
 
     def normalizer(self, batch):
-        return batch["input_ids"].shape[0] / 2
+        return torch.tensor(batch["input_ids"].shape[0] / 2, device=batch["input_ids"].device)
 
     def __call__(self, model, batch):
         policy, aux_loss = sequence_log_probs(model, batch, self.length_normalize)
@@ -96,7 +98,7 @@ class DPO(Objective):
         # -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
         loss_sum = -F.logsigmoid(chosen_reward - rejected_reward).sum()
         margin = (chosen_reward - rejected_reward).detach()
-        metrics = {"reward_accuracy": float((margin > 0).float().mean()), "reward_margin": float(margin.mean())}
+        metrics = {"reward_accuracy": (margin > 0).float().mean(), "reward_margin": margin.mean()}
         return LossParts(loss_sum, aux_loss, metrics)
 
 
@@ -109,7 +111,7 @@ class Distillation(Objective):
         self.temperature = temperature
 
     def normalizer(self, batch):
-        return float((shifted(batch["labels"], batch["labels"])[1] != IGNORE_INDEX).sum())
+        return (shifted(batch["labels"], batch["labels"])[1] != IGNORE_INDEX).sum().float()
 
     def __call__(self, model, batch):
         logits, aux_loss, _ = model(batch["input_ids"])
@@ -128,5 +130,5 @@ class Distillation(Objective):
         per_token = (1 - self.alpha) * ce + self.alpha * kl
         loss_sum = (per_token * mask).sum()
         targets = mask.sum().clamp(min=1)
-        metrics = {"kl": float((kl.detach() * mask).sum() / targets), "ce": float((ce.detach() * mask).sum() / targets)}
+        metrics = {"kl": (kl.detach() * mask).sum() / targets, "ce": (ce.detach() * mask).sum() / targets}
         return LossParts(loss_sum, aux_loss, metrics)

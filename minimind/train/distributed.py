@@ -1,0 +1,215 @@
+"""Ray Train: any stage as a ``TorchTrainer`` job. Every Ray Train touchpoint of the project is here.
+
+Driver side, :func:`build_trainer` turns a :class:`TrainConfig` into a ``TorchTrainer``:
+
+- ``ScalingConfig`` from ``distributed.*`` (workers, GPU or not, CPUs/GPUs per worker, placement);
+- ``RunConfig(name, storage_path)`` from ``checkpoint.dir`` = ``storage_path/name`` (a local or
+  shared path, or ``s3://``/``gs://``): re-running with the same name resumes the run;
+- ``CheckpointConfig`` from ``checkpoint.keep_last``/``score_metric``; ``FailureConfig`` from
+  ``distributed.max_failures`` (a dead worker restarts the group from the last checkpoint).
+
+Worker side, :func:`train_worker` runs the one loop unchanged: the device comes from
+``ray.train.torch.get_device()``, the strategy from the process group Ray set up, and
+:class:`RayTrainRun` is the loop's checkpoint store: rank 0 writes a checkpoint into a local
+temporary folder, every rank calls ``ray.train.report`` (a barrier, so only at log and checkpoint
+steps) and Ray persists it under the storage path as ``step_N``; a resumed or restarted worker
+group starts from ``ray.train.get_checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from minimind.config import TrainConfig, build_config, config_to_dict
+from minimind.train.checkpointing import checkpoint_name, rng_state, write_checkpoint
+from minimind.train.loop import Trainer
+from minimind.train.parallel import DataParallel, SingleProcess
+from minimind.train.reporting import RunFiles, is_uri
+
+# ray.train.report() waits for the controller's next poll; Ray's 2 s default would stall every log
+# step of a small model. Propagated from the driver to the controller and the workers.
+DEFAULT_POLL_INTERVAL_S = "0.5"
+# Workers keep the job's working directory as their cwd (Ray would chdir them into a run folder),
+# so relative paths in the config mean the same thing on every node.
+os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+# Ray Train's print patch sends each print to both stdout and its logger: every line shows twice.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+def split_run_dir(run_dir: str) -> tuple[str, str]:
+    """``checkpoint.dir`` as Ray's (storage_path, name); local paths become absolute."""
+    run_dir = run_dir.rstrip("/")
+    if is_uri(run_dir):
+        storage, _, name = run_dir.rpartition("/")
+        return storage, name
+    path = Path(run_dir).expanduser().resolve()
+    return str(path.parent), path.name
+
+
+# -- worker side --------------------------------------------------------------------------------
+
+
+class RayTrainRun:
+    """The loop's checkpoint store inside a Ray Train worker."""
+
+    def __init__(self, config: TrainConfig, strategy):
+        self.strategy = strategy
+        self.files = RunFiles(config.checkpoint.dir) if strategy.rank == 0 else None
+
+    def resume_directory(self):
+        """The run's latest checkpoint: after a re-submit, or after Ray restarted the worker group."""
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)
+
+    def publish(self, trainer: Trainer, metrics: dict | None, save: bool) -> None:
+        metrics = metrics or {"step": trainer.step}
+        if not save:
+            ray.train.report(metrics)
+            return
+        name = checkpoint_name(trainer.step)
+        rng_states = self.strategy.all_gather_object(rng_state())  # every rank's dropout stream
+        if self.strategy.rank != 0:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return
+        staging = Path(tempfile.mkdtemp(prefix=f"minimind-{name}-"))
+        try:
+            write_checkpoint(trainer, staging, rng_states)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), checkpoint_dir_name=name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.files.write_latest(name)  # persisted by now: the report above uploads synchronously
+
+
+def build_strategy(config: TrainConfig, device: torch.device):
+    """DDP across Ray's process group; a single worker runs plainly (no wrapper, no collectives)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # MoE experts that got no token in a step have no gradient; DDP must be told to expect that.
+        return DataParallel(device, find_unused_parameters=config.model.moe.enabled)
+    return SingleProcess()
+
+
+def train_worker(raw_config: dict) -> None:
+    """Ray Train's ``train_loop_per_worker``: one worker of the run."""
+    config = build_config(raw_config)
+    device = ray.train.torch.get_device()
+    if not config.distributed.use_gpu:
+        torch.set_num_threads(max(1, int(config.distributed.cpus_per_worker)))
+    strategy = build_strategy(config, device)
+    context = ray.train.get_context()
+    print(
+        f"[worker] rank {context.get_world_rank()}/{context.get_world_size()} on node "
+        f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:8]}) pid {os.getpid()} "
+        f"device {device}",
+        flush=True,
+    )
+    trainer = Trainer(config, strategy=strategy, run=RayTrainRun(config, strategy), device=device)
+    if strategy.rank == 0 and trainer.data.rejects.total:
+        print(f"[data] {trainer.data.rejects.summary()}", flush=True)
+    trainer.fit()
+
+
+# -- driver side --------------------------------------------------------------------------------
+
+
+def build_trainer(config: TrainConfig) -> TorchTrainer:
+    """A ``TorchTrainer`` that runs ``config`` with ``distributed.num_workers`` workers."""
+    if not config.checkpoint.dir:
+        raise ValueError("checkpoint.dir: a Ray Train run needs a run directory (storage_path/name)")
+    dist_config = config.distributed
+    resources = {"CPU": dist_config.cpus_per_worker}
+    if dist_config.use_gpu:
+        resources["GPU"] = dist_config.gpus_per_worker
+    storage_path, name = split_run_dir(config.checkpoint.dir)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", DEFAULT_POLL_INTERVAL_S)
+    score = config.checkpoint.score_metric
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=config_to_dict(config),
+        scaling_config=ScalingConfig(
+            num_workers=dist_config.num_workers,
+            use_gpu=dist_config.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=dist_config.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.checkpoint.keep_last,
+                checkpoint_score_attribute=score,
+                checkpoint_score_order=config.checkpoint.score_mode if score else "max",
+            ),
+            failure_config=FailureConfig(max_failures=dist_config.max_failures),
+            # Ray's INFO logs repeat every report of every rank; our progress line says it once.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def paths_for_workers(config: TrainConfig) -> TrainConfig:
+    """Make the config's relative paths absolute, unless the job ships a working directory.
+
+    Under ``ray job submit --working-dir`` every worker, on every node, runs in its own copy of
+    that directory, so relative paths already resolve the same everywhere; otherwise they are
+    relative to the driver's cwd, which workers do not share.
+    """
+    if ray.get_runtime_context().runtime_env.get("working_dir"):
+        return config
+
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or is_uri(path) else str(Path(path).expanduser().resolve())
+
+    data = config.data
+    data.train_files = [absolute(p) for p in data.train_files]
+    for source in data.mixture:
+        source.files = [absolute(p) for p in source.files]
+    data.tokenizer = absolute(data.tokenizer)
+    config.eval.val_files = [absolute(p) for p in config.eval.val_files]
+    config.checkpoint.dir = absolute(config.checkpoint.dir)
+    config.checkpoint.init_from = absolute(config.checkpoint.init_from)
+    config.objective.teacher = absolute(config.objective.teacher)
+    return config
+
+
+def run_dir_has_checkpoints(run_dir: str) -> bool:
+    if is_uri(run_dir):
+        import pyarrow.fs
+
+        fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
+        selector = pyarrow.fs.FileSelector(root, allow_not_found=True)
+        return any(info.base_name.startswith("step_") for info in fs.get_file_info(selector))
+    return any(Path(run_dir).glob("step_*"))
+
+
+def fit(config: TrainConfig):
+    """Run ``config`` through Ray Train to the end; return Ray's ``Result``.
+
+    With ``checkpoint.resume`` (the default) an existing run of the same name continues from its
+    latest checkpoint; without it, an existing run is refused rather than mixed with a new one.
+    """
+    run_dir = config.checkpoint.dir
+    if not config.checkpoint.resume and run_dir and run_dir_has_checkpoints(run_dir):
+        raise ValueError(
+            f"checkpoint.resume is false but {run_dir} already holds checkpoints; "
+            "choose another --name (or remove the old run)"
+        )
+    config = paths_for_workers(config)
+    run_dir = config.checkpoint.dir
+    trainer = build_trainer(config)
+    print(f"[run] {config.stage}: checkpoints, metrics.jsonl and config.yaml in {run_dir}", flush=True)
+    result = trainer.fit()
+    if result.checkpoint is not None:
+        print(f"[done] latest checkpoint: {result.checkpoint.path}", flush=True)
+    return result

@@ -1,0 +1,13 @@
+"""Pretrain a MiniMind model from scratch on packed documents, with Ray Train.
+
+    python ray_jobs/pretrain.py --config recipes/minimind-26m/pretrain.yaml --num-workers 2
+    ray job submit --working-dir . -- python ray_jobs/pretrain.py --config ... --storage-path s3://bucket/runs
+
+Flags and dotted overrides: see minimind/train/launch.py or --help. Connects to RAY_ADDRESS when set,
+else starts Ray locally; running the same command again resumes the run from its latest checkpoint.
+"""
+
+from minimind.train.launch import main
+
+if __name__ == "__main__":
+    main("pretrain")
