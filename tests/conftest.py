@@ -1,9 +1,17 @@
+import os
+import secrets
 from pathlib import Path
 
-import pytest
+# Ray reads its auth settings when first imported: the test cluster's token must be set before any
+# test module imports ray. The token is this session's own (nothing is written to ~/.ray).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
-from minimind.config import build_config
-from minimind.tokenizer import load_tokenizer
+import pytest  # noqa: E402
+
+from minimind.config import build_config  # noqa: E402
+from minimind.tokenizer import load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -82,24 +90,23 @@ def pretrained_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_address():
-    """One local Ray cluster for the whole session, with its own temp dir; shut down at the end."""
-    import os
-    import shutil
-    import tempfile
-
+def ray_cluster():
+    """One real two-node Ray cluster for the whole session (head + a second ``ray start`` node, 2 CPUs
+    each, own temp dirs and ports); this process is connected to it as a driver."""
     import ray
+    from local_cluster import LocalCluster
 
-    temp_dir = tempfile.mkdtemp(prefix="mmray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-    )
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    yield os.environ["RAY_ADDRESS"]
-    ray.shutdown()
-    os.environ.pop("RAY_ADDRESS", None)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    cluster = LocalCluster(cpus_per_node=2, nodes=2, pythonpath=str(ROOT))
+    os.environ["RAY_ADDRESS"] = cluster.address
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_cluster):
+    return ray_cluster.address

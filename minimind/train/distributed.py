@@ -19,6 +19,7 @@ group starts from ``ray.train.get_checkpoint()``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -103,6 +104,8 @@ def build_strategy(config: TrainConfig, device: torch.device):
 def train_worker(raw_config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: one worker of the run."""
     config = build_config(raw_config)
+    # Ray Train logs every report of every rank at INFO; the progress line says it once.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     device = ray.train.torch.get_device()
     if not config.distributed.use_gpu:
         torch.set_num_threads(max(1, int(config.distributed.cpus_per_worker)))

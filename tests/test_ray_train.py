@@ -1,0 +1,220 @@
+"""Ray Train on a real two-node local cluster: multi-node DDP parity, fault tolerance, resume,
+``ray job submit``, and chained stages. Runs are started the way users start them (the entry
+points, as subprocess drivers or jobs) and judged by what they wrote to their run directories.
+"""
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, SAMPLE, tiny_config
+
+from minimind.model.checkpoint import load_model, resolve_checkpoint
+from minimind.train.loop import Trainer
+
+STEPS = 60
+# Tiny preset, a report every step (per-step losses), a checkpoint every 10 steps.
+COMMON = [
+    "--config", "recipes/tiny/pretrain.yaml",
+    "--data.seq_len", "64", "--optim.batch_size", "4", "--optim.lr", "1e-2", "--optim.warmup_steps", "5",
+    f"--optim.max_steps={STEPS}", "--logging.every_steps", "1", "--checkpoint.every_steps", "10",
+    "--num-workers", "2", "--distributed.placement_strategy", "SPREAD",
+]  # fmt: skip
+# Dropout makes every rank's random stream part of the state a restart must restore.
+WITH_DROPOUT = [*COMMON, "--model.dropout", "0.1", "--max-failures", "1"]
+
+
+def pretrain(storage, name, args, **popen):
+    command = [sys.executable, "ray_jobs/pretrain.py", *args, "--storage-path", str(storage), "--name", name]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def finish(process, timeout=300) -> str:
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir):
+    return load_model(run_dir).state_dict()
+
+
+def max_diff(a, b):
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+def wait_for_checkpoint(run_dir, process, timeout=180):
+    deadline = time.time() + timeout
+    while not (run_dir / "latest").exists():
+        assert process.poll() is None, process.communicate()[0][-4000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+
+
+def train_workers(cluster):
+    return [p for p in cluster.descendants() if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, storage):
+    """Two workers with dropout, trained straight through: the reference for every restart below."""
+    finish(pretrain(storage, "straight", WITH_DROPOUT))
+    return storage / "straight"
+
+
+def test_two_workers_on_two_nodes_match_one_worker_with_the_same_global_batch(ray_cluster, storage):
+    steps, lr = 20, 1e-3
+    args = [*COMMON[:-2], "--distributed.placement_strategy", "STRICT_SPREAD", f"--optim.max_steps={steps}"]
+    out = finish(pretrain(storage, "two-nodes", [*args, f"--optim.lr={lr}"]))
+    nodes = set(re.findall(r"\[worker\] rank \d/2 on node \S+ \((\w+)\)", out))
+    assert len(nodes) == 2, out[-3000:]  # one worker per node
+    ray_losses = [m["loss"] for m in metrics(storage / "two-nodes")]
+    # The same global batch (2 x 4 = 1 x 8) in one process: batches are cut from the same
+    # seeded order, so each step sees exactly the same examples.
+    optim = {"batch_size": 8, "max_steps": steps, "lr": lr, "warmup_steps": 5}
+    local_losses = [m["loss"] for m in Trainer(tiny_config(data={"seq_len": 64}, optim=optim)).fit().history]
+    assert len(ray_losses) == len(local_losses) == steps
+    # Only the order of fp32 sums differs (gradients all-reduced across ranks): ~1e-7 relative at
+    # step 1. AdamW's first updates are ~lr * sign(g), so noise in near-zero gradient entries can
+    # move a weight by ~lr; at lr 1e-3 over 20 steps that keeps the loss within 1e-4 relative
+    # (measured: 1.2e-7), while a wrong normalisation or different data is off by > 1e-2.
+    assert ray_losses[0] == pytest.approx(local_losses[0], rel=1e-6)
+    for step, (a, b) in enumerate(zip(ray_losses, local_losses), start=1):
+        assert a == pytest.approx(b, rel=1e-4), f"step {step}: 2 workers {a}, 1 worker {b}"
+    logged = metrics(storage / "two-nodes")[-1]
+    assert {"loss", "lr", "grad_norm", "tokens_per_second", "padding_fraction"} <= set(logged)
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster, storage, uninterrupted):
+    run_dir = storage / "killed-worker"
+    process = pretrain(storage, "killed-worker", WITH_DROPOUT)
+    wait_for_checkpoint(run_dir, process)
+    victims = train_workers(ray_cluster)
+    assert victims, "no Ray Train worker process found"
+    victims[-1].send_signal(signal.SIGKILL)
+    finish(process)
+    steps = [m["step"] for m in metrics(run_dir)]
+    assert steps[-1] == STEPS and len(steps) > len(set(steps))  # steps after the checkpoint ran twice
+    assert max_diff(final_weights(run_dir), final_weights(uninterrupted)) < 1e-5
+
+
+def test_job_submit_uploads_little_and_a_killed_driver_resumes_on_resubmit(ray_cluster, storage, uninterrupted):
+    run_dir = storage / "job"
+    entrypoint = [sys.executable, "ray_jobs/pretrain.py", *WITH_DROPOUT, "--storage-path", str(storage)]
+    entrypoint += ["--name", "job"]
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    submit = [ray_cli, "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(ROOT)]
+    first = subprocess.Popen([*submit, "--", *entrypoint], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)  # fmt: skip
+    wait_for_checkpoint(run_dir, first)
+    drivers = [p for p in ray_cluster.descendants() if "ray_jobs/pretrain.py" in " ".join(p.cmdline())]
+    assert drivers, "the job's driver process was not found"
+    for driver in drivers:
+        driver.send_signal(signal.SIGKILL)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode != 0 or "FAILED" in out
+    assert "Uploading package" in out or "Creating a file package" in out
+    # Wait for the orphaned workers to go (the driver owned the run), then submit the same job again.
+    deadline = time.time() + 60
+    while train_workers(ray_cluster) and time.time() < deadline:
+        time.sleep(0.5)
+    resumed = subprocess.run([*submit, "--", *entrypoint], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-2000:]
+    assert "[checkpoint] resumed from" in resumed.stdout
+    assert metrics(run_dir)[-1]["step"] == STEPS
+    assert max_diff(final_weights(run_dir), final_weights(uninterrupted)) < 1e-5
+
+
+def test_working_dir_upload_stays_far_below_rays_limit():
+    from ray._private.runtime_env.packaging import create_package
+
+    target = ROOT / "runs" / "upload-check.zip"
+    target.parent.mkdir(exist_ok=True)
+    try:
+        create_package(str(ROOT), target, include_gitignore=True)
+        import zipfile
+
+        names = zipfile.ZipFile(target).namelist()
+        size = target.stat().st_size
+    finally:
+        target.unlink(missing_ok=True)
+    assert not [n for n in names if n.startswith((".git/", ".venv/", "runs/"))]
+    assert "ray_jobs/pretrain.py" in names and "data/sample/pretrain.jsonl" in names
+    assert size < 25 * 2**20, f"{size / 2**20:.1f} MiB"  # Ray refuses more than 100 MiB
+
+
+def test_chained_stages_each_start_from_the_previous_weights(ray_cluster, tmp_path):
+    from minimind.data.pipeline.prepare import PrepareOptions, prepare
+    from minimind.train.launch import main
+
+    prepared = {}
+    for name, files, seq_len in (("pretrain", ["pretrain.jsonl"], 64), ("sft", ["sft.jsonl"], 128)):
+        out = tmp_path / f"data-{name}"
+        prepare(PrepareOptions([str(SAMPLE / f) for f in files], str(out), seq_len=seq_len, val_fraction=0.0))
+        prepared[name] = out
+    common = ["--storage-path", str(tmp_path), "--optim.max_steps", "24", "--logging.every_steps", "4",
+              "--checkpoint.every_steps", "24", "--optim.batch_size", "8"]  # fmt: skip
+    stages = [
+        ("pretrain", "p1", ["--config", "recipes/tiny/pretrain.yaml", "--data.seq_len", "64",
+                            "--data.train_files", f"[{prepared['pretrain']}]"]),
+        ("sft", "s1", ["--config", "recipes/tiny/sft.yaml", "--init-from", "p1", "--data.seq_len", "128",
+                       "--data.train_files", f"[{prepared['sft']}]"]),
+        ("pretrain", "p2", ["--config", "recipes/tiny/pretrain.yaml", "--init-from", "s1", "--data.seq_len", "128",
+                            "--data.train_files", "[]", "--data.mixture",
+                            f"[{{files: [{SAMPLE / 'pretrain.jsonl'}], weight: 3}}, "
+                            f"{{files: [{prepared['sft']}], weight: 1}}]"]),
+        ("sft", "s2", ["--config", "recipes/tiny/sft.yaml", "--init-from", "p2", "--data.seq_len", "128",
+                       "--data.train_files", f"[{prepared['sft']}]"]),
+    ]  # fmt: skip
+    uniform = math.log(6400)
+    for index, (entry, name, args) in enumerate(stages):
+        main(entry, [*args, *common, "--name", name])
+        losses = [m["loss"] for m in metrics(tmp_path / name)]
+        assert losses[-1] < losses[0] - 0.05, (name, losses)
+        if index:  # started from the previous stage's weights, not from scratch
+            assert losses[0] < uniform - 0.5, (name, losses[0])
+        assert resolve_checkpoint(tmp_path / name).name == "step_00000024"
+
+
+def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    from minimind.train.loop import NonFiniteLoss
+
+    config = tiny_config(tmp_path, optim={"lr": 1e30, "warmup_steps": 0, "max_steps": 20, "max_grad_norm": 0},
+                         checkpoint={"every_steps": 1}, logging={"every_steps": 5})  # fmt: skip
+    with pytest.raises(NonFiniteLoss, match=r"NaN/inf at step (\d+)") as caught:
+        Trainer(config).fit()
+    bad_step = int(caught.value.args[0].split("at step ")[1].split(";")[0])
+    last = resolve_checkpoint(tmp_path)
+    saved_step = int(last.name.split("_")[1])
+    assert saved_step < bad_step
+    model = load_model(tmp_path)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_with_another_global_batch_is_refused(tmp_path):
+    Trainer(tiny_config(tmp_path, optim={"max_steps": 2, "batch_size": 8})).fit()
+    with pytest.raises(ValueError, match=r"1 worker\(s\) x batch 8 x accumulation 1.*1 x 4 x 1"):
+        Trainer(tiny_config(tmp_path, optim={"max_steps": 4, "batch_size": 4})).fit()
+
+
+def test_step_statistics_stay_on_the_device_between_log_steps():
+    trainer = Trainer(tiny_config(optim={"max_steps": 1}))
+    stats = trainer.train_step(0)
+    # Tensors, not Python numbers: turning them into numbers would wait for the device every step.
+    assert all(isinstance(stats[k], torch.Tensor) for k in ("loss_sum", "targets", "aux_loss", "grad_norm"))
