@@ -42,8 +42,8 @@ def measure(
     start = time.perf_counter()
     for step in range(warmup, warmup + steps):
         out = trainer.train_step(step)
-        real += out["real_tokens"]
-        padded += out["total_tokens"]
+        real += float(out["real_tokens"])
+        padded += float(out["total_tokens"])
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

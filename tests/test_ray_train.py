@@ -218,3 +218,23 @@ def test_step_statistics_stay_on_the_device_between_log_steps():
     stats = trainer.train_step(0)
     # Tensors, not Python numbers: turning them into numbers would wait for the device every step.
     assert all(isinstance(stats[k], torch.Tensor) for k in ("loss_sum", "targets", "aux_loss", "grad_norm"))
+
+
+def test_entry_point_flags_are_shorthands_for_config_fields(tmp_path):
+    from minimind.config import ConfigError
+    from minimind.train.launch import config_from_args
+
+    recipe = ["--config", "recipes/tiny/sft.yaml"]
+    config = config_from_args("lora", [*recipe, "--num-workers", "2", "--cpus-per-worker", "0.5", "--max-failures=3",
+                                       "--wandb", "--storage-path", str(tmp_path), "--optim.lr", "1e-4"])  # fmt: skip
+    assert (config.stage, config.lora.enabled, config.optim.lr) == ("sft", True, 1e-4)
+    assert (config.distributed.num_workers, config.distributed.cpus_per_worker) == (2, 0.5)
+    assert (config.distributed.max_failures, config.logging.wandb) == (3, True)
+    assert config.checkpoint.dir == f"{tmp_path}/tiny-lora"  # default name: PRESET-ENTRY
+    Trainer(tiny_config(tmp_path / "earlier", optim={"max_steps": 1})).fit()
+    chained = config_from_args("sft", [*recipe, "--storage-path", str(tmp_path), "--init-from", "earlier"])
+    assert chained.checkpoint.init_from == f"{tmp_path}/earlier"
+    with pytest.raises(ConfigError, match="neither a directory nor a run"):
+        config_from_args("sft", [*recipe, "--storage-path", str(tmp_path), "--init-from", "missing"])
+    with pytest.raises(ConfigError, match="runs 'pretrain' but recipes/tiny/sft.yaml says 'sft'"):
+        config_from_args("pretrain", recipe)

@@ -262,3 +262,13 @@ def test_command_line_train_then_generate(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "optim.lr: must be positive" in bad.stderr
+
+
+def test_wandb_logs_offline_without_a_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "wandb-run"
+    train(tiny_config(run_dir, optim={"max_steps": 2}, logging={"every_steps": 1, "wandb": True}))
+    (offline,) = (run_dir / "wandb").glob("offline-run-*-wandb-run")  # the run id is the run's name
+    records = (offline / "run-wandb-run.wandb").read_bytes()
+    assert b"grad_norm" in records and b"tokens_per_second" in records
