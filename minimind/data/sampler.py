@@ -11,9 +11,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 GROUP_WINDOW_BATCHES = 64
 """Length grouping sorts windows of this many batches: similar lengths, yet still a shuffled epoch."""
+
+
+def _permutation(size: int, generator: torch.Generator) -> np.ndarray:
+    return torch.randperm(size, generator=generator).numpy()
 
 
 @dataclass(frozen=True)
@@ -83,19 +88,21 @@ class BatchSampler:
         """The epoch's example order, and the order in which its ``batch_size`` slices are taken."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1], self._cache[2]
-        generator = np.random.default_rng([self.seed, epoch])
+        # The same generator and draws as the list-based sampler before it: a run resumes in its order.
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         if self.mixture is None:
-            order = generator.permutation(self.num_examples)
+            order = _permutation(self.num_examples, generator)
         else:
-            order = generator.permutation(self.mixture.draw(self.seed, epoch))
+            drawn = self.mixture.draw(self.seed, epoch)
+            order = drawn[_permutation(len(drawn), generator)]
         batches = -(-len(order) // self.batch_size)
         if self.lengths is None:
             batch_order = np.arange(batches)
         else:
             window = np.arange(len(order)) // (self.batch_size * GROUP_WINDOW_BATCHES)
-            order = order[np.lexsort((self.lengths[order], window))]
+            order = order[np.lexsort((self.lengths[order], window))]  # stable: ties keep the shuffled order
             # The last batch may be partial; it stays last so every other batch is full.
-            batch_order = np.append(generator.permutation(batches - 1), batches - 1)
+            batch_order = np.append(_permutation(batches - 1, generator), batches - 1)
         self._cache = (epoch, order, batch_order)
         return order, batch_order
 
