@@ -18,6 +18,7 @@ import ray
 from minimind.data.formats import FORMATS, RecordError, encode_record, iter_jsonl
 from minimind.data.formats.pretrain import pack_documents
 from minimind.data.pipeline import Manifest, is_prepared
+from minimind.data.token_store import TokenStore
 from minimind.eval.distributed import ScoringJob, score_files
 from minimind.eval.metrics import chat_adherence, continuation_score
 from minimind.eval.report import write_report
@@ -29,7 +30,8 @@ from minimind.tokenizer import load_tokenizer
 def leading_documents(files: list[str], fmt: str, tokenizer, seq_len: int, count: int) -> list[list[int]]:
     """Token ids of the first ``count`` usable records (packed blocks for pretrain) for the continuation score."""
     if len(files) == 1 and is_prepared(files[0]):
-        return [row["input_ids"] for row in Manifest.load(files[0]).examples("val")[:count] if "input_ids" in row]
+        rows = TokenStore(Manifest.load(files[0]), "val")  # memory-mapped: only the rows used are read
+        return [rows[i]["input_ids"].tolist() for i in range(min(count, len(rows)))]
     encoded = []
     lines = itertools.chain.from_iterable(iter_jsonl(path) for path in files)
     for _, record in itertools.islice(lines, count * 4):

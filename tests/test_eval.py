@@ -8,8 +8,9 @@ import torch
 from conftest import ROOT, SAMPLE, tiny_config
 
 from minimind.config import model_config
-from minimind.data.dataset import build_training_data, load_examples
+from minimind.data.dataset import build_training_data
 from minimind.data.formats.records import in_validation_split, iter_jsonl
+from minimind.data.jsonl import load_examples
 from minimind.eval.evaluator import Evaluator, token_byte_lengths
 from minimind.model import MiniMindLM
 from minimind.train.loop import Trainer

@@ -3,9 +3,11 @@ import json
 import pytest
 import torch
 
-from minimind.data.dataset import BatchSampler, collate, load_examples
+from minimind.data.dataset import collate
 from minimind.data.formats import IGNORE_INDEX, RecordError, dpo, sft
 from minimind.data.formats.pretrain import pack_documents
+from minimind.data.jsonl import load_examples
+from minimind.data.sampler import BatchSampler
 from minimind.train.objectives import LanguageModeling
 
 

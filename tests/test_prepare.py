@@ -4,13 +4,14 @@ import pytest
 import ray
 from conftest import SAMPLE
 
-from minimind.data.dataset import load_examples
 from minimind.data.formats import RecordError
 from minimind.data.formats.pretrain import pack_documents
+from minimind.data.jsonl import load_examples
 from minimind.data.pipeline import Manifest
 from minimind.data.pipeline.chunks import Chunk, lines_starting_in, number_chunks, plan_chunks, read_lines
 from minimind.data.pipeline.prepare import PrepareOptions, prepare
 from minimind.data.pipeline.validate import Filters, cjk_ratio
+from minimind.data.token_store import TokenStore
 
 GOOD = {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}
 BAD_LINES = {  # line -> expected reason
@@ -117,8 +118,7 @@ def test_every_sample_format_prepares_and_loads(ray_address, tmp_path, tokenizer
     assert manifest.rejected == in_process.rejects.total
     if fmt != "pretrain":
         assert manifest.records_out == len(in_process.examples)
-    loaded = load_examples([tmp_path / "out"], fmt, tokenizer, 256)
-    assert len(loaded.examples) == manifest.splits["train"]["rows"]
+    assert len(TokenStore(manifest, "train")) == manifest.splits["train"]["rows"]
     assert ray.get(ray.put(1)) == 1 and manifest.ray_dataset("train").count() == manifest.splits["train"]["rows"]
 
 
@@ -157,7 +157,7 @@ def test_finished_output_is_reused_and_checked(ray_address, tmp_path, tokenizer,
     assert "up to date" in capsys.readouterr().out
     assert second.fingerprint == first.fingerprint and shard.stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="prepared for seq_len 256, but this run has data.seq_len=512"):
-        load_examples([tmp_path / "out"], "r1", tokenizer, 512)
+        Manifest.load(tmp_path / "out").check(tokenizer.fingerprint, 512, "r1")
     with pytest.raises(ValueError, match="prepared with tokenizer"):
         Manifest.load(tmp_path / "out").check("0" * 16, 256)
 

@@ -6,7 +6,8 @@ import sys
 import pytest
 from conftest import ROOT, SAMPLE
 
-from minimind.data.dataset import collate, load_examples
+from minimind.data.dataset import collate
+from minimind.data.jsonl import load_examples
 from minimind.eval.distributed import ScoringJob, score_files
 from minimind.eval.evaluator import token_byte_lengths
 from minimind.eval.metrics import perplexity

@@ -1,89 +1,28 @@
-"""In-process examples and batches from jsonl files (no Ray): for tests, small runs and workers.
+"""What the training loop reads: :func:`build_training_data` and :func:`collate`.
 
-:func:`load_examples` reads files through the stage formats, counting or raising on bad records;
-:class:`BatchSampler` yields a seeded, per-epoch shuffled order of micro-batches that can start
-from any position, which is what exact resume needs; :func:`collate` pads only to the longest
-sequence in the batch and reports how much of it is padding.
+A run trains on one source (``data.train_files``) or several drawn by weight (``data.mixture``).
+A source is a prepared corpus, memory-mapped so a worker's memory and start-up time do not grow
+with it, or jsonl files tokenized in memory (small runs). Held-out examples come from the prepared
+``val`` split, from ``eval.val_files``, or from the same single pass over jsonl training files.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from minimind.data.formats import IGNORE_INDEX, RecordError, RejectCounts, encode_record, iter_jsonl
-from minimind.data.formats.pretrain import pack_documents, unpacked_example
-from minimind.data.formats.records import in_validation_split
+from minimind.data.formats import IGNORE_INDEX, RejectCounts
+from minimind.data.jsonl import load_examples, split_examples
 from minimind.data.pipeline.manifest import Manifest, is_prepared
+from minimind.data.sampler import BatchSampler, Mixture
+from minimind.data.token_store import TokenStore
 
-
-@dataclass
-class ExampleSet:
-    examples: list[dict]
-    rejects: RejectCounts = field(default_factory=RejectCounts)
-    records_read: int = 0
-
-
-def load_examples(
-    files: Sequence[str | Path],
-    fmt: str,
-    tokenizer,
-    seq_len: int,
-    strict: bool = False,
-    packing: bool = True,
-    split: str | None = None,
-    val_fraction: float = 0.0,
-    allow_empty: bool = False,
-) -> ExampleSet:
-    """Tokenize every record of ``files`` in ``fmt``; pretrain documents are packed into blocks.
-
-    ``split="train"`` or ``"val"`` keeps only that side of the hash split at ``val_fraction``.
-    A single directory made by the prepare pipeline is read from its shards instead (its
-    tokenizer, seq len and format are checked against the arguments; its split is its own).
-    """
-    if not files:
-        raise ValueError("data.train_files is empty")
-    if len(files) == 1 and is_prepared(files[0]):
-        manifest = Manifest.load(files[0])
-        manifest.check(tokenizer.fingerprint, seq_len, fmt)
-        examples = manifest.examples(split or "train")
-        if not examples and not allow_empty:
-            raise ValueError(f"{files[0]}: the {split or 'train'!r} split is empty")
-        rejects = RejectCounts(by_reason=Counter(manifest.rejects))
-        return ExampleSet(examples, rejects, manifest.rows_in)
-    rejects = RejectCounts()
-    encoded: list = []
-    records_read = 0
-    for path in files:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"data file not found: {path}")
-        for line, record in iter_jsonl(path):
-            records_read += 1
-            try:
-                if isinstance(record, RecordError):
-                    if split == "val":
-                        continue  # malformed lines are counted once, by the training side
-                    raise record
-                if split is not None and in_validation_split(record, val_fraction) != (split == "val"):
-                    continue
-                encoded.append(encode_record(fmt, record, tokenizer, seq_len))
-            except RecordError as error:
-                error = error if error.source is not None else error.located(str(path), line)
-                if strict:
-                    raise error from None
-                rejects.add(error)
-    if fmt == "pretrain":
-        if packing:
-            encoded = list(pack_documents(encoded, seq_len))
-        else:
-            encoded = [unpacked_example(tokens, seq_len) for tokens in encoded]
-    if not encoded and not allow_empty:
-        raise ValueError(f"no usable records in {list(map(str, files))}: {rejects.summary()}")
-    return ExampleSet(encoded, rejects, records_read)
+LANGUAGE_MODELLING_FORMATS = ("pretrain", "sft", "r1")
+"""Formats every stage but DPO can train on, alone or mixed: they all have input ids and labels."""
 
 
 @dataclass
@@ -91,16 +30,19 @@ class TrainingData:
     """What the training loop reads: random-access examples, a sampler per rank, held-out examples."""
 
     examples: Sequence[dict]
-    """``examples[i]`` is one example dict (``input_ids``/``labels``[/``document_ids``] or the DPO keys)."""
+    """``examples[i]`` is one example dict (``input_ids``/``labels``[/``document_ids``] or the DPO keys),
+    its values int lists or int64 arrays."""
     rejects: RejectCounts
     validation: list[dict]
     """Held-out examples in a fixed order, at most the requested limit; empty without validation data."""
     lengths: Sequence[int] | None = None
     """Padded length of each example, when batches are grouped by length."""
+    mixture: Mixture | None = None
+    """The sources ``examples`` concatenates and their weights, when training on a mixture."""
 
     def sampler(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> BatchSampler:
         """This rank's micro-batches: the same count on every rank, disjoint across ranks."""
-        return BatchSampler(len(self.examples), batch_size, seed, rank, world_size, self.lengths)
+        return BatchSampler(len(self.examples), batch_size, seed, rank, world_size, self.lengths, self.mixture)
 
 
 def validation_limit(eval_config) -> int:
@@ -108,93 +50,140 @@ def validation_limit(eval_config) -> int:
     return max(eval_config.max_examples, 4 * eval_config.continuation_docs)
 
 
+@dataclass
+class Source:
+    """One opened source: its training examples and its first held-out examples."""
+
+    examples: Sequence[dict]
+    validation: list[dict]
+    rejects: RejectCounts
+
+
+class Concatenation(Sequence):
+    """Several sources' examples as one sequence, numbered source after source."""
+
+    def __init__(self, parts: list[Sequence[dict]]):
+        self.parts = parts
+        self.starts = np.cumsum([0, *map(len, parts)], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"example {index} of {len(self)}")
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.parts[part][int(index - self.starts[part])]
+
+
+def _leading_rows(store: TokenStore, limit: int) -> list[dict]:
+    """The first ``limit`` rows of a memory-mapped split, as int lists (a small, fixed set)."""
+    return [{key: value.tolist() for key, value in store[i].items()} for i in range(min(limit, len(store)))]
+
+
+def _open_prepared(where: str, path: str, fmt: str | None, config, tokenizer) -> Manifest:
+    manifest = Manifest.load(path)
+    try:
+        manifest.check(tokenizer.fingerprint, config.data.seq_len, fmt)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    return manifest
+
+
+def _document_ids(examples: list[dict], wanted: bool) -> list[dict]:
+    """Give language-modelling examples ``document_ids`` exactly when the run masks documents, so
+    every example batches with every other (conversations and unpacked documents are one document)."""
+    for example in examples:
+        if not wanted:
+            example.pop("document_ids", None)
+        elif "input_ids" in example and "document_ids" not in example:
+            example["document_ids"] = [0] * len(example["input_ids"])
+    return examples
+
+
+def _open_source(
+    fields: tuple[str, str], files: list[str], fmt: str | None, config, tokenizer, hold_out: bool
+) -> Source:
+    """One source: a prepared corpus (its own train/val split) or jsonl files in ``fmt``.
+
+    ``fields`` name its files and format in the config, for errors. ``fmt`` is None for a mixture
+    source that does not name one: a prepared corpus states its own, jsonl is read in the stage's.
+    """
+    files_field, format_field = fields
+    if not files:
+        raise ValueError(f"{files_field} is empty")
+    data, limit = config.data, validation_limit(config.eval)
+    if len(files) == 1 and is_prepared(files[0]):
+        manifest = _open_prepared(files_field, files[0], fmt, config, tokenizer)
+        _check_stage(files_field, manifest.format, config.stage)
+        examples = TokenStore(manifest, "train", data.document_mask)
+        if not len(examples):
+            raise ValueError(f"{files_field}: the 'train' split of {files[0]} is empty")
+        validation = _leading_rows(TokenStore(manifest, "val", data.document_mask), limit) if hold_out else []
+        return Source(examples, validation, RejectCounts(by_reason=Counter(manifest.rejects)))
+    if fmt is None:
+        fmt = config.data_format
+    _check_stage(format_field, fmt, config.stage)
+    fraction = config.eval.val_fraction if hold_out else 0.0
+    train, validation = split_examples(
+        files, fmt, tokenizer, data.seq_len, fraction, limit, strict=data.strict, packing=data.packing
+    )
+    masked = data.document_mask
+    return Source(_document_ids(train.examples, masked), _document_ids(validation, masked), train.rejects)
+
+
+def _check_stage(where: str, fmt: str, stage: str) -> None:
+    allowed = ("dpo",) if stage == "dpo" else LANGUAGE_MODELLING_FORMATS
+    if fmt not in allowed:
+        raise ValueError(f"{where}: holds {fmt!r} data, but stage {stage!r} trains on {' or '.join(allowed)} data")
+
+
+def _validation_files(config, tokenizer) -> list[dict]:
+    """The first held-out examples of ``eval.val_files``: a prepared corpus's val split, or the
+    first records of jsonl files (read no further than needed)."""
+    files, data, limit = config.eval.val_files, config.data, validation_limit(config.eval)
+    if len(files) == 1 and is_prepared(files[0]):
+        manifest = _open_prepared("eval.val_files", files[0], config.data_format, config, tokenizer)
+        return _leading_rows(TokenStore(manifest, "val", data.document_mask), limit)
+    validation = load_examples(
+        files, config.data_format, tokenizer, data.seq_len, data.strict, data.packing, allow_empty=True, limit=limit
+    ).examples
+    return _document_ids(validation, data.document_mask)
+
+
 def build_training_data(config, tokenizer) -> TrainingData:
     """Training examples of ``config.data`` and the held-out examples of ``config.eval``."""
     data = config.data
-    held_out = config.eval.enabled and not config.eval.val_files
-    train = load_examples(
-        data.train_files,
-        config.data_format,
-        tokenizer,
-        data.seq_len,
-        strict=data.strict,
-        packing=data.packing,
-        split="train" if held_out else None,
-        val_fraction=config.eval.val_fraction,
-    )
-    validation: list[dict] = []
-    if config.eval.enabled:
-        if config.eval.val_files:
-            files = config.eval.val_files
-            split = "val" if len(files) == 1 and is_prepared(files[0]) else None
-        else:
-            files, split = data.train_files, "val"
-        validation = load_examples(
-            files,
-            config.data_format,
-            tokenizer,
-            data.seq_len,
-            strict=data.strict,
-            packing=data.packing,
-            split=split,
-            val_fraction=config.eval.val_fraction,
-            allow_empty=True,
-        ).examples[: validation_limit(config.eval)]
+    hold_out = config.eval.enabled and not config.eval.val_files
+    if data.mixture:
+        specs = [
+            ((f"data.mixture[{i}].files", f"data.mixture[{i}].format"), s.files, s.format)
+            for i, s in enumerate(data.mixture)
+        ]
+    else:
+        specs = [(("data.train_files", "data.format"), data.train_files, config.data_format)]
+    sources = [_open_source(fields, files, fmt, config, tokenizer, hold_out) for fields, files, fmt in specs]
+    rejects = RejectCounts(sum((Counter(s.rejects.by_reason) for s in sources), Counter()))
+    rejects.examples = [example for s in sources for example in s.rejects.examples][: rejects.max_examples]
+    if config.eval.val_files:
+        validation = _validation_files(config, tokenizer)
+    else:  # each source's held-out examples, in source order
+        validation = [example for source in sources for example in source.validation]
+    validation = validation[: validation_limit(config.eval)]
+    examples = sources[0].examples if len(sources) == 1 else Concatenation([s.examples for s in sources])
     lengths = None
     if data.group_by_length and config.data_format != "pretrain":
-        lengths = [example_length(example) for example in train.examples]
-    return TrainingData(train.examples, train.rejects, validation, lengths)
+        lengths = np.concatenate([_lengths(source.examples) for source in sources])
+    mixture = None
+    if data.mixture:
+        mixture = Mixture(tuple(len(s.examples) for s in sources), tuple(s.weight for s in data.mixture))
+    return TrainingData(examples, rejects, validation, lengths, mixture)
 
 
-@dataclass
-class BatchSampler:
-    """Micro-batches of example indices: shuffled per epoch from ``seed``, sharded by rank.
-
-    The order depends only on (seed, epoch), so ``batches(epoch, start=k)`` resumes exactly.
-    With ``lengths``, each window of 64 batches is sorted by length before it is cut into
-    batches, so a batch holds examples of similar length and little padding; the batches are
-    then shuffled again. Each rank takes every ``world_size``-th batch; trailing batches that
-    would leave ranks unequal are not used in that epoch (they come back in a later shuffle).
-    """
-
-    num_examples: int
-    batch_size: int
-    seed: int
-    rank: int = 0
-    world_size: int = 1
-    lengths: Sequence[int] | None = None
-    _cache: tuple[int, list[list[int]]] | None = field(default=None, init=False, repr=False)
-
-    def __len__(self) -> int:
-        """Micro-batches per epoch for this rank (the last partial batch is kept)."""
-        total = -(-self.num_examples // self.batch_size)
-        return total // self.world_size if self.world_size > 1 else total
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """Every batch of ``epoch`` in order, all ranks included."""
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(self.num_examples, generator=generator).tolist()
-        size = self.batch_size
-        if self.lengths is None:
-            batches = [order[i : i + size] for i in range(0, len(order), size)]
-        else:
-            window = size * 64
-            batches = []
-            for start in range(0, len(order), window):
-                chunk = sorted(order[start : start + window], key=self.lengths.__getitem__)
-                batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
-            # The last batch may be partial; it stays last so every other batch is full.
-            shuffled = torch.randperm(len(batches) - 1, generator=generator).tolist()
-            batches = [batches[i] for i in shuffled] + batches[-1:]
-        self._cache = (epoch, batches)
-        return batches
-
-    def batches(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
-        batches = self.epoch_batches(epoch)
-        for local in range(start, len(self)):
-            yield batches[local * self.world_size + self.rank]
+def _lengths(examples: Sequence[dict]) -> np.ndarray:
+    if isinstance(examples, TokenStore):
+        return examples.lengths()
+    return np.array([example_length(example) for example in examples], dtype=np.int64)
 
 
 def example_length(example: dict) -> int:
@@ -205,11 +194,14 @@ def example_length(example: dict) -> int:
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor:
-    return torch.tensor([list(row) + [value] * (length - len(row)) for row in rows], dtype=torch.long)
+    padded = np.full((len(rows), length), value, dtype=np.int64)
+    for index, row in enumerate(rows):
+        padded[index, : len(row)] = row
+    return torch.from_numpy(padded)
 
 
 def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Stack examples padded to the batch's longest sequence.
+    """Stack examples (int lists or arrays) padded to the batch's longest sequence.
 
     DPO pairs become one batch of 2B rows (chosen first, then rejected). ``real_tokens`` counts
     non-padding positions for throughput and padding statistics.

@@ -1,4 +1,4 @@
-"""The Ray Data side of minimind's data: corpus preparation into Parquet shards, and reading them."""
+"""The Ray Data side of minimind's data: corpus preparation into Parquet shards and memory-mapped token arrays."""
 
 from minimind.data.pipeline.manifest import MANIFEST_FILE, Manifest, is_prepared
 

@@ -1,8 +1,9 @@
 """``manifest.json`` of a prepared corpus, and reading prepared shards back.
 
-The manifest records what the shards are (schema version, format, seq len, tokenizer fingerprint),
-what went in and out (rows, tokens, padding, rejects by reason) and where the shards are. Loaders
-check the tokenizer and seq len against the run's config and refuse a mismatch.
+The manifest records what the shards are (schema version, format, seq len, tokenizer fingerprint,
+token dtype), what went in and out (rows, tokens, padding, rejects by reason) and where the shards
+are. Loaders check the tokenizer and seq len against the run's config and refuse a mismatch.
+Training reads the memory-mapped arrays next to each shard (:mod:`minimind.data.token_store`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: memory-mapped token arrays next to each Parquet shard
 MANIFEST_FILE = "manifest.json"
 SHARD_COLUMNS = {
     "pretrain": ("input_ids", "document_ids"),  # labels are the input ids themselves
@@ -49,12 +50,14 @@ class Manifest:
     """Per split: rows (blocks or records), tokens, padding_fraction, shards [{path, rows, tokens}]."""
     options: dict = field(default_factory=dict)
     seconds: float = 0.0
+    token_dtype: str = "uint16"
+    """numpy dtype of the shards' token arrays."""
     schema_version: int = SCHEMA_VERSION
     root: str = ""
 
     @classmethod
     def from_stats(
-        cls, stats: list[dict], *, fmt, seq_len, tokenizer_hash, fingerprint, inputs, options, seconds
+        cls, stats: list[dict], *, fmt, seq_len, tokenizer_hash, fingerprint, inputs, options, seconds, token_dtype
     ) -> Manifest:
         rejects: Counter = Counter()
         splits = {split: {"rows": 0, "tokens": 0, "slots": 0, "shards": []} for split in ("train", "val")}
@@ -66,6 +69,7 @@ class Manifest:
             inputs,
             seconds=seconds,
             options=json.loads(json.dumps(asdict(options))),
+            token_dtype=token_dtype,
         )
         for row in stats:
             manifest.rows_in += int(row["rows_in"])
@@ -127,7 +131,11 @@ class Manifest:
         return [str(Path(self.root) / shard["path"]) for shard in self.splits.get(split, {}).get("shards", [])]
 
     def examples(self, split: str) -> list[dict]:
-        """All rows of a split as plain dicts of int lists (in-process reader, no Ray)."""
+        """All rows of a split from Parquet as dicts of int lists: for tests and small splits only.
+
+        This costs ~50 bytes per token; training memory-maps the token arrays instead
+        (:class:`minimind.data.token_store.TokenStore`).
+        """
         rows: list[dict] = []
         for path in self.shard_paths(split):
             rows.extend(pq.read_table(path).to_pylist())

@@ -10,8 +10,10 @@ Stages (every Ray touchpoint is in this file):
 3. tokenize and write (an actor pool, ``compute=ActorPoolStrategy``): each batch of rows is
    deduplicated (optional), tokenized through the stage formats, packed (pretrain) or masked
    (sft/dpo/r1), shuffled with a seed derived from its first row, and written as one Parquet
-   shard per split; rejected rows go to ``rejects/`` with file, line and reason. Each batch
-   returns only its statistics, so the driver's memory does not grow with the corpus.
+   shard per split (read by Ray Data) plus the same rows as memory-mapped token arrays (read by
+   training, :mod:`minimind.data.token_store`); rejected rows go to ``rejects/`` with file, line
+   and reason. Each batch returns only its statistics, so the driver's memory does not grow with
+   the corpus.
 
 The run builds everything in a temporary folder next to ``out`` and renames it into place with its
 ``manifest.json`` last, so an interrupted run leaves no half-written output behind, and a finished
@@ -49,6 +51,7 @@ from minimind.data.pipeline.chunks import (
 )
 from minimind.data.pipeline.manifest import MANIFEST_FILE, SCHEMA_VERSION, SHARD_COLUMNS, Manifest
 from minimind.data.pipeline.validate import Filters, detect_format, validate_line
+from minimind.data.token_store import token_dtype, write_token_store
 from minimind.tokenizer import load_tokenizer
 
 
@@ -211,6 +214,7 @@ class ShardWriter:
             path = self.work_dir / split / f"part-{key}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(table, path, compression="zstd")
+            write_token_store(path, self.fmt, examples, token_dtype(self.tokenizer.vocab_size))
             tokens = sum(_tokens(self.fmt, e) for e in examples)
             slots = len(examples) * options.seq_len * (2 if self.fmt == "dpo" else 1)
             totals[split] = [len(examples), tokens, slots]
@@ -339,6 +343,7 @@ def prepare(options: PrepareOptions) -> Manifest:
         inputs=files,
         options=options,
         seconds=time.perf_counter() - started,
+        token_dtype=str(token_dtype(tokenizer.vocab_size)),
     )
     manifest.write(work_dir)
     if out.exists():
