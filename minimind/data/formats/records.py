@@ -66,7 +66,9 @@ class RejectCounts:
         if not self.total:
             return "no rejected records"
         reasons = ", ".join(f"{reason}={count}" for reason, count in self.by_reason.most_common())
-        return f"{self.total} rejected records ({reasons}); first: {self.examples[0]}"
+        # A prepared corpus brings counts only; its rows are listed in its rejects/ folder.
+        first = f"; first: {self.examples[0]}" if self.examples else ""
+        return f"{self.total} rejected records ({reasons}){first}"
 
 
 def parse_line(raw: bytes) -> dict:
