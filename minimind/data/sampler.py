@@ -43,7 +43,7 @@ class Mixture:
         """Indices of the epoch's examples, source after source (shuffled by the sampler)."""
         drawn, start = [], 0
         for source, (size, count) in enumerate(zip(self.sizes, self.counts)):
-            # spawn_key gives every source a stream independent of the epoch shuffle's.
+            # One independent stream per (seed, epoch, source): the spawn key tells the sources apart.
             generator = np.random.default_rng(np.random.SeedSequence([seed, epoch], spawn_key=(source + 1,)))
             cycles = max(1, -(-count // size))
             drawn.append(np.concatenate([generator.permutation(size) for _ in range(cycles)])[:count] + start)
