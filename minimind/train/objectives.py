@@ -48,12 +48,17 @@ class LanguageModeling(Objective):
         self.weighted_ids = weighted_ids
         self.token_weight = token_weight
         self.document_mask = document_mask
+        self._weighted_ids_on: dict[torch.device, torch.Tensor] = {}
 
     def _weights(self, labels: torch.Tensor) -> torch.Tensor:
         targets = shifted(labels, labels)[1]
         weights = (targets != IGNORE_INDEX).float()
         if self.weighted_ids and self.token_weight != 1.0:
-            special = torch.isin(targets, torch.tensor(self.weighted_ids, device=targets.device))
+            # Copied to the device once: a copy from host memory per batch would wait for the GPU.
+            ids = self._weighted_ids_on.get(targets.device)
+            if ids is None:
+                ids = self._weighted_ids_on[targets.device] = torch.tensor(self.weighted_ids, device=targets.device)
+            special = torch.isin(targets, ids)
             weights = torch.where(special, weights * self.token_weight, weights)
         return weights
 
@@ -88,7 +93,8 @@ class DPO(Objective):
         self.length_normalize = length_normalize
 
     def normalizer(self, batch):
-        return torch.tensor(batch["input_ids"].shape[0] / 2, device=batch["input_ids"].device)
+        # Filled on the device (no copy from host memory, which would wait for the GPU).
+        return torch.full((), batch["input_ids"].shape[0] / 2, device=batch["input_ids"].device)
 
     def __call__(self, model, batch):
         policy, aux_loss = sequence_log_probs(model, batch, self.length_normalize)
