@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -101,11 +102,19 @@ def build_strategy(config: TrainConfig, device: torch.device):
     return SingleProcess()
 
 
+def quiet_report_logs() -> None:
+    """Ray Train logs every report of every rank at INFO; the progress line says it once. The
+    report logger is named after its file, so it is looked up through its (loaded) module."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    reporting = sys.modules.get("ray.train.v2._internal.execution.context")
+    if reporting is not None:
+        logging.getLogger(reporting.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(raw_config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: one worker of the run."""
     config = build_config(raw_config)
-    # Ray Train logs every report of every rank at INFO; the progress line says it once.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    quiet_report_logs()
     device = ray.train.torch.get_device()
     if not config.distributed.use_gpu:
         torch.set_num_threads(max(1, int(config.distributed.cpus_per_worker)))
