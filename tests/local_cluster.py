@@ -8,6 +8,7 @@ the processes this cluster started (never ``ray stop``, which would end every Ra
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -118,6 +119,8 @@ class LocalCluster:
         return found
 
     def stop(self) -> None:
+        # Collected first: once a node's `ray start` process is gone, its orphans cannot be traced to it.
+        started = self.descendants()
         for process in self.processes:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
@@ -129,6 +132,9 @@ class LocalCluster:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         # Workers that left the process group (Ray daemonises a few helpers).
-        for child in self.descendants():
-            child.kill()
+        import psutil  # shipped with Ray
+
+        for child in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -16,6 +16,7 @@ refused instead of silently training on a different order.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -23,7 +24,15 @@ from pathlib import Path
 import torch
 
 from minimind.config import config_to_dict
-from minimind.model.checkpoint import ADAPTER_FILE, WEIGHTS_FILE, load_adapter, load_weights, read_meta, save_model
+from minimind.model.checkpoint import (
+    ADAPTER_FILE,
+    WEIGHTS_FILE,
+    load_adapter,
+    load_weights,
+    read_meta,
+    resolve_checkpoint,
+    save_model,
+)
 
 STATE_FILE = "trainer_state.pt"
 
@@ -95,29 +104,34 @@ def load_checkpoint(trainer, directory: Path) -> int:
 
 
 class LocalRun:
-    """Checkpoints of an in-process run, in ``checkpoint.dir`` on this machine."""
+    """The loop's checkpoint store for an in-process run: ``checkpoint.dir`` on this machine."""
 
-    def __init__(self, run_dir: str | Path, keep_last: int):
-        self.run_dir = Path(run_dir)
-        self.keep_last = keep_last
+    def __init__(self, config):
+        self.run_dir = Path(config.checkpoint.dir)
+        self.keep_last = config.checkpoint.keep_last
+        self.resume = config.checkpoint.resume
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
-    def latest(self) -> Path | None:
-        pointer = self.run_dir / "latest"
-        return self.run_dir / pointer.read_text().strip() if pointer.exists() else None
+    def resume_directory(self):
+        """Context giving the checkpoint directory to resume from, or None."""
+        latest = None
+        if self.resume:
+            with contextlib.suppress(FileNotFoundError):
+                latest = resolve_checkpoint(self.run_dir)
+        return contextlib.nullcontext(latest)
 
-    def save(self, trainer, rng_states: list[dict]) -> Path:
+    def publish(self, trainer, metrics: dict | None, save: bool) -> Path | None:
+        if not save:
+            return None
         name = checkpoint_name(trainer.step)
         final = self.run_dir / name
         temporary = self.run_dir / f".tmp-{name}"
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
-        write_checkpoint(trainer, temporary, rng_states)
+        write_checkpoint(trainer, temporary, [rng_state()])
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
-        pointer = self.run_dir / ".latest.tmp"
-        pointer.write_text(name)
-        os.replace(pointer, self.run_dir / "latest")
+        trainer.files.write_latest(name)
         self._prune(keep=name)
         return final
 

@@ -38,7 +38,7 @@ from minimind.config import TrainConfig, build_config, config_to_dict
 from minimind.train.checkpointing import checkpoint_name, rng_state, write_checkpoint
 from minimind.train.loop import Trainer
 from minimind.train.parallel import DataParallel, SingleProcess
-from minimind.train.reporting import RunFiles, is_uri
+from minimind.train.reporting import is_uri
 
 # ray.train.report() waits for the controller's next poll; Ray's 2 s default would stall every log
 # step of a small model. Propagated from the driver to the controller and the workers.
@@ -66,9 +66,8 @@ def split_run_dir(run_dir: str) -> tuple[str, str]:
 class RayTrainRun:
     """The loop's checkpoint store inside a Ray Train worker."""
 
-    def __init__(self, config: TrainConfig, strategy):
+    def __init__(self, strategy):
         self.strategy = strategy
-        self.files = RunFiles(config.checkpoint.dir) if strategy.rank == 0 else None
 
     def resume_directory(self):
         """The run's latest checkpoint: after a re-submit, or after Ray restarted the worker group."""
@@ -91,7 +90,7 @@ class RayTrainRun:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), checkpoint_dir_name=name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        self.files.write_latest(name)  # persisted by now: the report above uploads synchronously
+        trainer.files.write_latest(name)  # persisted by now: the report above uploads synchronously
 
 
 def build_strategy(config: TrainConfig, device: torch.device):
@@ -126,7 +125,7 @@ def train_worker(raw_config: dict) -> None:
         f"device {device}",
         flush=True,
     )
-    trainer = Trainer(config, strategy=strategy, run=RayTrainRun(config, strategy), device=device)
+    trainer = Trainer(config, strategy=strategy, run=RayTrainRun(strategy), device=device)
     if strategy.rank == 0 and trainer.data.rejects.total:
         print(f"[data] {trainer.data.rejects.summary()}", flush=True)
     trainer.fit()
@@ -211,14 +210,13 @@ def fit(config: TrainConfig):
     With ``checkpoint.resume`` (the default) an existing run of the same name continues from its
     latest checkpoint; without it, an existing run is refused rather than mixed with a new one.
     """
+    config = paths_for_workers(config)
     run_dir = config.checkpoint.dir
     if not config.checkpoint.resume and run_dir and run_dir_has_checkpoints(run_dir):
         raise ValueError(
             f"checkpoint.resume is false but {run_dir} already holds checkpoints; "
             "choose another --name (or remove the old run)"
         )
-    config = paths_for_workers(config)
-    run_dir = config.checkpoint.dir
     trainer = build_trainer(config)
     print(f"[run] {config.stage}: checkpoints, metrics.jsonl and config.yaml in {run_dir}", flush=True)
     result = trainer.fit()

@@ -29,7 +29,7 @@ ENTRY_POINTS = {
     "distill": ("distill", {}),
 }
 
-# Flag -> (dotted field, value for store_true flags or None to take the flag's value)
+# Flag (its argparse name) -> the dotted config field it sets.
 SHORTHANDS = {
     "num_workers": "distributed.num_workers",
     "use_gpu": "distributed.use_gpu",
@@ -40,7 +40,6 @@ SHORTHANDS = {
 
 
 def build_parser(entry: str) -> argparse.ArgumentParser:
-    stage, _ = ENTRY_POINTS[entry]
     parser = argparse.ArgumentParser(
         prog=f"ray_jobs/{entry}.py",
         description=f"Run the {entry} stage with Ray Train. Extra --dotted.field VALUE options override the recipe.",
@@ -56,7 +55,6 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--init-from", help="start from these weights: a checkpoint, a run directory, or a run name in the storage path"
     )
-    parser.set_defaults(stage=stage)
     return parser
 
 

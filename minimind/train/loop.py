@@ -16,7 +16,6 @@ loop never waits for the device: losses and counts stay tensors until a log or c
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from minimind.model import MiniMindLM, flops_per_token
 from minimind.model.checkpoint import load_model
 from minimind.model.lora import apply_lora
 from minimind.tokenizer import MiniMindTokenizer, load_tokenizer
-from minimind.train.checkpointing import LocalRun, load_checkpoint, rng_state
+from minimind.train.checkpointing import LocalRun, load_checkpoint
 from minimind.train.metrics import mfu, peak_flops
 from minimind.train.objectives import DPO, Distillation, LanguageModeling, Objective
 from minimind.train.parallel import SingleProcess
@@ -104,23 +103,10 @@ class TrainResult:
     """Validation metrics at the last step (empty without validation data)."""
 
 
-class InProcessRun:
-    """Checkpoint store of a run in this process: ``checkpoint.dir`` on this machine."""
-
-    def __init__(self, config: TrainConfig):
-        self.local = LocalRun(config.checkpoint.dir, config.checkpoint.keep_last)
-        self.resume = config.checkpoint.resume
-
-    def resume_directory(self):
-        """Context giving the checkpoint directory to resume from, or None."""
-        return contextlib.nullcontext(self.local.latest() if self.resume else None)
-
-    def publish(self, trainer: Trainer, metrics: dict | None, save: bool) -> Path | None:
-        return self.local.save(trainer, [rng_state()]) if save else None
-
-
-# Per-step statistics summed over a log window (and over workers when logging).
+# Per-step statistics summed over a log window (and over workers when logging) ...
 SUMMED = ("loss_sum", "targets", "aux_loss", "real_tokens", "total_tokens")
+# ... and those of which a window keeps the last step's value.
+LATEST = ("lr", "grad_norm")
 
 
 class Trainer:
@@ -174,7 +160,7 @@ class Trainer:
             config.model, self.model.num_parameters(active_only=True), config.data.seq_len
         )
         self.peak_flops = peak_flops(self.device, config.logging.gpu_peak_tflops)
-        self.run = run if run is not None else (InProcessRun(config) if config.checkpoint.dir else None)
+        self.run = run if run is not None else (LocalRun(config) if config.checkpoint.dir else None)
         self.files = RunFiles(config.checkpoint.dir) if config.checkpoint.dir and self.is_main else None
         self.step = 0
         self._first_bad_step = torch.full((), math.inf, device=self.device)
@@ -227,7 +213,7 @@ class Trainer:
         stats["total_tokens"] = torch.tensor(float(sum(int(b["total_tokens"]) for b in cpu_batches)))
         return stats
 
-    def optimizer_step(self, step: int) -> torch.Tensor:
+    def optimizer_step(self) -> torch.Tensor:
         """Clip, step and zero the gradients; return the gradient norm (a tensor)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -247,7 +233,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         stats = self.accumulate_gradients(step)
-        grad_norm = self.optimizer_step(step)
+        grad_norm = self.optimizer_step()
         # A GradScaler expects occasional inf gradients (it skips those steps): only the loss counts then.
         finite = torch.isfinite(stats["loss_sum"])
         if self.scaler is None:
@@ -260,30 +246,27 @@ class Trainer:
     def fit(self, stop_at_step: int | None = None) -> TrainResult:
         """Train from the newest checkpoint (if resuming) to the end, or up to ``stop_at_step``."""
         config = self.config
+        checkpoint_path = None
         if self.run is not None:
             with self.run.resume_directory() as directory:
                 if directory is not None:
                     self.step = load_checkpoint(self, Path(directory))
+                    checkpoint_path = Path(directory)  # what a finished run's re-run returns
                     if self.is_main:
                         print(f"[checkpoint] resumed from {directory} at step {self.step}", flush=True)
         if self.files:
             self.files.write_config(config)
-        wandb = (
-            WandbLogger(config, Path(config.checkpoint.dir or "runs/wandb").name, self._wandb_dir())
-            if (config.logging.wandb and self.is_main)
-            else None
-        )
+        wandb = WandbLogger(config) if config.logging.wandb and self.is_main else None
         end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
         history: list[dict] = []
         window: dict = {}
         window_steps, first_step = 0, self.step
         started = window_start = time.perf_counter()
-        checkpoint_path = None
         final_eval: dict = {}
         while self.step < end:
             stats = self.train_step(self.step)
             for key, value in stats.items():
-                window[key] = value if key in ("lr", "grad_norm") else window.get(key, 0.0) + value
+                window[key] = value if key in LATEST else window.get(key, 0.0) + value
             window_steps += 1
             self.step += 1
             log_due = self.step % config.logging.every_steps == 0 or self.step == end
@@ -311,11 +294,6 @@ class Trainer:
             wandb.close()
         return TrainResult(self.step, history, checkpoint_path, self.data.rejects.summary(), final_eval)
 
-    def _wandb_dir(self) -> str:
-        directory = self.config.checkpoint.dir or "runs"
-        # Offline W&B files stay next to the run when it is local; object stores get a local folder.
-        return str(Path(directory)) if "://" not in directory else str(Path("runs") / "wandb")
-
     def _check_finite(self) -> None:
         """Stop at the first step whose loss or gradient norm was NaN/inf (one sync, at log steps)."""
         bad = float(self.strategy.all_reduce(self._first_bad_step, "min"))
@@ -328,7 +306,7 @@ class Trainer:
 
     def _summarise(self, window: dict, steps: int, seconds: float) -> dict:
         """Metrics of the window, summed over workers: the one host-device synchronisation per log."""
-        names = sorted(key for key in window if key not in ("lr", "grad_norm"))
+        names = sorted(key for key in window if key not in LATEST)
         local = torch.stack([torch.as_tensor(window[name], dtype=torch.float32).to(self.device) for name in names])
         totals = dict(zip(names, self.strategy.all_reduce(local).tolist()))
         world = self.strategy.world_size

@@ -89,16 +89,20 @@ def progress_line(stage: str, metrics: dict, total_steps: int, eta_seconds: floa
 class WandbLogger:
     """Metrics to Weights & Biases; offline (files under the run directory) when no API key is set.
 
-    The run id is the run directory's name, so a resumed run continues the same W&B run. The key
-    is read by wandb from the environment and never printed here.
+    The run id is the run directory's name, so a resumed run continues the same W&B run; its files
+    go into a local run directory (``runs/wandb`` when the run lives in object storage). The key is
+    read by wandb from the environment and never printed here.
     """
 
-    def __init__(self, config: TrainConfig, run_name: str, local_dir: str):
+    def __init__(self, config: TrainConfig):
         try:
             import wandb
         except ImportError:
             raise RuntimeError("logging.wandb needs the wandb package: pip install 'minimind-ray[wandb]'") from None
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        run_dir = config.checkpoint.dir or "runs/minimind"
+        run_name = run_dir.rstrip("/").rpartition("/")[2]
+        local_dir = str(Path("runs") / "wandb") if is_uri(run_dir) else run_dir
         Path(local_dir).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=config.logging.wandb_project,
