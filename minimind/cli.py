@@ -106,6 +106,13 @@ def _cmd_import_hf(args: argparse.Namespace, overrides: dict) -> None:
     print(f"wrote checkpoint {out} ({model.num_parameters():,} parameters)")
 
 
+def _cmd_consolidate(args: argparse.Namespace, overrides: dict) -> None:
+    from minimind.train.zero import consolidate
+
+    target = consolidate(args.checkpoint, args.out)
+    print(f"wrote fp32 weights of {args.checkpoint} into checkpoint {target}")
+
+
 def _cmd_train_tokenizer(args: argparse.Namespace, overrides: dict) -> None:
     from minimind.data.corpus import train_tokenizer_on_files
 
@@ -168,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("hf_dir")
     imp.add_argument("--out", required=True)
     imp.set_defaults(run=_cmd_import_hf)
+
+    merge = commands.add_parser(
+        "consolidate", help="write the fp32 model.safetensors of a DeepSpeed ZeRO checkpoint (or run) from its shards"
+    )
+    merge.add_argument("checkpoint", help="checkpoint or run directory (its newest checkpoint)")
+    merge.add_argument("--out", help="write the consolidated checkpoint here (default: into the checkpoint)")
+    merge.set_defaults(run=_cmd_consolidate)
 
     tok = commands.add_parser("train-tokenizer", help="train the byte-level BPE tokenizer on jsonl files")
     tok.add_argument("files", nargs="+")

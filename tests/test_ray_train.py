@@ -3,7 +3,6 @@
 points, as subprocess drivers or jobs) and judged by what they wrote to their run directories.
 """
 
-import json
 import math
 import os
 import re
@@ -15,6 +14,7 @@ import time
 import pytest
 import torch
 from conftest import ROOT, SAMPLE, tiny_config
+from ray_runs import final_weights, finish, max_diff, metrics, pretrain, train_workers, wait_for_checkpoint
 
 from minimind.model.checkpoint import load_model, resolve_checkpoint
 from minimind.train.loop import Trainer
@@ -29,41 +29,6 @@ COMMON = [
 ]  # fmt: skip
 # Dropout makes every rank's random stream part of the state a restart must restore.
 WITH_DROPOUT = [*COMMON, "--model.dropout", "0.1", "--max-failures", "1"]
-
-
-def pretrain(storage, name, args, **popen):
-    command = [sys.executable, "ray_jobs/pretrain.py", *args, "--storage-path", str(storage), "--name", name]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
-def finish(process, timeout=300) -> str:
-    out, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, out[-4000:]
-    return out
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def final_weights(run_dir):
-    return load_model(run_dir).state_dict()
-
-
-def max_diff(a, b):
-    return max((a[name] - b[name]).abs().max().item() for name in a)
-
-
-def wait_for_checkpoint(run_dir, process, timeout=180):
-    deadline = time.time() + timeout
-    while not (run_dir / "latest").exists():
-        assert process.poll() is None, process.communicate()[0][-4000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.1)
-
-
-def train_workers(cluster):
-    return [p for p in cluster.descendants() if "RayTrainWorker" in " ".join(p.cmdline())]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field
 
 STAGES = ("pretrain", "sft", "dpo", "reasoning", "distill")
-STRATEGIES = ("ddp",)
+STRATEGIES = ("ddp", "deepspeed")
+ZERO_STAGES = (0, 1, 2, 3)
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DATA_FORMATS = ("pretrain", "sft", "dpo", "r1")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -298,7 +299,15 @@ class DistributedConfig:
     """Ray Train workers that run the loop, what each holds, and how they share the model."""
 
     strategy: str = "ddp"
-    """How workers share the model: ddp (data parallel; one worker runs it plainly)."""
+    """How workers share the model: ddp (PyTorch DDP; one worker runs plainly) or deepspeed (ZeRO)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer state sharded), 2 (+ gradients),
+    3 (+ parameters). Used with ``strategy: deepspeed``."""
+    offload_optimizer: bool = False
+    """ZeRO-2/3: keep the optimizer state (fp32 master weights, Adam moments) in host memory."""
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON template; ``None`` uses the repository's ``zero_configs/zero{stage}.json``. Batch,
+    accumulation, clipping, precision and the ZeRO stage are always filled from this run config."""
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -320,6 +329,20 @@ class DistributedConfig:
             f"must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}",
         )
         _require(self.max_failures >= -1, f"{path}.max_failures", "must be >= -1")
+        _require(
+            self.zero_stage in ZERO_STAGES, f"{path}.zero_stage", f"must be one of {ZERO_STAGES}, got {self.zero_stage}"
+        )
+        deepspeed = self.strategy == "deepspeed"
+        _require(
+            not self.offload_optimizer or (deepspeed and self.zero_stage >= 2),
+            f"{path}.offload_optimizer",
+            f"needs strategy deepspeed with zero_stage 2 or 3 (got {self.strategy}, stage {self.zero_stage})",
+        )
+        _require(
+            self.deepspeed_config is None or deepspeed,
+            f"{path}.deepspeed_config",
+            "is read only with strategy deepspeed",
+        )
 
 
 @dataclass
@@ -409,9 +432,29 @@ class TrainConfig:
             "objective.teacher",
             "the distill stage needs a teacher checkpoint directory",
         )
+        if self.distributed.strategy == "deepspeed":
+            self._validate_deepspeed()
         _require(
             self.stage != "dpo" or self.checkpoint.init_from is not None,
             "checkpoint.init_from",
             "DPO needs a starting checkpoint (it is also the frozen reference model)",
         )
         return self
+
+    def _validate_deepspeed(self) -> None:
+        """Combinations DeepSpeed cannot run here, refused before any worker starts."""
+        _require(
+            not (self.lora.enabled and self.distributed.zero_stage == 3),
+            "distributed.zero_stage",
+            "ZeRO-3 partitions the frozen base weights LoRA wraps; LoRA runs with zero_stage 0-2",
+        )
+        _require(
+            not (self.runtime.dtype == "fp16" and not self.distributed.use_gpu),
+            "runtime.dtype",
+            "fp16 needs GPUs (DeepSpeed's loss scaling is for CUDA); on CPU use fp32 or bf16",
+        )
+        _require(
+            not self.runtime.compile,
+            "runtime.compile",
+            "torch.compile is not combined with the DeepSpeed engine here; use strategy ddp to compile",
+        )

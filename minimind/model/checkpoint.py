@@ -46,10 +46,12 @@ def save_model(
     lora: LoraConfig | None = None,
     base: str | None = None,
     extra: dict | None = None,
+    weights: bool = True,
 ) -> None:
     """Write weights and ``model.json`` into ``directory`` (which must exist).
 
     With ``lora`` and a ``base`` checkpoint, only the adapter is written: the base is unchanged.
+    ``weights=False`` writes ``model.json`` alone (the weights live elsewhere, e.g. in shards).
     """
     directory = Path(directory)
     # Pin the base to its exact checkpoint folder, not a run directory whose 'latest' moves on.
@@ -60,9 +62,9 @@ def save_model(
         "base": base,
         **(extra or {}),
     }
-    if lora:
+    if lora and weights:
         save_file(_fp32(adapter_state_dict(model)), str(directory / ADAPTER_FILE))
-    if not base:
+    if not base and weights:
         weights = base_state_dict(model)
         weights.pop(TIED_KEY, None)
         save_file(_fp32(weights), str(directory / WEIGHTS_FILE))
@@ -83,6 +85,12 @@ def load_model(
     """
     directory = resolve_checkpoint(path)
     meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    weights_file = directory / (ADAPTER_FILE if meta.get("base") else WEIGHTS_FILE)
+    if not weights_file.exists() and meta.get("sharded"):
+        raise FileNotFoundError(
+            f"{directory} holds only {meta['sharded']} shards; "
+            f"write its weights with `minimind consolidate {directory}`"
+        )
     if meta.get("base"):
         model = load_model(meta["base"], device, merge=True)
     else:

@@ -6,6 +6,9 @@ reported checkpoint ``step_N`` and adds its own bookkeeping files beside them)::
     config.yaml  metrics.jsonl  latest
     step_00000100/{model.safetensors | adapter.safetensors, model.json, trainer_state.pt}
 
+A DeepSpeed run's checkpoints hold the engine's shards in ``deepspeed/`` instead of the optimizer
+state (and, but for the run's last one, instead of the weights; see ``minimind.train.zero``).
+
 In process, a checkpoint is written into a temporary folder and renamed into place, then
 ``latest`` is replaced atomically, so a crash at any moment leaves the previous checkpoint intact.
 ``trainer_state.pt`` holds only tensors and plain values and is read with ``weights_only=True``.
@@ -49,15 +52,32 @@ def rng_state() -> dict:
 
 
 def write_checkpoint(trainer, directory: Path, rng_states: list[dict]) -> None:
-    """Weights and trainer state of ``trainer`` into ``directory`` (rank 0 calls this)."""
+    """Weights and trainer state of ``trainer`` into ``directory``.
+
+    Rank 0 calls this, or every rank under a sharded strategy (DeepSpeed), whose ranks each write
+    their shards; rank 0 adds ``model.json``, the trainer state and, at the end of the run, the
+    gathered full weights.
+    """
     config = trainer.config
+    strategy = trainer.strategy
+    if strategy.sharded:
+        strategy.save_sharded(directory)
+    final = trainer.step >= trainer.total_steps
+    # A sharded run gathers full weights only at its end (`minimind consolidate` does it on demand).
+    model = strategy.full_model(trainer.model) if final or not strategy.sharded else trainer.model
+    if strategy.rank != 0:
+        return
     lora = config.lora if config.lora.enabled else None
+    extra = {"step": trainer.step, "stage": config.stage, "tokenizer": trainer.tokenizer.fingerprint}
+    if strategy.sharded:
+        extra["sharded"] = strategy.name
     save_model(
-        trainer.model,
+        model,
         directory,
         lora=lora,
         base=config.checkpoint.init_from,
-        extra={"step": trainer.step, "stage": config.stage, "tokenizer": trainer.tokenizer.fingerprint},
+        extra=extra,
+        weights=final or not strategy.sharded,
     )
     state = {
         "step": trainer.step,
@@ -66,7 +86,8 @@ def write_checkpoint(trainer, directory: Path, rng_states: list[dict]) -> None:
         "world_size": trainer.strategy.world_size,
         "batch_size": config.optim.batch_size,
         "grad_accum_steps": config.optim.grad_accum_steps,
-        "optimizer": trainer.optimizer.state_dict(),
+        "strategy": strategy.name,
+        "optimizer": None if strategy.sharded else trainer.optimizer.state_dict(),
         "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
         "rng": rng_states,
     }
@@ -89,11 +110,21 @@ def load_checkpoint(trainer, directory: Path) -> int:
             "resume with the same workers and batch, or start a new run from its weights with "
             f"--checkpoint.init_from {directory}"
         )
-    if (directory / WEIGHTS_FILE).exists():
-        load_weights(trainer.model, directory / WEIGHTS_FILE)
-    if (directory / ADAPTER_FILE).exists():
-        load_adapter(trainer.model, directory / ADAPTER_FILE)
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    strategy = trainer.strategy
+    if state.get("strategy", "ddp") != strategy.name:
+        raise ValueError(
+            f"{directory} was written under strategy {state.get('strategy', 'ddp')}; this run uses {strategy.name}, "
+            "whose optimizer state has another layout. Resume with the same strategy, or start a new run from "
+            f"its weights with --checkpoint.init_from {directory}"
+        )
+    if strategy.sharded:
+        strategy.load_sharded(directory)  # weights and optimizer partitions, each rank its own
+    else:
+        if (directory / WEIGHTS_FILE).exists():
+            load_weights(trainer.model, directory / WEIGHTS_FILE)
+        if (directory / ADAPTER_FILE).exists():
+            load_adapter(trainer.model, directory / ADAPTER_FILE)
+        trainer.optimizer.load_state_dict(state["optimizer"])
     if trainer.scaler and state["scaler"]:
         trainer.scaler.load_state_dict(state["scaler"])
     rng = state["rng"][trainer.strategy.rank]

@@ -34,11 +34,13 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from minimind.config import TrainConfig, build_config, config_to_dict
+from minimind.config import ConfigError, TrainConfig, build_config, config_to_dict
+from minimind.model import MiniMindLM
 from minimind.train.checkpointing import checkpoint_name, rng_state, write_checkpoint
 from minimind.train.loop import Trainer
 from minimind.train.parallel import DataParallel, SingleProcess
 from minimind.train.reporting import is_uri
+from minimind.train.runtime import resolve_dtype
 
 # ray.train.report() waits for the controller's next poll; Ray's 2 s default would stall every log
 # step of a small model. Propagated from the driver to the controller and the workers.
@@ -81,20 +83,27 @@ class RayTrainRun:
             return
         name = checkpoint_name(trainer.step)
         rng_states = self.strategy.all_gather_object(rng_state())  # every rank's dropout stream
-        if self.strategy.rank != 0:
+        if self.strategy.rank != 0 and not self.strategy.sharded:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
-        staging = Path(tempfile.mkdtemp(prefix=f"minimind-{name}-"))
+        # Rank 0 writes the checkpoint; under ZeRO every rank writes its shards, and Ray merges the
+        # ranks' folders into one step_N under the storage path.
+        staging = Path(tempfile.mkdtemp(prefix=f"minimind-{name}-rank{self.strategy.rank}-"))
         try:
             write_checkpoint(trainer, staging, rng_states)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), checkpoint_dir_name=name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        trainer.files.write_latest(name)  # persisted by now: the report above uploads synchronously
+        if trainer.files:
+            trainer.files.write_latest(name)  # persisted by now: the report above uploads synchronously
 
 
 def build_strategy(config: TrainConfig, device: torch.device):
-    """DDP across Ray's process group; a single worker runs plainly (no wrapper, no collectives)."""
+    """DeepSpeed ZeRO, or DDP across Ray's process group; a single DDP worker runs plainly."""
+    if config.distributed.strategy == "deepspeed":
+        from minimind.train.zero import DeepSpeedZero  # imports DeepSpeed: only for DeepSpeed runs
+
+        return DeepSpeedZero(config, device, resolve_dtype(config.runtime, device))
     if dist.is_initialized() and dist.get_world_size() > 1:
         # MoE experts that got no token in a step have no gradient; DDP must be told to expect that.
         return DataParallel(device, find_unused_parameters=config.model.moe.enabled)
@@ -134,10 +143,38 @@ def train_worker(raw_config: dict) -> None:
 # -- driver side --------------------------------------------------------------------------------
 
 
+def check_deepspeed(config: TrainConfig) -> None:
+    """DeepSpeed runs: refuse what would fail in the workers, before any worker starts."""
+    if config.distributed.strategy != "deepspeed":
+        return
+    try:
+        from minimind.train.zero import deepspeed_config, offload_bytes
+    except ImportError as error:
+        raise ConfigError(
+            f"distributed.strategy: deepspeed is not installed ({error}); pip install -e '.[deepspeed]'"
+        ) from None
+    try:
+        deepspeed_config(config, torch.float32, config.distributed.num_workers)  # the template reads and fills
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if config.distributed.offload_optimizer:
+        with torch.device("meta"):
+            parameters = MiniMindLM(config.model).num_parameters()
+        needed, workers = offload_bytes(parameters), config.distributed.num_workers
+        nodes = [node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]]
+        if needed > sum(nodes) or needed / workers > max(nodes, default=0):
+            raise ConfigError(
+                f"distributed.offload_optimizer: {parameters:,} parameters need {needed / 2**30:.1f} GiB of host "
+                f"memory for offloaded optimizer state ({needed / workers / 2**30:.1f} GiB per worker); the cluster "
+                f"has {sum(nodes) / 2**30:.1f} GiB (largest node {max(nodes, default=0) / 2**30:.1f} GiB)"
+            )
+
+
 def build_trainer(config: TrainConfig) -> TorchTrainer:
     """A ``TorchTrainer`` that runs ``config`` with ``distributed.num_workers`` workers."""
     if not config.checkpoint.dir:
         raise ValueError("checkpoint.dir: a Ray Train run needs a run directory (storage_path/name)")
+    check_deepspeed(config)
     dist_config = config.distributed
     resources = {"CPU": dist_config.cpus_per_worker}
     if dist_config.use_gpu:

@@ -1,6 +1,7 @@
 """Command line of the Ray Train entry points (``ray_jobs/pretrain.py``, ``sft.py``, ``lora.py``, ...).
 
     python ray_jobs/pretrain.py --config recipes/tiny/pretrain.yaml --num-workers 2 --optim.lr 3e-4
+    python ray_jobs/pretrain.py --config ... --num-workers 4 --strategy deepspeed --zero-stage 2
     ray job submit --working-dir . -- python ray_jobs/sft.py --config ... --init-from tiny-pretrain
 
 The named flags are shorthands for dotted config fields (``--num-workers`` is
@@ -35,6 +36,9 @@ SHORTHANDS = {
     "use_gpu": "distributed.use_gpu",
     "cpus_per_worker": "distributed.cpus_per_worker",
     "max_failures": "distributed.max_failures",
+    "strategy": "distributed.strategy",
+    "zero_stage": "distributed.zero_stage",
+    "offload_optimizer": "distributed.offload_optimizer",
     "wandb": "logging.wandb",
 }
 
@@ -48,6 +52,11 @@ def build_parser(entry: str) -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, help="Ray Train workers (distributed.num_workers)")
     parser.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
     parser.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker")
+    parser.add_argument("--strategy", help="how workers share the model: ddp (default) or deepspeed")
+    parser.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3 (with --strategy deepspeed)")
+    parser.add_argument(
+        "--offload-optimizer", action="store_true", default=None, help="ZeRO-2/3: optimizer state in host memory"
+    )
     parser.add_argument("--storage-path", help="where runs live: a shared path or s3://, gs:// (default: runs)")
     parser.add_argument("--name", help=f"run name (default: the recipe's checkpoint.dir, else PRESET-{entry})")
     parser.add_argument("--max-failures", type=int, help="worker-group restarts from the last checkpoint (-1: always)")
@@ -104,4 +113,8 @@ def main(entry: str, argv: list[str] | None = None):
     from minimind.train.distributed import fit
 
     ray.init(ignore_reinit_error=True)
-    return fit(config)
+    try:
+        return fit(config)
+    except ConfigError as error:  # checks that need the cluster (e.g. memory for offload)
+        print(f"config error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

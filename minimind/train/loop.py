@@ -5,8 +5,8 @@ and cosine decay computed from the optimizer step, gradient accumulation normali
 number of targets in the step (over all workers), clipping, autocast, checkpoints that resume
 exactly, and metrics every ``logging.every_steps`` steps.
 
-Construction is a sequence of plug-in steps: data source -> model -> parallelize (the strategy:
-one process or DDP) -> optimizer; where checkpoints go (a local run directory, or Ray Train's
+Construction is a sequence of plug-in steps: data source -> model -> optimizer -> parallelize (the
+strategy: one process, DDP or a DeepSpeed ZeRO engine); where checkpoints go (a local run directory, or Ray Train's
 storage) is a store handed in. The loop never branches on either.
 
 Data position is a function of the optimizer step (``step -> (epoch, micro-batch range)``), so a
@@ -144,12 +144,13 @@ class Trainer:
             )
         torch.manual_seed(config.optim.seed + 1 + self.strategy.rank)
         self.objective = build_objective(config, self.tokenizer, self.device)
-        # 3. parallelize: outside the model, which stays the plain module for saving and eval
-        self.parallel_model = self.strategy.parallelize(self.model)
+        # 3. optimizer, then 4. parallelize: outside the model, which stays the plain module. A
+        # DeepSpeed engine wraps the optimizer too (ZeRO partitions its state).
+        optimizer = build_optimizer(self.model, config, self.device)
+        self.parallel_model, self.optimizer = self.strategy.parallelize(self.model, optimizer)
         self.forward_model = torch.compile(self.parallel_model) if config.runtime.compile else self.parallel_model
-        # 4. optimizer
-        self.optimizer = build_optimizer(self.model, config, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        loss_scaling = self.dtype == torch.float16 and not self.strategy.owns_precision
+        self.scaler = torch.amp.GradScaler(self.device.type) if loss_scaling else None
         self.evaluator = None
         if config.eval.enabled and self.is_main:  # evaluated once, on rank 0, while the others wait
             reference = self.objective.reference if isinstance(self.objective, DPO) else None
@@ -202,7 +203,7 @@ class Trainer:
                 # The aux loss is per micro-batch, weighted by the micro-batch's share of the targets.
                 share = count / total
                 loss = (parts.loss_sum / total + parts.aux_loss * share) * world
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                self.strategy.backward(loss, self.scaler)
             stats["loss_sum"] += parts.loss_sum.detach().float()
             stats["aux_loss"] += parts.aux_loss.detach().float() * share
             for key, value in parts.metrics.items():
@@ -215,18 +216,7 @@ class Trainer:
 
     def optimizer_step(self) -> torch.Tensor:
         """Clip, step and zero the gradients; return the gradient norm (a tensor)."""
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.config.optim.max_grad_norm if self.config.optim.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return self.strategy.step(self.model, self.optimizer, self.config.optim.max_grad_norm, self.scaler)
 
     def train_step(self, step: int) -> dict:
         lr = learning_rate(step, self.total_steps, self.config.optim)
@@ -234,9 +224,9 @@ class Trainer:
             group["lr"] = lr
         stats = self.accumulate_gradients(step)
         grad_norm = self.optimizer_step()
-        # A GradScaler expects occasional inf gradients (it skips those steps): only the loss counts then.
+        # fp16 loss scaling expects occasional inf gradients (it skips those steps): only the loss counts then.
         finite = torch.isfinite(stats["loss_sum"])
-        if self.scaler is None:
+        if self.dtype != torch.float16:
             finite = finite & torch.isfinite(grad_norm)
         self._first_bad_step = torch.where(finite, self._first_bad_step, self._first_bad_step.clamp(max=step + 1))
         return {**stats, "lr": lr, "grad_norm": grad_norm.detach()}
@@ -278,9 +268,11 @@ class Trainer:
             if log_due:
                 metrics = self._summarise(window, window_steps, time.perf_counter() - window_start)
                 window, window_steps, window_start = {}, 0, time.perf_counter()
-            if self.evaluator and eval_due:
-                final_eval = self.evaluator(self.model)
-                metrics = {**(metrics or {"step": self.step}), **final_eval}
+            if config.eval.enabled and eval_due:
+                full_model = self.strategy.full_model(self.model)  # gathered under ZeRO-3: every rank calls
+                if self.evaluator:
+                    final_eval = self.evaluator(full_model)
+                    metrics = {**(metrics or {"step": self.step}), **final_eval}
             if metrics is not None:
                 history.append(metrics)
                 if self.is_main:

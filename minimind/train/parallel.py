@@ -1,14 +1,17 @@
 """How workers share the model: strategies the one loop plugs in, applied outside the model.
 
-The loop asks a strategy to wrap the model, to skip gradient synchronisation on all micro-batches
-but the last of a step, and to sum tensors or gather objects across workers. ``SingleProcess``
-does none of it; ``DataParallel`` is PyTorch DDP over whatever process group Ray Train (or
-``torchrun``) set up. DeepSpeed plugs in the same way.
+The loop asks a strategy to wrap the model (and its optimizer), to skip gradient synchronisation on
+all micro-batches but the last of a step, to run backward and the optimizer step, to hand over the
+full weights for eval and saving, and to sum tensors or gather objects across workers.
+``SingleProcess`` does none of the sharing; ``DataParallel`` is PyTorch DDP over whatever process
+group Ray Train (or ``torchrun``) set up; ``minimind.train.zero.DeepSpeedZero`` is a DeepSpeed
+engine, which takes over backward, clipping and the step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.distributed as dist
@@ -21,13 +24,41 @@ class SingleProcess:
 
     rank = 0
     world_size = 1
+    name = "ddp"
+    """Recorded in checkpoints: a run resumes only under the strategy that wrote it."""
+    sharded = False
+    """Whether every rank writes part of a checkpoint (else rank 0 writes it all)."""
+    owns_precision = False
+    """Whether the strategy does fp16 loss scaling itself (else the loop's GradScaler does)."""
 
-    def parallelize(self, model: nn.Module) -> nn.Module:
-        return model
+    def parallelize(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        """(the module the loop runs forward through, the optimizer the loop sets the lr on)."""
+        return model, optimizer
 
     def accumulating(self, model: nn.Module, last_micro_batch: bool):
         """Context for one micro-batch's forward and backward."""
         return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
+        (scaler.scale(loss) if scaler else loss).backward()
+
+    def step(self, model: nn.Module, optimizer, max_norm: float, scaler=None) -> torch.Tensor:
+        """Clip to ``max_norm`` (0: no clipping), step and zero the gradients; return the gradient norm."""
+        if scaler:
+            scaler.unscale_(optimizer)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm if max_norm > 0 else math.inf)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def full_model(self, model: nn.Module) -> nn.Module | None:
+        """The model with its full weights on rank 0 (for eval and saving); every rank calls this."""
+        return model
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """``tensor`` reduced over workers (``sum``, ``min`` or ``max``)."""
@@ -54,9 +85,12 @@ class DataParallel(SingleProcess):
         self.world_size = dist.get_world_size()
         self.find_unused_parameters = find_unused_parameters
 
-    def parallelize(self, model: nn.Module) -> nn.Module:
+    def parallelize(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters)
+        wrapped = DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters
+        )
+        return wrapped, optimizer
 
     def accumulating(self, model: nn.Module, last_micro_batch: bool):
         # Gradients are all-reduced once per optimizer step, on its last micro-batch.
