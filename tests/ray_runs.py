@@ -43,4 +43,14 @@ def wait_for_checkpoint(run_dir, process, timeout=180):
 
 
 def train_workers(cluster):
-    return [p for p in cluster.descendants() if "RayTrainWorker" in " ".join(p.cmdline())]
+    """The cluster's live Ray Train worker processes (ones exiting while listed are left out)."""
+    import psutil
+
+    workers = []
+    for process in cluster.descendants():
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                workers.append(process)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return workers
