@@ -333,6 +333,11 @@ class Trainer:
 
 def train(config: TrainConfig) -> TrainResult:
     """Run one stage end to end in this process."""
+    if config.distributed.strategy != "ddp" or config.distributed.num_workers > 1:
+        raise ValueError(
+            f"distributed.strategy={config.distributed.strategy}, num_workers={config.distributed.num_workers}: "
+            "this runs one process; run the stage's Ray Train job (ray_jobs/<stage>.py) for workers and DeepSpeed"
+        )
     trainer = Trainer(config)
     if trainer.data.rejects.total:
         print(f"[data] {trainer.data.rejects.summary()}", flush=True)
