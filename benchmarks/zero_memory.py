@@ -4,7 +4,8 @@ Each strategy trains the same preset (default: minimind-104m, MiniMind2's 104M) 
 with 2 Ray Train workers through the one loop (``Trainer`` with the strategy the jobs build).
 Every rank then reports:
 
-- peak RSS of its process (``ru_maxrss``; on GPUs also the CUDA allocator's peak);
+- peak RSS of its process (``ru_maxrss``), and ``run_peak``: that peak less the RSS before the
+  strategy, data and model were built (libraries excluded); on GPUs also the CUDA allocator's peak;
 - optimizer-state bytes it holds: Adam's moments plus, under ZeRO, the fp32 master partitions the
   engine keeps beside the model's parameters (DDP's master weights are the parameters themselves);
 - parameter bytes resident on it (ZeRO-3 keeps only its partition between steps);
@@ -28,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import ray
 import ray.train
 import ray.train.torch
@@ -77,6 +79,7 @@ def measure_worker(setup: dict) -> None:
     device = ray.train.torch.get_device()
     if not config.distributed.use_gpu:
         torch.set_num_threads(int(config.distributed.cpus_per_worker))
+    baseline = psutil.Process().memory_info().rss  # libraries loaded, nothing of the run built yet
     strategy = build_strategy(config, device)
     trainer = Trainer(config, strategy=strategy, run=None, device=device)
     trainer.fit(stop_at_step=1)  # warm-up step: allocator and engine buffers settle
@@ -87,6 +90,7 @@ def measure_worker(setup: dict) -> None:
     figures = {
         "rank": strategy.rank,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "run_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline,
         "cuda_peak": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
         "parameters": resident_parameter_bytes(trainer.model),
         "tokens_per_second": tokens,
@@ -148,7 +152,8 @@ def main() -> None:
 
     print(f"\n{args.preset}, {args.workers} workers, seq {args.seq_len}, batch {args.batch_size}/worker, "
           f"{'GPU' if args.use_gpu else 'CPU fp32'}; per rank (max over ranks), ratio to ddp")  # fmt: skip
-    columns = ["peak_rss", "adam_moments", "fp32_masters", "parameters"] + (["cuda_peak"] if args.use_gpu else [])
+    columns = ["peak_rss", "run_peak", "adam_moments", "fp32_masters", "parameters"]
+    columns += ["cuda_peak"] if args.use_gpu else []
     print("| strategy | " + " | ".join(columns) + " | tokens/s |")
     print("|---" * (len(columns) + 2) + "|")
     reference = "ddp" if "ddp" in results else names[0]
