@@ -42,15 +42,29 @@ def wait_for_checkpoint(run_dir, process, timeout=180):
         time.sleep(0.1)
 
 
-def train_workers(cluster):
-    """The cluster's live Ray Train worker processes (ones exiting while listed are left out)."""
+def processes_running(cluster, text: str):
+    """The cluster's live processes whose command line contains ``text`` (ones exiting are left out)."""
     import psutil
 
-    workers = []
+    found = []
     for process in cluster.descendants():
         try:
-            if "RayTrainWorker" in " ".join(process.cmdline()):
-                workers.append(process)
+            if text in " ".join(process.cmdline()):
+                found.append(process)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
-    return workers
+    return found
+
+
+def train_workers(cluster):
+    return processes_running(cluster, "RayTrainWorker")
+
+
+def resumed_at(run_dir) -> list[int]:
+    """Steps a run resumed from, read from its metrics (logged every step): where the step goes back.
+
+    Judged from the run directory, not from the driver's output: worker lines printed just before a
+    driver exits may never be forwarded to it.
+    """
+    steps = [m["step"] for m in metrics(run_dir)]
+    return [after - 1 for before, after in zip(steps, steps[1:]) if after <= before]
