@@ -11,6 +11,16 @@ from conftest import ROOT
 from minimind.model.checkpoint import load_model
 
 
+def tiny_pretrain_args(steps: int, lr: str, checkpoint_every: int, placement: str) -> list[str]:
+    """Flags of a 2-worker tiny-preset pretrain on the sample, reporting every step (per-step losses)."""
+    return [
+        "--config", "recipes/tiny/pretrain.yaml",
+        "--data.seq_len", "64", "--optim.batch_size", "4", "--optim.lr", lr, "--optim.warmup_steps", "5",
+        f"--optim.max_steps={steps}", "--logging.every_steps", "1", "--checkpoint.every_steps", str(checkpoint_every),
+        "--num-workers", "2", "--distributed.placement_strategy", placement,
+    ]  # fmt: skip
+
+
 def pretrain(storage, name, args, **popen):
     command = [sys.executable, "ray_jobs/pretrain.py", *args, "--storage-path", str(storage), "--name", name]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)

@@ -15,7 +15,17 @@ import time
 import pytest
 import torch
 from conftest import ROOT
-from ray_runs import final_weights, finish, max_diff, metrics, pretrain, resumed_at, train_workers, wait_for_checkpoint
+from ray_runs import (
+    final_weights,
+    finish,
+    max_diff,
+    metrics,
+    pretrain,
+    resumed_at,
+    tiny_pretrain_args,
+    train_workers,
+    wait_for_checkpoint,
+)
 
 from minimind.config import ConfigError, build_config, load_yaml
 from minimind.model.checkpoint import WEIGHTS_FILE, load_model, resolve_checkpoint
@@ -24,12 +34,7 @@ pytest.importorskip("deepspeed")
 
 STEPS = 20
 # Tiny preset, one worker per node, a report every step (per-step losses), a checkpoint every 5 steps.
-COMMON = [
-    "--config", "recipes/tiny/pretrain.yaml",
-    "--data.seq_len", "64", "--optim.batch_size", "4", "--optim.lr", "1e-3", "--optim.warmup_steps", "5",
-    f"--optim.max_steps={STEPS}", "--logging.every_steps", "1", "--checkpoint.every_steps", "5",
-    "--num-workers", "2", "--distributed.placement_strategy", "STRICT_SPREAD",
-]  # fmt: skip
+COMMON = tiny_pretrain_args(STEPS, lr="1e-3", checkpoint_every=5, placement="STRICT_SPREAD")
 
 
 def zero_args(stage: int, *extra: str) -> list[str]:

@@ -22,6 +22,7 @@ from ray_runs import (
     pretrain,
     processes_running,
     resumed_at,
+    tiny_pretrain_args,
     train_workers,
     wait_for_checkpoint,
 )
@@ -31,12 +32,7 @@ from minimind.train.loop import Trainer
 
 STEPS = 60
 # Tiny preset, a report every step (per-step losses), a checkpoint every 10 steps.
-COMMON = [
-    "--config", "recipes/tiny/pretrain.yaml",
-    "--data.seq_len", "64", "--optim.batch_size", "4", "--optim.lr", "1e-2", "--optim.warmup_steps", "5",
-    f"--optim.max_steps={STEPS}", "--logging.every_steps", "1", "--checkpoint.every_steps", "10",
-    "--num-workers", "2", "--distributed.placement_strategy", "SPREAD",
-]  # fmt: skip
+COMMON = tiny_pretrain_args(STEPS, lr="1e-2", checkpoint_every=10, placement="SPREAD")
 # Dropout makes every rank's random stream part of the state a restart must restore.
 WITH_DROPOUT = [*COMMON, "--model.dropout", "0.1", "--max-failures", "1"]
 

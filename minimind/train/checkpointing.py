@@ -62,9 +62,9 @@ def write_checkpoint(trainer, directory: Path, rng_states: list[dict]) -> None:
     strategy = trainer.strategy
     if strategy.sharded:
         strategy.save_sharded(directory)
-    final = trainer.step >= trainer.total_steps
     # A sharded run gathers full weights only at its end (`minimind consolidate` does it on demand).
-    model = strategy.full_model(trainer.model) if final or not strategy.sharded else trainer.model
+    with_weights = trainer.step >= trainer.total_steps or not strategy.sharded
+    model = strategy.full_model(trainer.model) if with_weights else trainer.model
     if strategy.rank != 0:
         return
     lora = config.lora if config.lora.enabled else None
@@ -77,7 +77,7 @@ def write_checkpoint(trainer, directory: Path, rng_states: list[dict]) -> None:
         lora=lora,
         base=config.checkpoint.init_from,
         extra=extra,
-        weights=final or not strategy.sharded,
+        weights=with_weights,
     )
     state = {
         "step": trainer.step,

@@ -148,11 +148,8 @@ class DeepSpeedZero(DataParallel):
         if self.rank != 0:
             return None
         if self._plain_copy is None:
-            with torch.device(self.device):
-                self._plain_copy = MiniMindLM(model.config)
-            if self.config.lora.enabled:
-                apply_lora(self._plain_copy, self.config.lora)
-            self._plain_copy.requires_grad_(False)
+            lora = self.config.lora if self.config.lora.enabled else None
+            self._plain_copy = plain_model(model.config, lora, self.device).requires_grad_(False)
         missing = {name for name, _ in self._plain_copy.named_parameters()} - set(state)
         if missing:
             raise RuntimeError(f"gathered weights lack {sorted(missing)[:5]}")
@@ -171,6 +168,15 @@ class DeepSpeedZero(DataParallel):
             raise FileNotFoundError(f"{directory}/{SHARDS}: no DeepSpeed shards to resume from")
 
 
+def plain_model(model_config, lora, device: torch.device | str = "cpu") -> MiniMindLM:
+    """An unwrapped model of this architecture (with LoRA adapters when ``lora``), to load full weights into."""
+    with torch.device(device):
+        model = MiniMindLM(model_config)
+    if lora:
+        apply_lora(model, lora)
+    return model
+
+
 def consolidate(path: str | Path, output: str | Path | None = None) -> Path:
     """Write the fp32 ``model.safetensors`` of a sharded checkpoint (or a run's newest one).
 
@@ -183,10 +189,8 @@ def consolidate(path: str | Path, output: str | Path | None = None) -> Path:
         raise FileNotFoundError(f"{directory} holds no DeepSpeed shards ({SHARDS}/); it needs no consolidation")
     meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
     state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=SHARDS)
-    model = MiniMindLM(model_config_from_dict(meta["model"]))
     lora = build_config({"lora": meta["lora"]}).lora if meta.get("lora") else None
-    if lora:
-        apply_lora(model, lora)
+    model = plain_model(model_config_from_dict(meta["model"]), lora)
     expected = {name for name, _ in model.named_parameters()}
     missing = expected - set(state)
     if missing:
