@@ -44,6 +44,11 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def checkpoint_step(name: str) -> int:
+    """The step of a checkpoint folder named by :func:`checkpoint_name`."""
+    return int(name.removeprefix("step_"))
+
+
 def rng_state() -> dict:
     return {
         "cpu": torch.get_rng_state(),

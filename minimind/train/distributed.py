@@ -13,7 +13,7 @@ Worker side, :func:`train_worker` runs the one loop unchanged: the device comes 
 :class:`RayTrainRun` is the loop's checkpoint store: rank 0 writes a checkpoint into a local
 temporary folder, every rank calls ``ray.train.report`` (a barrier, so only at log and checkpoint
 steps) and Ray persists it under the storage path as ``step_N``; a resumed or restarted worker
-group starts from ``ray.train.get_checkpoint()``.
+group starts from the newer of ``ray.train.get_checkpoint()`` and the run directory's ``latest``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from ray.train.torch import TorchTrainer
 
 from minimind.config import ConfigError, TrainConfig, build_config, config_to_dict
 from minimind.model import MiniMindLM
-from minimind.train.checkpointing import checkpoint_name, rng_state, write_checkpoint
+from minimind.model.checkpoint import META_FILE, resolve_checkpoint
+from minimind.train.checkpointing import checkpoint_name, checkpoint_step, rng_state, write_checkpoint
 from minimind.train.loop import Trainer
 from minimind.train.parallel import DataParallel, SingleProcess
 from minimind.train.reporting import is_uri
@@ -68,13 +69,34 @@ def split_run_dir(run_dir: str) -> tuple[str, str]:
 class RayTrainRun:
     """The loop's checkpoint store inside a Ray Train worker."""
 
-    def __init__(self, strategy):
+    def __init__(self, strategy, run_dir: str):
         self.strategy = strategy
+        self.run_dir = run_dir
 
     def resume_directory(self):
-        """The run's latest checkpoint: after a re-submit, or after Ray restarted the worker group."""
+        """The run's newest complete checkpoint: after a re-submit, or after Ray restarted the group.
+
+        Ray's controller records a reported checkpoint at its next poll, after the workers have
+        persisted it and rank 0 has pointed ``latest`` at it; a driver killed in between would lose
+        that checkpoint if only Ray's record counted. Rank 0 decides, so every rank loads the same one.
+        """
         checkpoint = ray.train.get_checkpoint()
+        recorded = checkpoint_step(Path(checkpoint.path).name) if checkpoint else -1
+        pointed = self._pointed_checkpoint() if self.strategy.rank == 0 else None
+        pointed = self.strategy.all_gather_object(pointed)[0]
+        if pointed is not None and checkpoint_step(Path(pointed).name) > recorded:
+            return contextlib.nullcontext(pointed)
         return checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)
+
+    def _pointed_checkpoint(self) -> str | None:
+        """The checkpoint the run directory's ``latest`` names, when it is complete on this filesystem."""
+        if is_uri(self.run_dir):
+            return None  # remote storage: Ray's record is the only one read
+        try:
+            directory = resolve_checkpoint(self.run_dir)
+        except FileNotFoundError:
+            return None
+        return str(directory) if (directory / META_FILE).exists() else None
 
     def publish(self, trainer: Trainer, metrics: dict | None, save: bool) -> None:
         metrics = metrics or {"step": trainer.step}
@@ -94,6 +116,8 @@ class RayTrainRun:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(staging), checkpoint_dir_name=name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if self.strategy.sharded:
+            self.strategy.all_gather_object(None)  # every rank's shards are persisted before `latest` names them
         if trainer.files:
             trainer.files.write_latest(name)  # persisted by now: the report above uploads synchronously
 
@@ -134,7 +158,7 @@ def train_worker(raw_config: dict) -> None:
         f"device {device}",
         flush=True,
     )
-    trainer = Trainer(config, strategy=strategy, run=RayTrainRun(strategy), device=device)
+    trainer = Trainer(config, strategy=strategy, run=RayTrainRun(strategy, config.checkpoint.dir), device=device)
     if strategy.rank == 0 and trainer.data.rejects.total:
         print(f"[data] {trainer.data.rejects.summary()}", flush=True)
     trainer.fit()
