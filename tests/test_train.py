@@ -50,13 +50,17 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         checkpoint={"every_steps": 3},
     )
     straight = Trainer(tiny_config(tmp_path / "a", **sections))
-    straight.fit()
+    uninterrupted = straight.fit()
     first = Trainer(tiny_config(tmp_path / "b", **sections))
     first.fit(stop_at_step=3)
     del first
     resumed = Trainer(tiny_config(tmp_path / "b", **sections))
     result = resumed.fit()
     assert result.steps == 6 and result.history[0]["step"] == 4
+    # The trained-token count (Tune's time axis) carries over: the same at every step as uninterrupted.
+    assert [m["tokens"] for m in result.history] == [m["tokens"] for m in uninterrupted.history[3:]]
+    counts = [m["tokens"] for m in uninterrupted.history]
+    assert counts[0] > 0 and all(a < b for a, b in zip(counts, counts[1:]))
     assert max_diff(weights(straight.model), weights(resumed.model)) < 1e-6
     saved = load_file(str(tmp_path / "b" / "step_00000006" / "model.safetensors"))
     assert all(tensor.dtype == torch.float32 for tensor in saved.values())

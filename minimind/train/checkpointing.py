@@ -92,6 +92,7 @@ def write_checkpoint(trainer, directory: Path, rng_states: list[dict]) -> None:
         "batch_size": config.optim.batch_size,
         "grad_accum_steps": config.optim.grad_accum_steps,
         "strategy": strategy.name,
+        "tokens": trainer.tokens_trained,
         "optimizer": None if strategy.sharded else trainer.optimizer.state_dict(),
         "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
         "rng": rng_states,
@@ -132,6 +133,9 @@ def load_checkpoint(trainer, directory: Path) -> int:
         trainer.optimizer.load_state_dict(state["optimizer"])
     if trainer.scaler and state["scaler"]:
         trainer.scaler.load_state_dict(state["scaler"])
+    # Rank 0 carries the run's token count on; the workers' sum stays the total.
+    trainer.tokens_trained = int(state.get("tokens", 0))
+    trainer.local_tokens = float(trainer.tokens_trained) if trainer.strategy.rank == 0 else 0.0
     rng = state["rng"][trainer.strategy.rank]
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] and torch.cuda.is_available():

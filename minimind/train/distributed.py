@@ -194,8 +194,11 @@ def check_deepspeed(config: TrainConfig) -> None:
             )
 
 
-def build_trainer(config: TrainConfig) -> TorchTrainer:
-    """A ``TorchTrainer`` that runs ``config`` with ``distributed.num_workers`` workers."""
+def build_trainer(config: TrainConfig, callbacks: list | None = None) -> TorchTrainer:
+    """A ``TorchTrainer`` that runs ``config`` with ``distributed.num_workers`` workers.
+
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes the one that forwards its metrics).
+    """
     if not config.checkpoint.dir:
         raise ValueError("checkpoint.dir: a Ray Train run needs a run directory (storage_path/name)")
     check_deepspeed(config)
@@ -224,6 +227,7 @@ def build_trainer(config: TrainConfig) -> TorchTrainer:
                 checkpoint_score_order=config.checkpoint.score_mode if score else "max",
             ),
             failure_config=FailureConfig(max_failures=dist_config.max_failures),
+            callbacks=callbacks or [],
             # Ray's INFO logs repeat every report of every rank; our progress line says it once.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),

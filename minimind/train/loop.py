@@ -164,6 +164,10 @@ class Trainer:
         self.run = run if run is not None else (LocalRun(config) if config.checkpoint.dir else None)
         self.files = RunFiles(config.checkpoint.dir) if config.checkpoint.dir and self.is_main else None
         self.step = 0
+        # Real (non-padding) tokens trained, over all workers: Tune's time axis. Each worker counts its
+        # own on the host; they are summed at log and checkpoint steps (rank 0 resumes with the total).
+        self.local_tokens = 0.0
+        self.tokens_trained = 0
         self._first_bad_step = torch.full((), math.inf, device=self.device)
 
     # -- data position -------------------------------------------------------------------------
@@ -223,6 +227,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         stats = self.accumulate_gradients(step)
+        self.local_tokens += float(stats["real_tokens"])  # a CPU tensor: no device sync
         grad_norm = self.optimizer_step()
         # fp16 loss scaling expects occasional inf gradients (it skips those steps): only the loss counts then.
         finite = torch.isfinite(stats["loss_sum"])
@@ -264,6 +269,7 @@ class Trainer:
             eval_due = self.step == end or bool(config.eval.every_steps and self.step % config.eval.every_steps == 0)
             if log_due or save_due:
                 self._check_finite()
+                self._count_tokens()
             metrics = None
             if log_due:
                 metrics = self._summarise(window, window_steps, time.perf_counter() - window_start)
@@ -296,6 +302,10 @@ class Trainer:
                 "Lower optim.lr, raise optim.warmup_steps, or use bf16 instead of fp16."
             )
 
+    def _count_tokens(self) -> None:
+        local = torch.tensor(self.local_tokens, dtype=torch.float64, device=self.device)
+        self.tokens_trained = int(self.strategy.all_reduce(local).item())
+
     def _summarise(self, window: dict, steps: int, seconds: float) -> dict:
         """Metrics of the window, summed over workers: the one host-device synchronisation per log."""
         names = sorted(key for key in window if key not in LATEST)
@@ -309,6 +319,7 @@ class Trainer:
             "loss": totals["loss_sum"] / max(totals["targets"], 1e-8),
             "lr": window["lr"],
             "grad_norm": float(window["grad_norm"]),
+            "tokens": self.tokens_trained,
             "tokens_per_second": tokens_per_second,
             "padding_fraction": 1.0 - totals["real_tokens"] / totals["total_tokens"] if totals["total_tokens"] else 0.0,
         }

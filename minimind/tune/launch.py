@@ -1,0 +1,125 @@
+"""Command lines of ``ray_jobs/tune.py`` (run or resume a sweep) and ``ray_jobs/report.py``.
+
+    python ray_jobs/tune.py --space search_spaces/pretrain.yaml --num-samples 24 --name lr-sweep
+    python ray_jobs/tune.py --space search_spaces/pretrain.yaml --num-samples 8 --data.seq_len 256
+    python ray_jobs/tune.py --resume runs/lr-sweep
+    python ray_jobs/report.py runs/lr-sweep
+
+Extra ``--dotted.field VALUE`` options apply to every trial (on top of the space's overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from minimind.config import ConfigError, parse_override_args
+from minimind.train.reporting import is_uri
+from minimind.tune.space import load_space
+from minimind.tune.sweep import Objective, SweepPlan, SweepSettings, load_settings, save_settings
+
+SPACE_COPY = "space.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ray_jobs/tune.py",
+        description="Ray Tune + Optuna sweep over a search space; extra --dotted.field VALUE options apply to every "
+        "trial. Writes report.md, report.html and best.yaml into the sweep directory.",
+    )
+    parser.add_argument("--space", help="search space YAML (see search_spaces/)")
+    parser.add_argument("--num-samples", type=int, default=8, help="trials in all, the baseline included")
+    parser.add_argument(
+        "--objective",
+        help="val_perplexity (min), continuation_accuracy, continuation_loglik, reward_accuracy (max), or a weighted "
+        "mix that is maximised, e.g. 'continuation_accuracy=1,val_loss=-0.5' (default: the space's)",
+    )
+    parser.add_argument("--storage-path", default="runs", help="where sweeps live (default: runs)")
+    parser.add_argument("--name", help="sweep name (default: sweep-<space file name>)")
+    parser.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    parser.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster's CPUs/GPUs fit)")
+    parser.add_argument(
+        "--optuna-storage", help="persistent Optuna study: sqlite:///sweep.db or a journal file path (optional)"
+    )
+    parser.add_argument("--resume", metavar="SWEEP_DIR", help="finish an interrupted sweep (its directory)")
+    return parser
+
+
+def plan_from_settings(settings: SweepSettings) -> SweepPlan:
+    space_file = Path(settings.sweep_dir) / SPACE_COPY
+    space = load_space(space_file if space_file.exists() else settings.space_file, settings.cli_overrides)
+    return SweepPlan(settings.name, settings.sweep_dir, space, Objective.parse(settings.objective))
+
+
+def settings_from_args(argv: list[str]) -> tuple[SweepSettings, bool]:
+    args, rest = build_parser().parse_known_args(argv)
+    if args.resume:
+        if args.space or rest:
+            raise ConfigError("--resume: a restored sweep keeps its space and overrides; give only the directory")
+        return load_settings(args.resume), True
+    if not args.space:
+        raise ConfigError("--space: give a search space (search_spaces/*.yaml), or --resume SWEEP_DIR")
+    if args.num_samples < 1:
+        raise ConfigError("--num-samples: must be >= 1")
+    overrides = parse_override_args(rest)
+    space = load_space(args.space, overrides)
+    storage = args.storage_path if is_uri(args.storage_path) else str(Path(args.storage_path).resolve())
+    settings = SweepSettings(
+        name=args.name or f"sweep-{Path(args.space).stem}",
+        storage_path=storage,
+        space_file=args.space,
+        cli_overrides=overrides,
+        objective=args.objective or space.objective,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        max_concurrent=args.max_concurrent,
+        optuna_storage=args.optuna_storage,
+    )
+    if (Path(settings.sweep_dir) / "sweep.json").exists():
+        raise ConfigError(f"--name: {settings.sweep_dir} already holds a sweep; --resume it or choose another name")
+    return settings, False
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings, resume = settings_from_args(sys.argv[1:] if argv is None else argv)
+        plan = plan_from_settings(settings)
+        plan.check()
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    import ray
+
+    from minimind.tune.results import write_sweep_report
+    from minimind.tune.sweep import build_tuner
+
+    if not resume:
+        save_settings(settings)
+        shutil.copyfile(settings.space_file, Path(settings.sweep_dir) / SPACE_COPY)
+    ray.init(ignore_reinit_error=True)
+    build_tuner(settings, plan, resume=resume).fit()
+    report, best = write_sweep_report(settings, plan)
+    print(f"[sweep] report: {report} (and report.html)", flush=True)
+    if best is not None:
+        print(f"[sweep] best trial {best.trial_id}: {plan.objective.spec} {best.objective:.4g} with {best.params}; "
+              f"run it with: python ray_jobs/{plan.space.stage}.py --config {Path(plan.sweep_dir) / 'best.yaml'}",
+              flush=True)  # fmt: skip
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ray_jobs/report.py", description="Write a sweep's report and best.yaml.")
+    parser.add_argument("sweep", help="the sweep directory (STORAGE_PATH/NAME)")
+    args = parser.parse_args(argv)
+    from minimind.tune.results import write_sweep_report
+
+    try:
+        settings = load_settings(args.sweep)
+        settings.storage_path = str(Path(args.sweep).resolve().parent)  # the directory may have moved
+        plan = plan_from_settings(settings)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    report, best = write_sweep_report(settings, plan)
+    print(f"report: {report}" + (f"; best trial {best.trial_id}: {best.objective:.4g}" if best else ""), flush=True)

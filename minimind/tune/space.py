@@ -1,0 +1,343 @@
+"""Search spaces: ``search_spaces/*.yaml`` over any dotted field of the run config.
+
+    stage: pretrain                              # the entry point every trial runs (and best.yaml)
+    recipe: recipes/minimind-26m/pretrain.yaml   # every trial starts from it; as is, it is the baseline trial
+    objective: val_perplexity                    # default of --objective
+    budget: {max_tokens: 2.0e7, eval_every_tokens: 2.0e6, grace_tokens: 4.0e6, reduction_factor: 3}
+    overrides: {eval.val_fraction: 0.02}         # set in every trial (and in best.yaml)
+    params:
+      optim.lr: {loguniform: [1.0e-4, 3.0e-3]}
+      optim.batch_size: {choice: [16, 32, 64]}
+      optim.warmup_steps: {int: [0, 500]}
+      lora.alpha: {loguniform: [4, 64], when: {lora.enabled: true}}
+    points: [{optim.lr: 1.0e-3}]                 # further configs tried first, after the baseline
+
+A parameter is ``loguniform``/``uniform`` (a float range; an integer field samples integers),
+``int`` (optionally ``step``/``log``) or ``choice``. ``when`` makes it conditional (Optuna's
+define-by-run): it is sampled only when the named fields, as sampled before it or as the recipe
+sets them, have those values. Everything is checked against the run config before anything
+starts; an error names the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from minimind.config import ConfigError, TrainConfig, apply_overrides, build_config, load_yaml
+from minimind.train.launch import ENTRY_POINTS
+
+KINDS = ("loguniform", "uniform", "int", "choice")
+TOP_LEVEL = ("stage", "recipe", "objective", "budget", "overrides", "params", "points")
+
+
+@dataclass
+class Budget:
+    """How much each trial trains, and when ASHA may stop it (all in trained tokens)."""
+
+    max_tokens: float | None = None
+    """Every trial stops at this many tokens, whatever its batch (equal budgets); None: its epochs."""
+    eval_every_tokens: float | None = None
+    """Each trial is evaluated (and may be stopped) about every this many tokens; None: only at its end."""
+    grace_tokens: float | None = None
+    """ASHA stops no trial before this many tokens; None: ``eval_every_tokens``."""
+    reduction_factor: float = 3.0
+    """ASHA keeps the best 1/reduction_factor of the trials at each rung."""
+
+
+@dataclass
+class Param:
+    """One searched field and its distribution."""
+
+    name: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    step: int | None = None
+    log: bool = False
+    choices: list = field(default_factory=list)
+    integer: bool = False
+    when: dict[str, Any] = field(default_factory=dict)
+    line: int = 0
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        if self.kind == "choice":
+            return optuna.distributions.CategoricalDistribution(self.choices)
+        if self.integer:
+            low, high = int(self.low), int(self.high)
+            return optuna.distributions.IntDistribution(low, high, log=self.log, step=self.step or 1)
+        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log)
+
+    def suggest(self, trial):
+        if self.kind == "choice":
+            return trial.suggest_categorical(self.name, self.choices)
+        if self.integer:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=self.step or 1, log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def applies(self, values: dict[str, Any]) -> bool:
+        return all(values.get(name) == wanted for name, wanted in self.when.items())
+
+    def contains(self, value) -> bool:
+        if self.kind == "choice":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and (value != int(value) or (int(value) - int(self.low)) % (self.step or 1)):
+            return False
+        return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return f"one of {self.choices}"
+        return f"{'log-' if self.log else ''}{'integer ' if self.integer else ''}range [{self.low}, {self.high}]"
+
+
+@dataclass
+class SearchSpace:
+    """A parsed, validated search space. Callable as Optuna's define-by-run function."""
+
+    path: str
+    stage: str
+    recipe: str
+    base: dict[str, Any]
+    """The recipe with the space's and the command line's overrides: the baseline trial's config."""
+    params: list[Param]
+    objective: str = "val_perplexity"
+    budget: Budget = field(default_factory=Budget)
+    points: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, trial) -> None:
+        """Optuna define-by-run: sample each parameter whose ``when`` holds, in file order."""
+        values = self.base_values()
+        for param in self.params:
+            if param.applies(values):
+                values[param.name] = param.suggest(trial)
+
+    def base_values(self) -> dict[str, Any]:
+        """Every field a ``when`` names (and every searched field), as the base config sets it."""
+        config = dataclasses.asdict(build_config(self.base))
+        names = {param.name for param in self.params} | {n for param in self.params for n in param.when}
+        return {name: _get(config, name) for name in names}
+
+    def baseline(self) -> dict[str, Any]:
+        """The recipe's own values of the parameters that apply to it: the first trial."""
+        values = self.base_values()
+        return {param.name: values[param.name] for param in self.params if param.applies(values)}
+
+    def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        return {param.name: param.distribution() for param in self.params}
+
+
+def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> SearchSpace:
+    """Parse and validate ``path``; the command line's dotted overrides apply on top of the space's."""
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the search space ({error.strerror})") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping")
+    lines = _key_lines(root)
+
+    def fail(where: str, message: str, line: int | None = None) -> typing.NoReturn:
+        line = line or lines.get(where.split(".")[0], 1)
+        raise ConfigError(f"{path}:{line}: {where}: {message}")
+
+    for key in raw:
+        if key not in TOP_LEVEL:
+            fail(key, f"unknown key (valid: {', '.join(TOP_LEVEL)})")
+    stage = raw.get("stage")
+    if stage not in ENTRY_POINTS:
+        fail("stage", f"must be one of {sorted(ENTRY_POINTS)}, got {stage!r}")
+    recipe = raw.get("recipe")
+    if not isinstance(recipe, str) or not Path(recipe).is_file():
+        fail("recipe", f"must name an existing recipe file (relative to the working directory), got {recipe!r}")
+    overrides = raw.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        fail("overrides", "must be a mapping of dotted fields to values")
+    stage_name, defining = ENTRY_POINTS[stage]
+    base = apply_overrides(load_yaml(recipe), {"stage": stage_name, **defining, **overrides, **(cli_overrides or {})})
+    try:
+        build_config(base)
+    except ConfigError as error:
+        fail("recipe", f"{recipe} with the overrides is not a valid run config: {error}")
+
+    budget = _parse_budget(raw.get("budget") or {}, fail)
+    params_raw = raw.get("params")
+    if not isinstance(params_raw, dict) or not params_raw:
+        fail("params", "must map at least one dotted field to a distribution")
+    param_lines = _key_lines(_child(root, "params"))
+    params = [_parse_param(name, spec, base, param_lines.get(name, lines.get("params", 1)), fail)
+              for name, spec in params_raw.items()]  # fmt: skip
+    known = set()
+    for param in params:
+        for name in param.when:
+            if name not in known and _field_type(name) is None:
+                fail(f"params.{param.name}.when", f"{name!r} is neither an earlier parameter nor a config field",
+                     param.line)  # fmt: skip
+        known.add(param.name)
+
+    space = SearchSpace(path, stage, recipe, base, params, raw.get("objective") or "val_perplexity", budget)
+    for name, value in space.baseline().items():
+        param = next(p for p in params if p.name == name)
+        if not param.contains(value):
+            fail(f"params.{name}", f"the recipe's value {value!r} is outside {param.describe()}; the baseline "
+                 "trial runs the recipe as is, so the space must contain it", param.line)  # fmt: skip
+    points = raw.get("points") or []
+    if not isinstance(points, list):
+        fail("points", "must be a list of {dotted.field: value} mappings")
+    by_name = {param.name: param for param in params}
+    for index, point in enumerate(points):
+        where = f"points[{index}]"
+        if not isinstance(point, dict):
+            fail(where, "must be a mapping of searched fields to values")
+        for name, value in point.items():
+            if name not in by_name:
+                fail(f"{where}.{name}", f"is not a searched parameter (searched: {', '.join(by_name)})")
+            if not by_name[name].contains(value):
+                fail(f"{where}.{name}", f"{value!r} is outside {by_name[name].describe()}")
+        try:
+            build_config(space.base, point)
+        except ConfigError as error:
+            fail(where, f"the run config rejects it: {error}")
+        space.points.append(point)
+    return space
+
+
+def _parse_budget(raw: Any, fail) -> Budget:
+    if not isinstance(raw, dict):
+        fail("budget", "must be a mapping")
+    names = [f.name for f in dataclasses.fields(Budget)]
+    for key, value in raw.items():
+        if key not in names:
+            fail(f"budget.{key}", f"unknown key (valid: {', '.join(names)})")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            fail(f"budget.{key}", f"must be a positive number, got {value!r}")
+    budget = Budget(**{k: (float(v) if v is not None else None) for k, v in raw.items()})
+    if budget.reduction_factor <= 1:
+        fail("budget.reduction_factor", "must be > 1")
+    return budget
+
+
+def _parse_param(name: str, spec: Any, base: dict, line: int, fail) -> Param:
+    where = f"params.{name}"
+    annotation = _field_type(name)
+    if annotation is None:
+        try:
+            build_config(base, {name: None})
+        except ConfigError as error:
+            fail(where, str(error), line)
+        fail(where, "is not a field of the run config", line)
+    if not isinstance(spec, dict):
+        fail(where, f"must be a mapping like {{loguniform: [1.0e-4, 1.0e-2]}} or {{choice: [...]}}, got {spec!r}", line)
+    kinds = [key for key in spec if key in KINDS]
+    extra = [key for key in spec if key not in (*KINDS, "step", "log", "when")]
+    if len(kinds) != 1 or extra:
+        fail(where, f"needs one of {', '.join(KINDS)} (and optionally step, log, when); got {sorted(spec)}", line)
+    kind = kinds[0]
+    when = spec.get("when") or {}
+    if not isinstance(when, dict):
+        fail(f"{where}.when", "must map dotted fields to the values that enable this parameter", line)
+    numeric = annotation in (int, float)
+    param = Param(name, kind, when=when, line=line)
+    if kind == "choice":
+        choices = spec["choice"]
+        if not isinstance(choices, list) or not choices:
+            fail(where, "choice needs a non-empty list of values", line)
+        if any(not isinstance(c, (bool, int, float, str, type(None))) for c in choices):
+            fail(where, "choice values must be numbers, strings, booleans or null", line)
+        param.choices = choices
+        samples = choices
+    else:
+        bounds = spec[kind]
+        if not numeric:
+            fail(where, f"{kind} needs a numeric field; {name} is {_type_name(annotation)} (use choice)", line)
+        if (
+            not isinstance(bounds, list)
+            or len(bounds) != 2
+            or any(isinstance(b, bool) or not isinstance(b, (int, float)) for b in bounds)
+        ):
+            fail(where, f"{kind} needs [low, high] numbers, got {bounds!r}", line)
+        low, high = float(bounds[0]), float(bounds[1])
+        if not low < high:
+            fail(where, f"empty range [{bounds[0]}, {bounds[1]}]: low must be below high", line)
+        param.integer = kind == "int" or annotation is int
+        param.log = kind == "loguniform" or bool(spec.get("log", False))
+        if param.log and low <= 0:
+            fail(where, f"a log range must be positive, got low={bounds[0]}", line)
+        if param.integer and not (low.is_integer() and high.is_integer()):
+            fail(where, f"{name} is an integer field; bounds must be integers, got {bounds!r}", line)
+        if "step" in spec:
+            step = spec["step"]
+            if not param.integer or isinstance(step, bool) or not isinstance(step, int) or step <= 0:
+                fail(where, "step must be a positive integer, on an integer range", line)
+            if param.log and step != 1:
+                fail(where, "a log range cannot have a step", line)
+            param.step = step
+        param.low, param.high = low, high
+        samples = [int(low), int(high)] if param.integer else [low, high]
+    for value in samples:
+        try:
+            build_config(base, {**when, name: value})
+        except ConfigError as error:
+            fail(where, f"the run config rejects {value!r}: {error}", line)
+    return param
+
+
+def _field_type(dotted: str):
+    """The annotation of a dotted TrainConfig field (``int``, ``float``, ``bool``, ...), or None if unknown."""
+    cls: Any = TrainConfig
+    parts = dotted.split(".")
+    for index, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        annotation = hints[part]
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(options) == 1:
+            annotation = options[0]
+        if index == len(parts) - 1:
+            return annotation
+        cls = annotation
+    return None
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _get(config: dict, dotted: str):
+    node: Any = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _child(node, key: str):
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if key_node.value == key:
+                return value_node
+    return None
+
+
+def _key_lines(node) -> dict[str, int]:
+    """1-based line of each key of a YAML mapping node."""
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key_node.value: key_node.start_mark.line + 1 for key_node, _ in node.value}

@@ -1,0 +1,163 @@
+"""The sweep report, rendered from synthetic trial records (no Ray)."""
+
+import base64
+import math
+import re
+
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+from minimind.tune.report import SweepSummary, TrialRecord, best_trial, write_report
+
+PLOTS = ("objective_per_trial.png", "loss_curves.png", "parallel_coordinates.png", "param_importance.png")
+DISTRIBUTIONS = {
+    "optim.lr": FloatDistribution(1e-4, 1e-2, log=True),
+    "optim.batch_size": CategoricalDistribution([8, 16, 32]),
+}
+
+
+def trial(trial_id, lr, batch_size, objective, status="finished", reason=None, is_baseline=False):
+    """A trial whose training loss falls towards its objective's scale over 1.2M tokens."""
+    final_loss = math.log(objective) if objective else 9.0
+    curve = [{"tokens": step * 200_000, "loss": final_loss + 3.0 / step} for step in range(1, 7)]
+    return TrialRecord(
+        trial_id=trial_id,
+        params={"optim.lr": lr, "optim.batch_size": batch_size},
+        status=status,
+        objective=objective,
+        metrics={"val_perplexity": objective, "loss": final_loss} if objective else {},
+        tokens=1_200_000,
+        wall_seconds=65.0,
+        curve=curve,
+        reason=reason,
+        is_baseline=is_baseline,
+    )
+
+
+def sweep_records():
+    return [
+        trial("t0", 3e-3, 16, 55.0, is_baseline=True),
+        trial("t1", 1e-3, 8, 48.0),
+        trial("t2", 3e-4, 32, 41.2),  # the best (mode min)
+        trial("t3", 5e-3, 16, 60.3),
+        trial("t4", 2e-4, 8, 44.7),
+        trial("t5", 8e-3, 32, 70.1, status="pruned", reason="ASHA: 70.1 at 0.4M tokens, rung cutoff <65"),
+        trial("t6", 9e-3, 32, None, status="failed", reason="loss became NaN/inf at step 3"),
+    ]
+
+
+def summary(mode="min", objective="val_perplexity", **fields):
+    return SweepSummary(
+        name="lr-batch", objective=objective, mode=mode, num_samples=7, distributions=DISTRIBUTIONS, **fields
+    )
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """The report of the synthetic sweep: (sweep dir, report.md text, report.html text)."""
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    md_path = write_report(sweep_dir, summary(best_config_file="best.yaml"), sweep_records())
+    assert md_path == sweep_dir / "report.md"
+    return sweep_dir, md_path.read_text(), (sweep_dir / "report.html").read_text()
+
+
+def table_rows(markdown):
+    """The trial table's data rows, each as its list of cells."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[1:]]
+
+
+def test_best_trial_is_named_and_listed_first(report):
+    _, markdown, _ = report
+    assert "Best trial: `t2` (finished), `val_perplexity` = 41.2." in markdown
+    rows = table_rows(markdown)
+    assert rows[0][0] == "t2 (best)"
+    assert [row[0] for row in rows] == ["t2 (best)", "t4", "t1", "t0 (baseline)", "t3", "t5", "t6"]
+    assert rows[0][-3:] == ["1.2M", "1m 05s", ""]  # tokens, wall time, no reason
+
+
+def test_gain_over_baseline_is_stated(report):
+    _, markdown, _ = report
+    expected = (55.0 - 41.2) / 55.0 * 100
+    assert f"`val_perplexity` 41.2 vs baseline 55: {expected:.1f}% better (13.8 lower)" in markdown
+    assert "--config" in markdown and "best.yaml" in markdown
+
+
+def test_failed_trial_reason_is_in_its_row(report):
+    _, markdown, _ = report
+    failed = table_rows(markdown)[-1]
+    assert failed[:3] == ["t6", "failed", "—"]
+    assert failed[-1] == "loss became NaN/inf at step 3"
+
+
+def test_plots_are_pngs_linked_from_markdown(report):
+    sweep_dir, markdown, _ = report
+    for name in PLOTS:
+        assert (sweep_dir / "plots" / name).read_bytes().startswith(b"\x89PNG")
+        assert f"(plots/{name})" in markdown
+    assert "Not drawn" not in markdown
+
+
+def test_html_is_self_contained(report):
+    _, _, page = report
+    assert 'src="http' not in page and "<script src" not in page and "<link" not in page
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == len(PLOTS)
+    assert all(base64.b64decode(image).startswith(b"\x89PNG") for image in images)
+    assert "rung cutoff &lt;65" in page  # text is escaped
+    assert "<code>t2</code>" in page
+
+
+def test_max_mode_picks_the_highest_objective(tmp_path):
+    records = [
+        trial("t0", 3e-3, 16, 0.40, is_baseline=True),
+        trial("t1", 1e-3, 8, 0.55),
+        trial("t2", 3e-4, 32, 0.48),
+    ]
+    assert best_trial(records, "max").trial_id == "t1"
+    markdown = write_report(tmp_path, summary(mode="max", objective="continuation_accuracy"), records).read_text()
+    assert "Best trial: `t1`" in markdown
+    assert f"0.55 vs baseline 0.4: {(0.55 - 0.40) / 0.40 * 100:.1f}% better (0.15 higher)" in markdown
+    assert table_rows(markdown)[0][0] == "t1 (best)"
+
+
+def test_only_failed_trials_still_give_a_report(tmp_path):
+    for name in PLOTS:  # a stale plot from an earlier report must not survive
+        (tmp_path / "plots").mkdir(exist_ok=True)
+        (tmp_path / "plots" / name).write_bytes(b"\x89PNG old")
+    records = [
+        trial("t0", 3e-3, 16, None, status="failed", reason="out of memory", is_baseline=True),
+        trial("t1", 1e-3, 8, None, status="failed", reason="loss became NaN/inf at step 3"),
+    ]
+    markdown = write_report(tmp_path, summary(), records).read_text()
+    assert "No trial finished" in markdown
+    # The baseline's loss before it failed is still drawn; nothing else can be.
+    assert markdown.count("Not drawn:") == len(PLOTS) - 1
+    assert [path.name for path in (tmp_path / "plots").iterdir()] == ["loss_curves.png"]
+    assert (tmp_path / "plots" / "loss_curves.png").read_bytes() != b"\x89PNG old"
+
+
+def test_missing_or_failed_baseline_is_reported(tmp_path):
+    records = [record for record in sweep_records() if not record.is_baseline]
+    assert "No baseline trial" in write_report(tmp_path / "a", summary(), records).read_text()
+    records = sweep_records()
+    records[0].status, records[0].objective, records[0].reason = "failed", None, "CUDA error"
+    markdown = write_report(tmp_path / "b", summary(), records).read_text()
+    assert "The baseline `t0` has no objective (failed (CUDA error))" in markdown
+
+
+def test_best_trial_ignores_nan_and_prefers_finished():
+    records = sweep_records()
+    records[2].objective = float("nan")  # t2 was the best
+    assert best_trial(records, "min").trial_id == "t4"
+    assert best_trial([trial("t0", 1e-3, 8, float("nan"))], "min") is None
+    pruned_better = [trial("t0", 1e-3, 8, 50.0), trial("t1", 1e-3, 8, 10.0, status="pruned")]
+    assert best_trial(pruned_better, "min").trial_id == "t0"
+    assert best_trial(pruned_better[1:], "min").trial_id == "t1"  # nothing finished: the best pruned stands in
+
+
+def test_importance_leaves_out_a_trial_outside_the_space(tmp_path):
+    records = sweep_records() + [trial("t7", 0.5, 12, 80.0)]  # an enqueued point beyond the searched range
+    markdown = write_report(tmp_path, summary(), records).read_text()
+    assert "importance of each varied parameter over 5 finished trials:" in markdown
+    assert (tmp_path / "plots" / "param_importance.png").read_bytes().startswith(b"\x89PNG")
