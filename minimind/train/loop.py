@@ -267,18 +267,19 @@ class Trainer:
             log_due = self.step % config.logging.every_steps == 0 or self.step == end
             save_due = self.run is not None and (self.step % config.checkpoint.every_steps == 0 or self.step == end)
             eval_due = self.step == end or bool(config.eval.every_steps and self.step % config.eval.every_steps == 0)
-            if log_due or save_due:
+            evaluate = config.eval.enabled and eval_due
+            if log_due or save_due or evaluate:
                 self._check_finite()
                 self._count_tokens()
             metrics = None
             if log_due:
                 metrics = self._summarise(window, window_steps, time.perf_counter() - window_start)
                 window, window_steps, window_start = {}, 0, time.perf_counter()
-            if config.eval.enabled and eval_due:
+            if evaluate:
                 full_model = self.strategy.full_model(self.model)  # gathered under ZeRO-3: every rank calls
                 if self.evaluator:
                     final_eval = self.evaluator(full_model)
-                    metrics = {**(metrics or {"step": self.step}), **final_eval}
+                    metrics = {**(metrics or {"step": self.step, "tokens": self.tokens_trained}), **final_eval}
             if metrics is not None:
                 history.append(metrics)
                 if self.is_main:

@@ -10,7 +10,8 @@
       optim.batch_size: {choice: [16, 32, 64]}
       optim.warmup_steps: {int: [0, 500]}
       lora.alpha: {loguniform: [4, 64], when: {lora.enabled: true}}
-    points: [{optim.lr: 1.0e-3}]                 # further configs tried first, after the baseline
+    points: [{optim.lr: 1.0e-3}]                 # further configs tried first, after the baseline (may
+                                                 # leave a range; a choice must hold them)
 
 A parameter is ``loguniform``/``uniform`` (a float range; an integer field samples integers),
 ``int`` (optionally ``step``/``log``) or ``choice``. ``when`` makes it conditional (Optuna's
@@ -182,13 +183,12 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
     param_lines = _key_lines(_child(root, "params"))
     params = [_parse_param(name, spec, base, param_lines.get(name, lines.get("params", 1)), fail)
               for name, spec in params_raw.items()]  # fmt: skip
-    known = set()
-    for param in params:
+    names = [param.name for param in params]
+    for index, param in enumerate(params):
         for name in param.when:
-            if name not in known and _field_type(name) is None:
-                fail(f"params.{param.name}.when", f"{name!r} is neither an earlier parameter nor a config field",
+            if name in names[index:]:
+                fail(f"params.{param.name}.when", f"{name!r} is sampled after this parameter; list it first",
                      param.line)  # fmt: skip
-        known.add(param.name)
 
     space = SearchSpace(path, stage, recipe, base, params, raw.get("objective") or "val_perplexity", budget)
     for name, value in space.baseline().items():
@@ -207,8 +207,8 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
         for name, value in point.items():
             if name not in by_name:
                 fail(f"{where}.{name}", f"is not a searched parameter (searched: {', '.join(by_name)})")
-            if not by_name[name].contains(value):
-                fail(f"{where}.{name}", f"{value!r} is outside {by_name[name].describe()}")
+            if by_name[name].kind == "choice" and value not in by_name[name].choices:
+                fail(f"{where}.{name}", f"{value!r} is not {by_name[name].describe()}")
         try:
             build_config(space.base, point)
         except ConfigError as error:
@@ -251,6 +251,9 @@ def _parse_param(name: str, spec: Any, base: dict, line: int, fail) -> Param:
     when = spec.get("when") or {}
     if not isinstance(when, dict):
         fail(f"{where}.when", "must map dotted fields to the values that enable this parameter", line)
+    for condition in when:
+        if _field_type(condition) is None:
+            fail(f"{where}.when", f"{condition!r} is not a field of the run config", line)
     numeric = annotation in (int, float)
     param = Param(name, kind, when=when, line=line)
     if kind == "choice":

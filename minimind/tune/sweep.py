@@ -240,6 +240,8 @@ class SweepProgress(tune.Callback):
     def __init__(self, objective: Objective, num_samples: int, scheduler: TokenASHA):
         self.objective, self.num_samples, self.scheduler = objective, num_samples, scheduler
         self.best: tuple[float, str] | None = None
+        self.ended: set[str] = set()  # Tune updates a trial's status after its callbacks
+        self.failed: set[str] = set()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get("objective")
@@ -247,18 +249,21 @@ class SweepProgress(tune.Callback):
             self.best = (value, trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended.add(trial.trial_id)
         self._print(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended.add(trial.trial_id)
+        self.failed.add(trial.trial_id)
         self._print(trials)
 
     def _better(self, a: float, b: float) -> bool:
         return a < b if self.objective.mode == "min" else a > b
 
     def _print(self, trials) -> None:
-        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
-        running = sum(t.status == "RUNNING" for t in trials)
-        failed = sum(t.status == "ERROR" for t in trials)
+        ended = self.ended | {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        running = sum(t.status == "RUNNING" and t.trial_id not in ended for t in trials)
+        failed = len(self.failed | {t.trial_id for t in trials if t.status == "ERROR"})
         pruned = len(self.scheduler.pruned)
         best = f"best {self.objective.spec} {self.best[0]:.4g} (trial {self.best[1]})" if self.best else "no result yet"
         print(
