@@ -51,7 +51,7 @@ def write_space(tmp_path, text: str, name: str = "space.yaml"):
         ("optim.batch_size: {choice: [0, 16]}", 5, r"params\.optim\.batch_size: the run config rejects 0"),
         ("optim.warmup_steps: {int: [0.5, 10]}", 5, r"params\.optim\.warmup_steps: .*integer field"),
         ("optim.lr: {loguniform: [1.0e-1, 1.0]}", 5, r"params\.optim\.lr: the recipe's value 0\.01 is outside"),
-        ("lora.alpha: {uniform: [1, 8], when: {lora.enabld: true}}", 5, r"alpha\.when: 'lora\.enabld' is not"),
+        ("lora.alpha: {uniform: [1, 8], when: {lora.enabld: true}}", 5, r"params\.lora\.alpha\.when: 'lora\.enabld'"),
     ],
 )
 def test_an_invalid_space_is_refused_naming_file_line_and_field(tmp_path, param, line, message):
