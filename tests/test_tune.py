@@ -1,19 +1,24 @@
 """Ray Tune + Optuna sweeps: search-space validation, define-by-run sampling, and real sweeps on
 the session's two-node cluster (tiny preset, sample corpus), judged by the files they write."""
 
+import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from types import SimpleNamespace
 
 import optuna
 import pytest
 from conftest import ROOT, SAMPLE
-from ray_runs import metrics
+from ray_runs import metrics, train_workers
 
 from minimind.config import ConfigError
 from minimind.tune.space import load_space
+from minimind.tune.sweep import pruned_trials
 
 TINY_SWEEP = """\
 stage: pretrain
@@ -162,3 +167,113 @@ def test_a_sweep_runs_its_trials_fails_the_diverging_one_and_reports_a_best_conf
     [run_dir] = (tmp_path / "best").iterdir()
     best_final = metrics(sweep_dir / "trials" / best_id)[-1]
     assert metrics(run_dir)[-1]["val_perplexity"] == pytest.approx(best_final["val_perplexity"], rel=1e-6)
+
+
+RESUMABLE_SWEEP = TINY_SWEEP.replace("max_tokens: 5120", "max_tokens: 8192").split("points:")[0]
+
+
+def wait_until(condition, process, what: str, timeout: float = 240):
+    deadline = time.time() + timeout
+    while not (found := condition()):
+        assert process.poll() is None, f"the sweep ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return found
+
+
+def ended_and_running(sweep_dir):
+    """(trials finished, a trial running past its first checkpoint) or None while there is none."""
+    trials = trial_records(sweep_dir)
+    finished = {tid for tid, t in trials.items() if t["status"] == "finished"}
+    running = [
+        tid
+        for tid, t in trials.items()
+        if t["status"] == "running" and (sweep_dir / "trials" / tid / "latest").exists()
+    ]
+    return (finished, running[0]) if finished and running else None
+
+
+def kill_sweep(process, ray_cluster):
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 60  # the driver owned its trials: wait for their workers to go
+    while train_workers(ray_cluster) and time.time() < deadline:
+        time.sleep(0.5)
+
+
+def test_a_killed_sweep_resumes_to_exactly_n_trials_without_training_an_ended_one_again(ray_cluster, tmp_path):
+    space = write_space(tmp_path, RESUMABLE_SWEEP)
+    sweep_dir, journal = tmp_path / "sweep", tmp_path / "study.log"
+    start = [sys.executable, "ray_jobs/tune.py", "--space", str(space), "--num-samples", "3", "--name", "sweep",
+             "--storage-path", str(tmp_path), "--optuna-storage", str(journal), "--max-concurrent", "1"]  # fmt: skip
+    resume = [sys.executable, "ray_jobs/tune.py", "--resume", str(sweep_dir)]
+    run_files = lambda tid: (sweep_dir / "trials" / tid / "metrics.jsonl").read_bytes()  # noqa: E731
+
+    # Killed while the second trial runs: the first has finished, the second has a checkpoint.
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(start, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        finished, interrupted = wait_until(lambda: ended_and_running(sweep_dir), first, "a checkpointed second trial")
+        kill_sweep(first, ray_cluster)
+    kept = {tid: run_files(tid) for tid in finished}
+
+    done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "[sweep] 3/3 trials done" in done.stdout, done.stdout[-3000:]
+
+    trials = trial_records(sweep_dir)
+    pruned = pruned_trials(str(sweep_dir))
+    assert len(trials) == 3 and all(t["status"] == "finished" or tid in pruned for tid, t in trials.items()), trials
+    for tid, before in kept.items():
+        assert run_files(tid) == before, f"trial {tid} had ended and was trained again"
+    # The interrupted trial continued from its checkpoint, not from scratch: its first logged step ran once.
+    steps = [row["step"] for row in metrics(sweep_dir / "trials" / interrupted)]
+    assert steps.count(steps[0]) == 1
+    for tid in trials:  # each to its budget, unless ASHA stopped it
+        assert tid in pruned or metrics(sweep_dir / "trials" / tid)[-1]["tokens"] == 8192
+    report = (sweep_dir / "report.md").read_text()
+    assert "Trials asked for: 3; recorded: 3" in report and all(f"\n| {tid}" in report for tid in trials)
+
+    # Optuna's study knows the three trials as complete and nothing as still running.
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    states = [t.state for t in optuna.load_study(study_name="sweep", storage=storage).trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and optuna.trial.TrialState.RUNNING not in states
+
+
+def test_asha_rungs_are_rebuilt_from_the_trials_records(tmp_path):
+    """A restored sweep's scheduler starts empty; replaying the recorded evaluations restores the
+    rungs exactly, so a new trial is stopped where it would have been without the interruption."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from minimind.tune.sweep import Objective, SweepPlan, TokenASHA
+
+    plan = SweepPlan(
+        "s", str(tmp_path), load_space(write_space(tmp_path, RESUMABLE_SWEEP)), Objective.parse("val_perplexity")
+    )
+    recorded = {"a": [(1280, 90.0), (2560, 60.0)], "b": [(1280, 80.0), (2560, 70.0)], "c": [(1024, 85.0), (3072, 65.0)]}
+    for tid, rows in recorded.items():
+        (tmp_path / "trials" / tid).mkdir(parents=True)
+        lines = [json.dumps({"step": i, "tokens": t, "val_perplexity": v}) for i, (t, v) in enumerate(rows, 1)]
+        (tmp_path / "trials" / tid / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "pruned.jsonl").write_text(json.dumps({"trial_id": "b", "tokens": 2560, "objective": 70.0}) + "\n")
+
+    def scheduler(plan):
+        return TokenASHA(plan, time_attr="tokens", metric="objective", mode="min", max_t=1e18, grace_period=1280,
+                         reduction_factor=2)  # fmt: skip
+
+    def feed(asha, tid, rows):
+        trial = SimpleNamespace(trial_id=tid)
+        asha.on_trial_add(None, trial)
+        return [asha.on_trial_result(None, trial, {"tokens": t, "objective": v}) for t, v in rows]
+
+    # The sweep as it ran (its own directory): the results in the order the rows were written.
+    (tmp_path / "live").mkdir()
+    live = scheduler(dataclasses.replace(plan, sweep_dir=str(tmp_path / "live")))
+    for tid, rows in recorded.items():
+        feed(live, tid, rows)
+    restored = scheduler(plan)
+    restored.on_trial_add(None, SimpleNamespace(trial_id="new"))  # replays the records
+    assert [dict(rung) for _, rung in restored._brackets[0]._rungs] == [dict(r) for _, r in live._brackets[0]._rungs]
+    assert restored.pruned == {"b"} and restored.best_recorded == (60.0, "a")
+    assert feed(restored, "b", [(5120, 1.0)]) == [TrialScheduler.STOP]  # a stopped trial stays stopped
+    assert feed(restored, "d", [(1280, 95.0)]) == [TrialScheduler.STOP]  # worse than the rung's cutoff
+    assert feed(restored, "e", [(1280, 70.0)]) == [TrialScheduler.CONTINUE]

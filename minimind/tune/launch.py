@@ -58,7 +58,10 @@ def settings_from_args(argv: list[str]) -> tuple[SweepSettings, bool]:
     if args.resume:
         if args.space or rest:
             raise ConfigError("--resume: a restored sweep keeps its space and overrides; give only the directory")
-        return load_settings(args.resume), True
+        settings = load_settings(args.resume)
+        if Path(args.resume).resolve() != Path(settings.sweep_dir).resolve():
+            raise ConfigError(f"--resume: a sweep resumes where it ran ({settings.sweep_dir}), not in {args.resume}")
+        return settings, True
     if not args.space:
         raise ConfigError("--space: give a search space (search_spaces/*.yaml), or --resume SWEEP_DIR")
     if args.num_samples < 1:
@@ -93,13 +96,17 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     from minimind.tune.results import write_sweep_report
-    from minimind.tune.sweep import build_tuner
+    from minimind.tune.sweep import build_tuner, close_lost_optuna_trials, restore_tuner
 
     if not resume:
         save_settings(settings)
         shutil.copyfile(settings.space_file, Path(settings.sweep_dir) / SPACE_COPY)
     ray.init(ignore_reinit_error=True)
-    build_tuner(settings, plan, resume=resume).fit()
+    if resume:
+        restore_tuner(settings, plan).fit()
+        close_lost_optuna_trials(settings)
+    else:
+        build_tuner(settings, plan).fit()
     report, best = write_sweep_report(settings, plan)
     print(f"[sweep] report: {report} (and report.html)", flush=True)
     if best is not None:

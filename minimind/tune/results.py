@@ -14,36 +14,32 @@ import yaml
 
 from minimind.config import apply_overrides
 from minimind.tune.report import SweepSummary, TrialRecord, best_trial, write_report
-from minimind.tune.sweep import TIME_ATTR, SweepPlan, SweepSettings
+from minimind.tune.sweep import (
+    TIME_ATTR,
+    SweepPlan,
+    SweepSettings,
+    evaluations,
+    pruned_trials,
+    read_rows,
+    wall_seconds_so_far,
+)
 
 BEST_CONFIG = "best.yaml"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed process: the rows before it still count
-    return rows
 
 
 def collect_records(plan: SweepPlan) -> list[TrialRecord]:
     """One record per trial that started, in start order."""
     sweep_dir = Path(plan.sweep_dir)
-    pruned = {row["trial_id"]: row for row in read_jsonl(sweep_dir / "pruned.jsonl")}
+    pruned = pruned_trials(plan.sweep_dir)
     records = []
     trial_files = (sweep_dir / "trials").glob("*/trial.json")
     trials = [json.loads(path.read_text()) | {"dir": path.parent} for path in trial_files]
     for trial in sorted(trials, key=lambda t: t.get("started_at", 0.0)):
         trial_file = trial["dir"] / "trial.json"
-        curve = read_jsonl(trial_file.parent / "metrics.jsonl")
-        evaluated = [(row, plan.objective(row)) for row in curve]
-        evaluated = [(row, value) for row, value in evaluated if value is not None]
-        last_eval, objective = evaluated[-1] if evaluated else ({}, None)
+        curve = read_rows(trial_file.parent / "metrics.jsonl")
+        evaluated = evaluations(trial_file.parent, plan.objective)
+        last_eval = evaluated[-1] if evaluated else {}
+        objective = last_eval.pop("objective", None)
         status, reason = trial.get("status", "running"), trial.get("reason")
         if trial["trial_id"] in pruned and status != "failed":
             stop = pruned[trial["trial_id"]]
@@ -57,23 +53,13 @@ def collect_records(plan: SweepPlan) -> list[TrialRecord]:
                 objective=objective,
                 metrics={**(curve[-1] if curve else {}), **last_eval},
                 tokens=int(curve[-1].get(TIME_ATTR, 0)) if curve else 0,
-                wall_seconds=wall_seconds(trial, trial_file.parent),
+                wall_seconds=wall_seconds_so_far(trial, trial_file.parent),
                 curve=curve,
                 reason=reason,
                 is_baseline=bool(trial.get("baseline")),
             )
         )
     return records
-
-
-def wall_seconds(trial: dict, run_dir: Path) -> float:
-    """Recorded at the trial's end; for one stopped or cut short, up to its last metrics line."""
-    if trial.get("status") in ("finished", "failed"):
-        return float(trial.get("wall_seconds", 0.0))
-    metrics = run_dir / "metrics.jsonl"
-    started = trial.get("attempt_started_at", trial.get("started_at", 0.0))
-    last = metrics.stat().st_mtime if metrics.exists() else started
-    return float(trial.get("wall_seconds", 0.0)) + max(0.0, last - started)
 
 
 def write_best_config(plan: SweepPlan, record: TrialRecord) -> Path:

@@ -188,13 +188,58 @@ class TrialFile:
         os.replace(temporary, self.path)
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a jsonl file; a last line cut short by a killed process is left out."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def evaluations(run_dir: str | Path, objective: Objective) -> list[dict]:
+    """A trial's evaluation rows, each with its ``objective``: what it reported to Tune."""
+    rows = [(row, objective(row)) for row in read_rows(Path(run_dir) / "metrics.jsonl")]
+    return [{**row, "objective": value} for row, value in rows if value is not None and TIME_ATTR in row]
+
+
+def pruned_trials(sweep_dir: str) -> dict[str, dict]:
+    return {row["trial_id"]: row for row in read_rows(Path(sweep_dir) / PRUNED_FILE)}
+
+
+def already_ended(record: dict, trial_id: str, plan: SweepPlan) -> bool:
+    """A restored trial that had ended before the sweep was interrupted: it is not trained again.
+
+    Finished and ASHA-stopped trials report their last evaluation again (Tune's record of them
+    may predate their end); a trial whose loss turned NaN/inf fails again with its reason (it
+    would again: training is deterministic). Others (out of memory, a crash) are retried from
+    their last checkpoint.
+    """
+    if record.get("status") == "failed" and "NaN/inf" in (record.get("reason") or ""):
+        raise TrialFailed(record["reason"])
+    if record.get("status") != "finished" and trial_id not in pruned_trials(plan.sweep_dir):
+        return False
+    rows = evaluations(plan.trial_dir(trial_id), plan.objective)
+    if rows:
+        tune.report(rows[-1])
+    return True
+
+
 def run_trial(params: dict, plan: SweepPlan) -> None:
     """Tune's function trainable: one Ray Train run of the trial's config, to its end."""
     trial_id = tune.get_context().get_trial_id()
     run_dir = plan.trial_dir(trial_id)
     started = time.time()
     trial_file = TrialFile(run_dir)
-    record = trial_file.read()  # a restored trial keeps its first attempt's wall time
+    record = trial_file.read()  # a restored trial keeps its first attempt's record
+    if already_ended(record, trial_id, plan):
+        return
+    if record.get("status") == "running":  # cut short by an interrupted sweep: count that attempt's time
+        record["wall_seconds"] = wall_seconds_so_far(record, run_dir)
     record.setdefault("started_at", started)
     record["attempt_started_at"] = started
     record.update(
@@ -206,6 +251,10 @@ def run_trial(params: dict, plan: SweepPlan) -> None:
         config = paths_for_workers(plan.trial_config(params, run_dir))
         build_trainer(config, callbacks=[ObjectiveReport(plan.objective)]).fit()
     except Exception as error:  # the trial fails; the sweep goes on
+        if trial_id in pruned_trials(plan.sweep_dir):
+            # ASHA stopped it: Tune removes the run's resources, which ends fit() with an error.
+            trial_file.write({**record, "status": "pruned", "wall_seconds": attempt_start + time.time() - started})
+            return
         reason = failure_reason(error)
         trial_file.write({**record, "status": "failed", "reason": reason,
                           "wall_seconds": attempt_start + time.time() - started})  # fmt: skip
@@ -213,25 +262,73 @@ def run_trial(params: dict, plan: SweepPlan) -> None:
     trial_file.write({**record, "status": "finished", "wall_seconds": attempt_start + time.time() - started})
 
 
+def wall_seconds_so_far(record: dict, run_dir: str | Path) -> float:
+    """Time a trial has trained: recorded at its end; for one cut short, up to its last metrics line."""
+    if record.get("status") in ("finished", "failed"):
+        return float(record.get("wall_seconds", 0.0))
+    metrics = Path(run_dir) / "metrics.jsonl"
+    started = record.get("attempt_started_at", record.get("started_at", 0.0))
+    last = metrics.stat().st_mtime if metrics.exists() else started
+    return float(record.get("wall_seconds", 0.0)) + max(0.0, last - started)
+
+
 # -- driver side --------------------------------------------------------------------------------
+
+PRUNED_FILE = "pruned.jsonl"
 
 
 class TokenASHA(ASHAScheduler):
-    """ASHA on trained tokens that also records which trials it stopped (``pruned.jsonl``)."""
+    """ASHA on trained tokens that records the trials it stopped (``pruned.jsonl``) and, in a
+    restored sweep, rebuilds its rungs from the evaluations the trials wrote.
 
-    def __init__(self, pruned_file: str, **kwargs):
-        super().__init__(**kwargs)
-        self.pruned_file = pruned_file
+    ``Tuner.restore`` brings back the scheduler as it was when the sweep started (no rungs). Before
+    the first trial is added, every recorded trial's evaluations are replayed in order into the
+    rungs, exactly as they were first reported (a trial is recorded at a rung by its first result
+    at or past it), and the stopped trials are read back, so no trial is judged against emptier
+    rungs than before the interruption and a stopped trial stays stopped.
+    """
+
+    def __init__(self, plan: SweepPlan, **kwargs):
+        super().__init__(brackets=1, **kwargs)
+        self.plan = plan
         self.pruned: set[str] = set()
+        self.best_recorded: tuple[float, str] | None = None
+        self._replayed = False
+
+    def replay(self) -> None:
+        self._replayed = True
+        self.pruned = set(pruned_trials(self.plan.sweep_dir))
+        [bracket] = self._brackets
+        better = min if self.plan.objective.mode == "min" else max
+        for run_dir in sorted(Path(self.plan.sweep_dir, "trials").glob("*")):
+            trial = _RecordedTrial(run_dir.name)
+            for row in evaluations(run_dir, self.plan.objective):
+                bracket.on_result(trial, row[TIME_ATTR], self._metric_op * row["objective"])
+                candidate = (row["objective"], run_dir.name)
+                self.best_recorded = better(self.best_recorded or candidate, candidate, key=lambda pair: pair[0])
+
+    def on_trial_add(self, tune_controller, trial):
+        if not self._replayed:
+            self.replay()
+        super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result):
+        if trial.trial_id in self.pruned:
+            return TrialScheduler.STOP
         decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == TrialScheduler.STOP and trial.trial_id not in self.pruned:
+        if decision == TrialScheduler.STOP:
             self.pruned.add(trial.trial_id)
-            with open(self.pruned_file, "a", encoding="utf-8") as handle:
+            with open(Path(self.plan.sweep_dir) / PRUNED_FILE, "a", encoding="utf-8") as handle:
                 entry = {"trial_id": trial.trial_id, TIME_ATTR: result.get(TIME_ATTR), "objective": result["objective"]}
                 handle.write(json.dumps(entry) + "\n")
         return decision
+
+
+@dataclass
+class _RecordedTrial:
+    """What ASHA's rungs know of a trial: its id."""
+
+    trial_id: str
 
 
 class SweepProgress(tune.Callback):
@@ -265,7 +362,11 @@ class SweepProgress(tune.Callback):
         running = sum(t.status == "RUNNING" and t.trial_id not in ended for t in trials)
         failed = len(self.failed | {t.trial_id for t in trials if t.status == "ERROR"})
         pruned = len(self.scheduler.pruned)
-        best = f"best {self.objective.spec} {self.best[0]:.4g} (trial {self.best[1]})" if self.best else "no result yet"
+        # A restored sweep starts from the best of the results recorded before the interruption.
+        known = [pair for pair in (self.best, self.scheduler.best_recorded) if pair is not None]
+        pick = min if self.objective.mode == "min" else max
+        found = pick(known, key=lambda pair: pair[0]) if known else None
+        best = f"best {self.objective.spec} {found[0]:.4g} (trial {found[1]})" if found else "no result yet"
         print(
             f"[sweep] {len(ended)}/{self.num_samples} trials done ({pruned} pruned, {failed} failed), "
             f"{running} running; {best}",
@@ -283,7 +384,7 @@ def trial_concurrency(config: TrainConfig) -> int:
     return max(1, int(min(fits)))
 
 
-def optuna_storage(spec: str | None, study_name: str, resume: bool):
+def optuna_storage(spec: str | None, study_name: str, resume: bool = False):
     """A persistent Optuna study (``sqlite:///path.db`` or a journal ``path.log``) that Optuna's tools open."""
     if not spec:
         return None
@@ -319,20 +420,19 @@ class SweepSettings:
         return f"{self.storage_path.rstrip('/')}/{self.name}"
 
 
-def build_tuner(settings: SweepSettings, plan: SweepPlan, resume: bool = False) -> tune.Tuner:
-    """The ``Tuner`` of a new sweep, or the restored one of an interrupted sweep."""
+def build_tuner(settings: SweepSettings, plan: SweepPlan) -> tune.Tuner:
+    """The ``Tuner`` of a new sweep."""
     objective = plan.objective
     baseline_config = plan.trial_config(plan.space.baseline(), "unused")
     concurrency = settings.max_concurrent or trial_concurrency(baseline_config)
     budget = plan.space.budget
-    grace = budget.grace_tokens or budget.eval_every_tokens or 1.0
     scheduler = TokenASHA(
-        f"{plan.sweep_dir}/pruned.jsonl",
+        plan,
         time_attr=TIME_ATTR,
         metric="objective",
         mode=objective.mode,
         max_t=NO_TOKEN_LIMIT,
-        grace_period=grace,
+        grace_period=budget.grace_tokens or budget.eval_every_tokens or 1.0,
         reduction_factor=budget.reduction_factor,
     )
     searcher = OptunaSearch(
@@ -342,18 +442,13 @@ def build_tuner(settings: SweepSettings, plan: SweepPlan, resume: bool = False) 
         points_to_evaluate=[plan.space.baseline(), *plan.space.points],
         seed=settings.seed,
         study_name=settings.name,
-        storage=optuna_storage(settings.optuna_storage, settings.name, resume),
+        storage=optuna_storage(settings.optuna_storage, settings.name),
     )
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
-    progress = SweepProgress(objective, settings.num_samples, scheduler)
     print(f"[sweep] {settings.num_samples} trials, up to {concurrency} at once; objective {objective.spec} "
           f"({objective.mode}); results in {plan.sweep_dir}", flush=True)  # fmt: skip
-    if resume:
-        return tune.Tuner.restore(
-            plan.sweep_dir, trainable, resume_unfinished=True, resume_errored=True, param_space={}
-        )
+    save_state_often()
     return tune.Tuner(
-        trainable,
+        trainable(plan),
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
             scheduler=scheduler,
@@ -363,11 +458,69 @@ def build_tuner(settings: SweepSettings, plan: SweepPlan, resume: bool = False) 
         run_config=tune.RunConfig(
             name=settings.name,
             storage_path=settings.storage_path,
-            callbacks=[progress],
+            callbacks=[SweepProgress(objective, settings.num_samples, scheduler)],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
+
+
+def trainable(plan: SweepPlan):
+    return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
+
+
+def save_state_often() -> None:
+    """Tune saves the sweep's state (trials, searcher) every 10 s by default: a trial started or
+    ended in the seconds before the driver dies would be unknown to the restored sweep. Every
+    second is cheap at a sweep's scale (a small JSON file and the pickled study)."""
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+
+
+def restore_tuner(settings: SweepSettings, plan: SweepPlan) -> tune.Tuner:
+    """The interrupted sweep in ``plan.sweep_dir``, restored by ``Tuner.restore``.
+
+    Tune restores the trials, the searcher (Optuna's study, how many trials were created) and the
+    scheduler and callbacks as they were created. Unfinished trials (and errored ones, see
+    :func:`already_ended`) run again: each continues its own Train run from its last checkpoint,
+    and one that had in fact ended just reports its result. ASHA's rungs are rebuilt by
+    :class:`TokenASHA` from the trials' own records.
+    """
+    if not tune.Tuner.can_restore(plan.sweep_dir):
+        raise ConfigError(f"--resume: {plan.sweep_dir} holds no Tune state to restore (the sweep never started?)")
+    lost = set_aside_lost_trials(plan.sweep_dir)
+    if lost:
+        print(f"[sweep] {len(lost)} trial(s) started after the sweep's last saved state; their runs are in "
+              f"{plan.sweep_dir}/lost and new trials take their places: {', '.join(lost)}", flush=True)  # fmt: skip
+    print(f"[sweep] resuming {plan.sweep_dir}", flush=True)
+    save_state_often()
+    return tune.Tuner.restore(plan.sweep_dir, trainable(plan), resume_unfinished=True, resume_errored=True)
+
+
+def set_aside_lost_trials(sweep_dir: str) -> list[str]:
+    """Move the runs of trials the restored sweep does not know into ``SWEEP/lost``."""
+    from ray.tune import ExperimentAnalysis
+
+    known = {trial.trial_id for trial in ExperimentAnalysis(sweep_dir).trials}
+    lost = []
+    for run_dir in sorted(Path(sweep_dir, "trials").glob("*")):
+        if run_dir.name not in known:
+            Path(sweep_dir, "lost").mkdir(exist_ok=True)
+            os.replace(run_dir, Path(sweep_dir, "lost", run_dir.name))
+            lost.append(run_dir.name)
+    return lost
+
+
+def close_lost_optuna_trials(settings: SweepSettings) -> None:
+    """After a restored sweep, mark the persistent study's trials that no Tune trial will finish
+    (asked for after the last saved state) as failed, so Optuna's tools do not show them running."""
+    storage = optuna_storage(settings.optuna_storage, settings.name, resume=True)
+    if storage is None:
+        return
+    import optuna
+
+    study = optuna.load_study(study_name=settings.name, storage=storage)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 def save_settings(settings: SweepSettings) -> None:
