@@ -13,10 +13,11 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
+import yaml
 from conftest import ROOT, SAMPLE
 from ray_runs import metrics, train_workers
 
-from minimind.config import ConfigError
+from minimind.config import ConfigError, build_config
 from minimind.tune.space import load_space
 from minimind.tune.sweep import pruned_trials
 
@@ -72,6 +73,20 @@ def test_an_invalid_space_is_refused_naming_file_line_and_field(tmp_path, param,
     )
     with pytest.raises(ConfigError, match=rf"^{path}:{line}: {message}"):
         load_space(path)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_space_is_valid_and_its_baseline_is_its_recipe(path, monkeypatch):
+    from minimind.tune.sweep import Objective, SweepPlan
+
+    monkeypatch.chdir(ROOT)  # spaces name recipes relative to the repository
+    space = load_space(path)
+    plan = SweepPlan("check", "unused", space, Objective.parse(space.objective))
+    plan.check()
+    configs = plan.stage_configs(space.baseline(), "unused")
+    for index, (base, config) in enumerate(zip(space.stage_bases(), configs)):
+        recipe = build_config(base)
+        assert config.optim.lr == recipe.optim.lr and config.optim.batch_size == recipe.optim.batch_size, index
 
 
 def test_the_sweep_command_refuses_a_bad_space_before_starting_ray(tmp_path):
@@ -277,3 +292,54 @@ def test_asha_rungs_are_rebuilt_from_the_trials_records(tmp_path):
     assert feed(restored, "b", [(5120, 1.0)]) == [TrialScheduler.STOP]  # a stopped trial stays stopped
     assert feed(restored, "d", [(1280, 95.0)]) == [TrialScheduler.STOP]  # worse than the rung's cutoff
     assert feed(restored, "e", [(1280, 70.0)]) == [TrialScheduler.CONTINUE]
+
+
+PIPELINE_SWEEP = """\
+stage: pretrain
+recipe: recipes/tiny/pretrain.yaml
+budget: {max_tokens: 5120}
+overrides: {data.seq_len: 64, optim.warmup_steps: 2}
+params:
+  optim.lr: {loguniform: [1.0e-3, 3.0e-2]}
+then:
+  - stage: sft
+    recipe: recipes/tiny/sft.yaml
+    overrides: {data.seq_len: 128, optim.batch_size: 4, optim.max_steps: 6, optim.warmup_steps: 1,
+                eval.val_fraction: 0.1, eval.max_examples: 8, eval.continuation_docs: 0, logging.every_steps: 3}
+    params:
+      optim.lr: {loguniform: [1.0e-4, 1.0e-2]}
+"""
+
+
+def test_a_later_stages_bad_field_is_named_with_its_line(tmp_path):
+    misspelt = PIPELINE_SWEEP.replace("optim.lr: {loguniform: [1.0e-4", "optim.lrr: {loguniform: [1.0e-4")
+    path = write_space(tmp_path, misspelt)
+    with pytest.raises(ConfigError, match=rf"^{path}:13: then\[0\]\.params\.optim\.lrr: .*did you mean 'lr'"):
+        load_space(path)
+    space = load_space(write_space(tmp_path, PIPELINE_SWEEP))
+    assert space.baseline() == {"optim.lr": 1e-2, "sft/optim.lr": 5e-3}  # each stage's recipe value
+
+
+def test_a_pipeline_sweep_runs_both_stages_and_is_judged_after_sft(ray_cluster, tmp_path):
+    space = write_space(tmp_path, PIPELINE_SWEEP)
+    command = [sys.executable, "ray_jobs/tune.py", "--space", str(space), "--num-samples", "2", "--name", "chain",
+               "--storage-path", str(tmp_path), "--seed", "3"]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    sweep_dir = tmp_path / "chain"
+    trials = trial_records(sweep_dir)
+    assert len(trials) == 2 and all(t["status"] == "finished" for t in trials.values()), trials
+    report = (sweep_dir / "report.md").read_text()
+    for tid, trial in trials.items():
+        pretrain_dir, sft_dir = sweep_dir / "trials" / tid, sweep_dir / "trials" / tid / "sft"
+        assert metrics(pretrain_dir)[-1]["tokens"] == 5120 and metrics(sft_dir)[-1]["step"] == 6
+        sft_config = yaml.safe_load((sft_dir / "config.yaml").read_text())
+        assert sft_config["stage"] == "sft" and sft_config["checkpoint"]["init_from"] == str(pretrain_dir)
+        assert sft_config["optim"]["lr"] == pytest.approx(trial["params"]["sft/optim.lr"])
+        # Judged by the SFT model: the report's objective is the SFT run's validation perplexity.
+        judged = metrics(sft_dir)[-1]["val_perplexity"]
+        assert f"\n| {tid}" in report and f"{judged:.4g}" in report
+    # best.yaml (pretrain) and best-sft.yaml (from best.yaml's run) run in that order.
+    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
+    best_sft = yaml.safe_load((sweep_dir / "best-sft.yaml").read_text())
+    assert best_sft["checkpoint"]["init_from"] == best["checkpoint"]["dir"] and "best-sft.yaml" in report

@@ -56,7 +56,7 @@ def summary(mode="min", objective="val_perplexity", **fields):
 def report(tmp_path_factory):
     """The report of the synthetic sweep: (sweep dir, report.md text, report.html text)."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
-    md_path = write_report(sweep_dir, summary(best_config_file="best.yaml"), sweep_records())
+    md_path = write_report(sweep_dir, summary(best_configs=[("best.yaml", "pretrain")]), sweep_records())
     assert md_path == sweep_dir / "report.md"
     return sweep_dir, md_path.read_text(), (sweep_dir / "report.html").read_text()
 

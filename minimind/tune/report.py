@@ -71,10 +71,9 @@ class SweepSummary:
     """``min`` or ``max``."""
     num_samples: int
     distributions: dict[str, optuna.distributions.BaseDistribution]
-    best_config_file: str | None = None
-    """Path of best.yaml relative to the sweep directory, when written."""
-    entry_point: str = "pretrain"
-    """The stage's Ray job that runs best.yaml (``ray_jobs/<entry_point>.py``)."""
+    best_configs: list[tuple[str, str]] = field(default_factory=list)
+    """(file in the sweep directory, entry point ``ray_jobs/<it>.py`` that runs it), in run order:
+    ``best.yaml``, and for a pipeline ``best-<stage>.yaml`` per later stage."""
 
 
 def best_trial(records: list[TrialRecord], mode: str) -> TrialRecord | None:
@@ -219,15 +218,10 @@ def _best_blocks(
     if best.params:
         blocks.append(("ul", [f"`{name}` = {_fmt_value(value)}" for name, value in best.params.items()]))
     blocks.append(("p", _gain_sentence(summary, best, _baseline(records))))
-    if summary.best_config_file:
-        config_path = sweep_dir / summary.best_config_file
-        blocks.append(
-            (
-                "p",
-                f"Best config: `{summary.best_config_file}` — run it with "
-                f"`python ray_jobs/{summary.entry_point}.py --config {config_path}`",
-            )
-        )
+    for order, (file_name, entry_point) in enumerate(summary.best_configs):
+        command = f"`python ray_jobs/{entry_point}.py --config {sweep_dir / file_name}`"
+        lead = "Best config" if order == 0 else "then"
+        blocks.append(("p", f"{lead}: `{file_name}` — run it with {command}"))
     return blocks
 
 

@@ -36,8 +36,9 @@ def collect_records(plan: SweepPlan) -> list[TrialRecord]:
     trials = [json.loads(path.read_text()) | {"dir": path.parent} for path in trial_files]
     for trial in sorted(trials, key=lambda t: t.get("started_at", 0.0)):
         trial_file = trial["dir"] / "trial.json"
-        curve = read_rows(trial_file.parent / "metrics.jsonl")
-        evaluated = evaluations(trial_file.parent, plan.objective)
+        judged = plan.judged_dir(trial["trial_id"])
+        curve = read_rows(Path(judged) / "metrics.jsonl")
+        evaluated = evaluations(judged, plan.objective)
         last_eval = evaluated[-1] if evaluated else {}
         objective = last_eval.pop("objective", None)
         status, reason = trial.get("status", "running"), trial.get("reason")
@@ -52,7 +53,7 @@ def collect_records(plan: SweepPlan) -> list[TrialRecord]:
                 status=status,
                 objective=objective,
                 metrics={**(curve[-1] if curve else {}), **last_eval},
-                tokens=int(curve[-1].get(TIME_ATTR, 0)) if curve else 0,
+                tokens=tokens_trained(plan, trial["trial_id"]),
                 wall_seconds=wall_seconds_so_far(trial, trial_file.parent),
                 curve=curve,
                 reason=reason,
@@ -62,37 +63,51 @@ def collect_records(plan: SweepPlan) -> list[TrialRecord]:
     return records
 
 
-def write_best_config(plan: SweepPlan, record: TrialRecord) -> Path:
-    """The best trial's config as a recipe its stage's entry point runs as is (in a run of its own)."""
-    config = plan.trial_config(record.params)
-    raw = apply_overrides(plan.space.base, record.params)
-    raw = apply_overrides(raw, {"optim.max_steps": config.optim.max_steps, "eval.every_steps": config.eval.every_steps,
-                                "checkpoint.every_steps": config.checkpoint.every_steps,
-                                "checkpoint.dir": f"runs/{plan.name}-best"})  # fmt: skip
-    header = (
-        f"# Best trial {record.trial_id} of sweep {plan.name}: {plan.objective.spec} = {record.objective:.6g}\n"
-        f"# Run it: python ray_jobs/{plan.space.stage}.py --config {Path(plan.sweep_dir) / BEST_CONFIG}\n"
-    )
-    path = Path(plan.sweep_dir) / BEST_CONFIG
-    path.write_text(header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    return path
+def tokens_trained(plan: SweepPlan, trial_id: str) -> int:
+    """Tokens a trial trained, over all its stages."""
+    last_rows = [read_rows(Path(directory) / "metrics.jsonl")[-1:] for directory in plan.stage_dirs(trial_id)]
+    return sum(int(rows[0].get(TIME_ATTR, 0)) for rows in last_rows if rows)
+
+
+def write_best_configs(plan: SweepPlan, record: TrialRecord) -> list[tuple[str, str]]:
+    """The best trial's configs as recipes their stages' entry points run as is, in runs of their own:
+    ``best.yaml``, and for a pipeline ``best-<stage>.yaml`` per later stage (from the previous one's
+    weights). Returns (file name, entry point) in the order to run them."""
+    written = []
+    configs = plan.stage_configs(record.params, "unused")
+    names = [None, *(later.name for later in plan.space.then)]
+    entry_points = [plan.space.stage, *(later.stage for later in plan.space.then)]
+    directories = [f"runs/{plan.name}-best" + (f"-{name}" if name else "") for name in names]
+    for index, (base, config) in enumerate(zip(plan.space.stage_bases(), configs)):
+        file_name = f"best-{names[index]}.yaml" if index else BEST_CONFIG
+        raw = apply_overrides(base, plan.space.stage_params(record.params, index))
+        fixed = {"optim.max_steps": config.optim.max_steps, "eval.every_steps": config.eval.every_steps,
+                 "checkpoint.every_steps": config.checkpoint.every_steps,
+                 "checkpoint.dir": directories[index]}  # fmt: skip
+        if index:
+            fixed["checkpoint.init_from"] = directories[index - 1]
+        raw = apply_overrides(raw, fixed)
+        path = Path(plan.sweep_dir) / file_name
+        header = (
+            f"# Best trial {record.trial_id} of sweep {plan.name}: {plan.objective.spec} = {record.objective:.6g}\n"
+            f"# Run it: python ray_jobs/{entry_points[index]}.py --config {path}\n"
+        )
+        path.write_text(header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        written.append((file_name, entry_points[index]))
+    return written
 
 
 def write_sweep_report(settings: SweepSettings, plan: SweepPlan) -> tuple[Path, TrialRecord | None]:
     """``report.md``/``report.html``/plots and, when a trial has a result, ``best.yaml``."""
     records = collect_records(plan)
     best = best_trial(records, plan.objective.mode)
-    best_file = None
-    if best is not None:
-        write_best_config(plan, best)
-        best_file = BEST_CONFIG
+    best_configs = write_best_configs(plan, best) if best is not None else []
     summary = SweepSummary(
         name=settings.name,
         objective=plan.objective.spec,
         mode=plan.objective.mode,
         num_samples=settings.num_samples,
         distributions=plan.space.distributions(),
-        best_config_file=best_file,
-        entry_point=plan.space.stage,
+        best_configs=best_configs,
     )
     return write_report(Path(plan.sweep_dir), summary, records), best

@@ -13,6 +13,16 @@
     points: [{optim.lr: 1.0e-3}]                 # further configs tried first, after the baseline (may
                                                  # leave a range; a choice must hold them)
 
+A pipeline sweep (pretrain settings judged by what they give after SFT) lists later stages under
+``then``; each trial runs them in order, each from the previous stage's weights, and is judged by
+the last stage's evaluation. A later stage's parameters are named ``<stage>/<field>``:
+
+    then:
+      - stage: sft
+        recipe: recipes/minimind-26m/sft.yaml
+        overrides: {optim.max_steps: 2000, eval.val_fraction: 0.02}
+        params: {optim.lr: {loguniform: [1.0e-5, 1.0e-3]}}     # "sft/optim.lr"
+
 A parameter is ``loguniform``/``uniform`` (a float range; an integer field samples integers),
 ``int`` (optionally ``step``/``log``) or ``choice``. ``when`` makes it conditional (Optuna's
 define-by-run): it is sampled only when the named fields, as sampled before it or as the recipe
@@ -36,7 +46,8 @@ from minimind.config import ConfigError, TrainConfig, apply_overrides, build_con
 from minimind.train.launch import ENTRY_POINTS
 
 KINDS = ("loguniform", "uniform", "int", "choice")
-TOP_LEVEL = ("stage", "recipe", "objective", "budget", "overrides", "params", "points")
+TOP_LEVEL = ("stage", "recipe", "objective", "budget", "overrides", "params", "points", "then")
+LATER_STAGE_KEYS = ("stage", "recipe", "overrides", "params")
 
 
 @dataclass
@@ -54,10 +65,22 @@ class Budget:
 
 
 @dataclass
+class LaterStage:
+    """A stage a pipeline trial runs after the first, from the previous stage's weights."""
+
+    name: str
+    """Its parameters' prefix and its run directory under the trial's (the entry point's name)."""
+    stage: str
+    recipe: str
+    base: dict[str, Any]
+
+
+@dataclass
 class Param:
     """One searched field and its distribution."""
 
     name: str
+    """As Optuna and the report know it: the field, or ``<stage>/<field>`` for a later stage's."""
     kind: str
     low: float | None = None
     high: float | None = None
@@ -66,7 +89,15 @@ class Param:
     choices: list = field(default_factory=list)
     integer: bool = False
     when: dict[str, Any] = field(default_factory=dict)
+    """Full parameter-style names (``<stage>/<field>`` in a later stage) and the values enabling this one."""
     line: int = 0
+    stage_index: int = 0
+    """0: the first stage; k: ``then[k - 1]``."""
+
+    @property
+    def dotted_field(self) -> str:
+        """The run config field it sets, in its stage's config."""
+        return self.name.split("/", 1)[-1]
 
     def distribution(self) -> optuna.distributions.BaseDistribution:
         if self.kind == "choice":
@@ -114,6 +145,7 @@ class SearchSpace:
     objective: str = "val_perplexity"
     budget: Budget = field(default_factory=Budget)
     points: list[dict[str, Any]] = field(default_factory=list)
+    then: list[LaterStage] = field(default_factory=list)
 
     def __call__(self, trial) -> None:
         """Optuna define-by-run: sample each parameter whose ``when`` holds, in file order."""
@@ -124,9 +156,21 @@ class SearchSpace:
 
     def base_values(self) -> dict[str, Any]:
         """Every field a ``when`` names (and every searched field), as the base config sets it."""
-        config = dataclasses.asdict(build_config(self.base))
+        configs = [dataclasses.asdict(build_config(base)) for base in self.stage_bases()]
         names = {param.name for param in self.params} | {n for param in self.params for n in param.when}
-        return {name: _get(config, name) for name in names}
+        return {name: _get(configs[self.stage_of(name)], name.split("/", 1)[-1]) for name in names}
+
+    def stage_bases(self) -> list[dict[str, Any]]:
+        return [self.base, *(later.base for later in self.then)]
+
+    def stage_of(self, name: str) -> int:
+        """The stage index of a parameter-style name (``field`` or ``<stage>/<field>``)."""
+        prefix = name.split("/", 1)[0] if "/" in name else None
+        return 0 if prefix is None else 1 + [later.name for later in self.then].index(prefix)
+
+    def stage_params(self, params: dict[str, Any], index: int) -> dict[str, Any]:
+        """The sampled values of stage ``index``'s fields, by dotted field."""
+        return {name.split("/", 1)[-1]: value for name, value in params.items() if self.stage_of(name) == index}
 
     def baseline(self) -> dict[str, Any]:
         """The recipe's own values of the parameters that apply to it: the first trial."""
@@ -160,22 +204,7 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
     for key in raw:
         if key not in TOP_LEVEL:
             fail(key, f"unknown key (valid: {', '.join(TOP_LEVEL)})")
-    stage = raw.get("stage")
-    if stage not in ENTRY_POINTS:
-        fail("stage", f"must be one of {sorted(ENTRY_POINTS)}, got {stage!r}")
-    recipe = raw.get("recipe")
-    if not isinstance(recipe, str) or not Path(recipe).is_file():
-        fail("recipe", f"must name an existing recipe file (relative to the working directory), got {recipe!r}")
-    overrides = raw.get("overrides") or {}
-    if not isinstance(overrides, dict):
-        fail("overrides", "must be a mapping of dotted fields to values")
-    stage_name, defining = ENTRY_POINTS[stage]
-    base = apply_overrides(load_yaml(recipe), {"stage": stage_name, **defining, **overrides, **(cli_overrides or {})})
-    try:
-        build_config(base)
-    except ConfigError as error:
-        fail("recipe", f"{recipe} with the overrides is not a valid run config: {error}")
-
+    stage, recipe, base = _parse_stage(raw, "", lines, cli_overrides, fail)
     budget = _parse_budget(raw.get("budget") or {}, fail)
     params_raw = raw.get("params")
     if not isinstance(params_raw, dict) or not params_raw:
@@ -183,6 +212,37 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
     param_lines = _key_lines(_child(root, "params"))
     params = [_parse_param(name, spec, base, param_lines.get(name, lines.get("params", 1)), fail)
               for name, spec in params_raw.items()]  # fmt: skip
+
+    then_raw = raw.get("then") or []
+    if not isinstance(then_raw, list):
+        fail("then", "must be a list of later stages ({stage, recipe, overrides, params})")
+    then_nodes = _child(root, "then")
+    later_stages: list[LaterStage] = []
+    for index, entry in enumerate(then_raw):
+        where = f"then[{index}]"
+        node = then_nodes.value[index] if isinstance(then_nodes, yaml.SequenceNode) else None
+        entry_lines = _key_lines(node) or {"": lines.get("then", 1)}
+        first_line = min(entry_lines.values())
+        if not isinstance(entry, dict):
+            fail(where, "must be a mapping with stage, recipe (and overrides, params)", first_line)
+        for key in entry:
+            if key not in LATER_STAGE_KEYS:
+                fail(f"{where}.{key}", f"unknown key (valid: {', '.join(LATER_STAGE_KEYS)})", entry_lines[key])
+        later_fail = _at_lines(fail, where, entry_lines, first_line)
+        later_stage, later_recipe, later_base = _parse_stage(entry, "", entry_lines, cli_overrides, later_fail)
+        name = later_stage if all(s.name != later_stage for s in later_stages) else f"{later_stage}{index + 1}"
+        later_stages.append(LaterStage(name, later_stage, later_recipe, later_base))
+        later_params = entry.get("params") or {}
+        if not isinstance(later_params, dict):
+            later_fail("params", "must map dotted fields to distributions")
+        later_lines = _key_lines(_child(node, "params")) if node is not None else {}
+        for field_name, spec in later_params.items():
+            param = _parse_param(field_name, spec, later_base, later_lines.get(field_name, first_line), fail,
+                                 where=f"{where}.params.{field_name}")  # fmt: skip
+            param.name = f"{name}/{field_name}"
+            param.when = {f"{name}/{condition}": value for condition, value in param.when.items()}
+            param.stage_index = index + 1
+            params.append(param)
     names = [param.name for param in params]
     for index, param in enumerate(params):
         for name in param.when:
@@ -190,7 +250,8 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
                 fail(f"params.{param.name}.when", f"{name!r} is sampled after this parameter; list it first",
                      param.line)  # fmt: skip
 
-    space = SearchSpace(path, stage, recipe, base, params, raw.get("objective") or "val_perplexity", budget)
+    space = SearchSpace(path, stage, recipe, base, params, raw.get("objective") or "val_perplexity", budget,
+                        then=later_stages)  # fmt: skip
     for name, value in space.baseline().items():
         param = next(p for p in params if p.name == name)
         if not param.contains(value):
@@ -209,12 +270,43 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
                 fail(f"{where}.{name}", f"is not a searched parameter (searched: {', '.join(by_name)})")
             if by_name[name].kind == "choice" and value not in by_name[name].choices:
                 fail(f"{where}.{name}", f"{value!r} is not {by_name[name].describe()}")
-        try:
-            build_config(space.base, point)
-        except ConfigError as error:
-            fail(where, f"the run config rejects it: {error}")
+        for index, base in enumerate(space.stage_bases()):
+            try:
+                build_config(base, space.stage_params(point, index))
+            except ConfigError as error:
+                fail(where, f"the run config rejects it: {error}")
         space.points.append(point)
     return space
+
+
+def _parse_stage(raw: dict, where: str, lines: dict[str, int], cli_overrides, fail) -> tuple[str, str, dict]:
+    """A stage's entry point, recipe and base config (the recipe with the overrides)."""
+    stage = raw.get("stage")
+    if stage not in ENTRY_POINTS:
+        fail(f"{where}stage", f"must be one of {sorted(ENTRY_POINTS)}, got {stage!r}", lines.get("stage"))
+    recipe = raw.get("recipe")
+    if not isinstance(recipe, str) or not Path(recipe).is_file():
+        fail(f"{where}recipe", f"must name an existing recipe file (relative to the working directory), got {recipe!r}",
+             lines.get("recipe"))  # fmt: skip
+    overrides = raw.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        fail(f"{where}overrides", "must be a mapping of dotted fields to values", lines.get("overrides"))
+    stage_name, defining = ENTRY_POINTS[stage]
+    base = apply_overrides(load_yaml(recipe), {"stage": stage_name, **defining, **overrides, **(cli_overrides or {})})
+    try:
+        build_config(base)
+    except ConfigError as error:
+        fail(f"{where}recipe", f"{recipe} with the overrides is not a valid run config: {error}", lines.get("recipe"))
+    return stage, recipe, base
+
+
+def _at_lines(fail, where: str, lines: dict[str, int], default: int):
+    """``fail`` for keys of a nested mapping: names the key under ``where`` at its own line."""
+
+    def nested_fail(key: str, message: str, line: int | None = None) -> typing.NoReturn:
+        fail(f"{where}.{key}", message, line or lines.get(key.split(".")[0], default))
+
+    return nested_fail
 
 
 def _parse_budget(raw: Any, fail) -> Budget:
@@ -232,8 +324,8 @@ def _parse_budget(raw: Any, fail) -> Budget:
     return budget
 
 
-def _parse_param(name: str, spec: Any, base: dict, line: int, fail) -> Param:
-    where = f"params.{name}"
+def _parse_param(name: str, spec: Any, base: dict, line: int, fail, where: str | None = None) -> Param:
+    where = where or f"params.{name}"
     annotation = _field_type(name)
     if annotation is None:
         try:

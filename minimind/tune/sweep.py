@@ -12,6 +12,11 @@ Driver side, :func:`build_tuner` assembles a ``Tuner``:
   ``training_iteration``, which restarts when a sweep is restored), so trials with different
   batches are compared at equal amounts of data.
 
+A pipeline trial (a space with ``then`` stages) runs its stages one after another, each a Train run
+in its own directory starting from the previous one's weights; only the last stage reports to Tune.
+:func:`restore_tuner` finishes an interrupted sweep (``Tuner.restore``; see :class:`TokenASHA` and
+:func:`already_ended` for what Tune itself does not restore).
+
 Worker side, :class:`ObjectiveReport` (a Ray Train callback) forwards each evaluation of rank 0 to
 Tune with the sweep's ``objective`` added. Each trial records what it ran and how it ended in
 ``trials/<id>/trial.json`` next to the run's ``metrics.jsonl``; the report is built from those
@@ -108,9 +113,28 @@ class SweepPlan:
     def trial_dir(self, trial_id: str) -> str:
         return f"{self.sweep_dir}/trials/{trial_id}"
 
+    def stage_dirs(self, trial_id: str) -> list[str]:
+        """Run directories of a trial's stages: the trial's own, then one per later stage inside it."""
+        first = self.trial_dir(trial_id)
+        return [first, *(f"{first}/{later.name}" for later in self.space.then)]
+
+    def judged_dir(self, trial_id: str) -> str:
+        """The run whose evaluations judge the trial: its last stage's."""
+        return self.stage_dirs(trial_id)[-1]
+
+    def stage_configs(self, params: dict[str, Any], run_dir: str) -> list[TrainConfig]:
+        """Run configs of a trial's stages, each later one starting from the previous one's weights."""
+        configs = [self.trial_config(params, run_dir)]
+        for index, later in enumerate(self.space.then, start=1):
+            raw = apply_overrides(later.base, self.space.stage_params(params, index))
+            previous = configs[-1].checkpoint.dir
+            overrides = {"checkpoint.dir": f"{run_dir}/{later.name}", "checkpoint.init_from": previous}
+            configs.append(build_config(raw, overrides))
+        return configs
+
     def trial_config(self, params: dict[str, Any], run_dir: str | None = None) -> TrainConfig:
-        """The run config of a trial: the base config, its sampled values, and the token budget."""
-        raw = apply_overrides(self.space.base, params)
+        """The run config of a trial's first stage: the base config, its sampled values, and the token budget."""
+        raw = apply_overrides(self.space.base, self.space.stage_params(params, 0))
         config = build_config(raw)
         budget = self.space.budget
         optim, workers = config.optim, config.distributed.num_workers
@@ -127,7 +151,7 @@ class SweepPlan:
 
     def check(self) -> None:
         """Refuse a sweep whose trials could not be judged, before anything starts."""
-        baseline = self.trial_config(self.space.baseline(), "unused")
+        baseline = self.stage_configs(self.space.baseline(), "unused")[-1]
         if self.objective.needs_eval() and not baseline.eval.enabled:
             raise ConfigError(
                 f"eval: the objective {self.objective.spec!r} needs held-out data; set eval.val_fraction or "
@@ -223,7 +247,7 @@ def already_ended(record: dict, trial_id: str, plan: SweepPlan) -> bool:
         raise TrialFailed(record["reason"])
     if record.get("status") != "finished" and trial_id not in pruned_trials(plan.sweep_dir):
         return False
-    rows = evaluations(plan.trial_dir(trial_id), plan.objective)
+    rows = evaluations(plan.judged_dir(trial_id), plan.objective)
     if rows:
         tune.report(rows[-1])
     return True
@@ -248,8 +272,10 @@ def run_trial(params: dict, plan: SweepPlan) -> None:
     attempt_start = record.get("wall_seconds", 0.0)
     trial_file.write(record)
     try:
-        config = paths_for_workers(plan.trial_config(params, run_dir))
-        build_trainer(config, callbacks=[ObjectiveReport(plan.objective)]).fit()
+        configs = plan.stage_configs(params, run_dir)
+        for config in configs:  # a pipeline's earlier stages report nothing to Tune: the last one judges
+            callbacks = [ObjectiveReport(plan.objective)] if config is configs[-1] else []
+            build_trainer(paths_for_workers(config), callbacks=callbacks).fit()
     except Exception as error:  # the trial fails; the sweep goes on
         if trial_id in pruned_trials(plan.sweep_dir):
             # ASHA stopped it: Tune removes the run's resources, which ends fit() with an error.
@@ -266,9 +292,8 @@ def wall_seconds_so_far(record: dict, run_dir: str | Path) -> float:
     """Time a trial has trained: recorded at its end; for one cut short, up to its last metrics line."""
     if record.get("status") in ("finished", "failed"):
         return float(record.get("wall_seconds", 0.0))
-    metrics = Path(run_dir) / "metrics.jsonl"
     started = record.get("attempt_started_at", record.get("started_at", 0.0))
-    last = metrics.stat().st_mtime if metrics.exists() else started
+    last = max((path.stat().st_mtime for path in Path(run_dir).rglob("metrics.jsonl")), default=started)
     return float(record.get("wall_seconds", 0.0)) + max(0.0, last - started)
 
 
@@ -302,7 +327,7 @@ class TokenASHA(ASHAScheduler):
         better = min if self.plan.objective.mode == "min" else max
         for run_dir in sorted(Path(self.plan.sweep_dir, "trials").glob("*")):
             trial = _RecordedTrial(run_dir.name)
-            for row in evaluations(run_dir, self.plan.objective):
+            for row in evaluations(self.plan.judged_dir(run_dir.name), self.plan.objective):
                 bracket.on_result(trial, row[TIME_ATTR], self._metric_op * row["objective"])
                 candidate = (row["objective"], run_dir.name)
                 self.best_recorded = better(self.best_recorded or candidate, candidate, key=lambda pair: pair[0])
