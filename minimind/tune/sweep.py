@@ -40,6 +40,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.utils import flatten_dict
 
 from minimind.config import ConfigError, TrainConfig, apply_overrides, build_config
 from minimind.train.distributed import build_trainer, paths_for_workers
@@ -254,7 +255,8 @@ def already_ended(record: dict, trial_id: str, plan: SweepPlan) -> bool:
 
 
 def run_trial(params: dict, plan: SweepPlan) -> None:
-    """Tune's function trainable: one Ray Train run of the trial's config, to its end."""
+    """Tune's function trainable: one Ray Train run of the trial's config (per stage), to its end."""
+    params = flatten_dict(params, delimiter="/")  # Tune nests a later stage's "sft/optim.lr" as {"sft": {...}}
     trial_id = tune.get_context().get_trial_id()
     run_dir = plan.trial_dir(trial_id)
     started = time.time()
