@@ -343,3 +343,19 @@ def test_a_pipeline_sweep_runs_both_stages_and_is_judged_after_sft(ray_cluster, 
     best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
     best_sft = yaml.safe_load((sweep_dir / "best-sft.yaml").read_text())
     assert best_sft["checkpoint"]["init_from"] == best["checkpoint"]["dir"] and "best-sft.yaml" in report
+
+
+def test_a_grid_lists_every_value_and_refuses_what_it_cannot_enumerate(tmp_path):
+    space = load_space(write_space(tmp_path, TINY_SWEEP.split("points:")[0]))
+    with pytest.raises(ConfigError, match=r"space\.yaml:\d+: params\.optim\.lr: a grid needs its values listed"):
+        space.grid()
+    gridded = TINY_SWEEP.split("points:")[0].replace("{loguniform: [1.0e-3, 3.0e-2]}", "{choice: [1.0e-3, 1.0e-2]}")
+    gridded = gridded.replace("optim.batch_size: {choice: [4, 8, 16]}", "optim.warmup_steps: {int: [0, 4], step: 2}")
+    path = write_space(tmp_path, gridded, "grid.yaml")
+    assert load_space(path).grid() == {"optim.lr": [1e-3, 1e-2], "optim.warmup_steps": [0, 2, 4]}
+    done = subprocess.run(
+        [sys.executable, "ray_jobs/tune.py", "--space", str(path), "--sampler", "grid", "--num-samples", "5",
+         "--storage-path", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"},
+    )  # fmt: skip
+    assert done.returncode == 2 and "the grid of" in done.stderr and "has 6 points, not 5" in done.stderr

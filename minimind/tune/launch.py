@@ -11,6 +11,7 @@ Extra ``--dotted.field VALUE`` options apply to every trial (on top of the space
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 from minimind.config import ConfigError, parse_override_args
 from minimind.train.reporting import is_uri
 from minimind.tune.space import load_space
-from minimind.tune.sweep import Objective, SweepPlan, SweepSettings, load_settings, save_settings
+from minimind.tune.sweep import SAMPLERS, Objective, SweepPlan, SweepSettings, load_settings, save_settings
 
 SPACE_COPY = "space.yaml"
 
@@ -30,7 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
         "trial. Writes report.md, report.html and best.yaml into the sweep directory.",
     )
     parser.add_argument("--space", help="search space YAML (see search_spaces/)")
-    parser.add_argument("--num-samples", type=int, default=8, help="trials in all, the baseline included")
+    parser.add_argument(
+        "--num-samples", type=int, help="trials in all, the baseline included (default: 8; a grid's size for a grid)"
+    )
+    parser.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="tpe",
+        help="Optuna's TPE (default), random, or the full grid of a space of choices and integer ranges",
+    )
+    parser.add_argument(
+        "--no-early-stopping",
+        dest="early_stopping",
+        action="store_false",
+        help="train every trial to its budget (no ASHA), e.g. as a baseline for the search itself",
+    )
     parser.add_argument(
         "--objective",
         help="val_perplexity (min), continuation_accuracy, continuation_loglik, reward_accuracy (max), or a weighted "
@@ -38,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--storage-path", default="runs", help="where sweeps live (default: runs)")
     parser.add_argument("--name", help="sweep name (default: sweep-<space file name>)")
-    parser.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    parser.add_argument("--seed", type=int, default=0, help="sampler seed")
     parser.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster's CPUs/GPUs fit)")
     parser.add_argument(
         "--optuna-storage", help="persistent Optuna study: sqlite:///sweep.db or a journal file path (optional)"
@@ -64,10 +79,16 @@ def settings_from_args(argv: list[str]) -> tuple[SweepSettings, bool]:
         return settings, True
     if not args.space:
         raise ConfigError("--space: give a search space (search_spaces/*.yaml), or --resume SWEEP_DIR")
-    if args.num_samples < 1:
-        raise ConfigError("--num-samples: must be >= 1")
     overrides = parse_override_args(rest)
     space = load_space(args.space, overrides)
+    num_samples = args.num_samples or 8
+    if args.sampler == "grid":
+        grid_size = math.prod(len(values) for values in space.grid().values())
+        if args.num_samples not in (None, grid_size):
+            raise ConfigError(f"--num-samples: the grid of {args.space} has {grid_size} points, not {args.num_samples}")
+        num_samples = grid_size
+    if num_samples < 1:
+        raise ConfigError("--num-samples: must be >= 1")
     storage = args.storage_path if is_uri(args.storage_path) else str(Path(args.storage_path).resolve())
     settings = SweepSettings(
         name=args.name or f"sweep-{Path(args.space).stem}",
@@ -75,8 +96,10 @@ def settings_from_args(argv: list[str]) -> tuple[SweepSettings, bool]:
         space_file=args.space,
         cli_overrides=overrides,
         objective=args.objective or space.objective,
-        num_samples=args.num_samples,
+        num_samples=num_samples,
         seed=args.seed,
+        sampler=args.sampler,
+        early_stopping=args.early_stopping,
         max_concurrent=args.max_concurrent,
         optuna_storage=args.optuna_storage,
     )

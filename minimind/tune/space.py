@@ -177,6 +177,21 @@ class SearchSpace:
         values = self.base_values()
         return {param.name: values[param.name] for param in self.params if param.applies(values)}
 
+    def grid(self) -> dict[str, list]:
+        """Every value of every parameter, for a full grid: choices and integer ranges (by their step)."""
+        grid = {}
+        for param in self.params:
+            where = f"{self.path}:{param.line}: params.{param.name}"
+            if param.when:
+                raise ConfigError(f"{where}: a grid cannot hold a conditional parameter")
+            if param.kind == "choice":
+                grid[param.name] = list(param.choices)
+            elif param.integer and not param.log:
+                grid[param.name] = list(range(int(param.low), int(param.high) + 1, param.step or 1))
+            else:
+                raise ConfigError(f"{where}: a grid needs its values listed; give it as a choice")
+        return grid
+
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         return {param.name: param.distribution() for param in self.params}
 

@@ -315,9 +315,10 @@ class TokenASHA(ASHAScheduler):
     rungs than before the interruption and a stopped trial stays stopped.
     """
 
-    def __init__(self, plan: SweepPlan, **kwargs):
+    def __init__(self, plan: SweepPlan, early_stopping: bool = True, **kwargs):
         super().__init__(brackets=1, **kwargs)
         self.plan = plan
+        self.early_stopping = early_stopping  # False: rungs are kept (and reported) but no trial is stopped
         self.pruned: set[str] = set()
         self.best_recorded: tuple[float, str] | None = None
         self._replayed = False
@@ -343,6 +344,8 @@ class TokenASHA(ASHAScheduler):
         if trial.trial_id in self.pruned:
             return TrialScheduler.STOP
         decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and not self.early_stopping:
+            return TrialScheduler.CONTINUE
         if decision == TrialScheduler.STOP:
             self.pruned.add(trial.trial_id)
             with open(Path(self.plan.sweep_dir) / PRUNED_FILE, "a", encoding="utf-8") as handle:
@@ -439,6 +442,10 @@ class SweepSettings:
     objective: str
     num_samples: int
     seed: int = 0
+    sampler: str = "tpe"
+    """``tpe`` (Optuna's TPE), ``random``, or ``grid`` (every combination of the space's values)."""
+    early_stopping: bool = True
+    """ASHA stops the worst trials at its rungs; False: every trial trains its whole budget."""
     max_concurrent: int | None = None
     optuna_storage: str | None = None
 
@@ -455,6 +462,7 @@ def build_tuner(settings: SweepSettings, plan: SweepPlan) -> tune.Tuner:
     budget = plan.space.budget
     scheduler = TokenASHA(
         plan,
+        early_stopping=settings.early_stopping,
         time_attr=TIME_ATTR,
         metric="objective",
         mode=objective.mode,
@@ -466,8 +474,9 @@ def build_tuner(settings: SweepSettings, plan: SweepPlan) -> tune.Tuner:
         space=plan.space,
         metric="objective",
         mode=objective.mode,
-        points_to_evaluate=[plan.space.baseline(), *plan.space.points],
-        seed=settings.seed,
+        # A grid holds the baseline already (when the recipe's values are among the space's).
+        points_to_evaluate=None if settings.sampler == "grid" else [plan.space.baseline(), *plan.space.points],
+        sampler=optuna_sampler(settings, plan),
         study_name=settings.name,
         storage=optuna_storage(settings.optuna_storage, settings.name),
     )
@@ -490,6 +499,19 @@ def build_tuner(settings: SweepSettings, plan: SweepPlan) -> tune.Tuner:
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
+
+
+SAMPLERS = ("tpe", "random", "grid")
+
+
+def optuna_sampler(settings: SweepSettings, plan: SweepPlan):
+    import optuna
+
+    if settings.sampler == "grid":
+        return optuna.samplers.GridSampler(plan.space.grid(), seed=settings.seed)
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed)
+    return optuna.samplers.TPESampler(seed=settings.seed)
 
 
 def trainable(plan: SweepPlan):
