@@ -139,8 +139,18 @@ def trial_records(sweep_dir):
     return {p.parent.name: json.loads(p.read_text()) for p in (sweep_dir / "trials").glob("*/trial.json")}
 
 
+# An FFN of 2^31 units cannot be allocated (512 GiB per matrix): a trial that runs out of memory.
+FAILING_SWEEP = (
+    TINY_SWEEP.replace(
+        "  optim.batch_size: {choice: [4, 8, 16]}\n",
+        "  optim.batch_size: {choice: [4, 8, 16]}\n  model.intermediate_size: {choice: [null, 2147483648]}\n",
+    ).replace("optim.batch_size: 8}", "optim.batch_size: 8, model.intermediate_size: null}")
+    + "  - {optim.lr: 1.0e-2, optim.batch_size: 16, model.intermediate_size: 2147483648}  # out of memory\n"
+)
+
+
 def test_a_sweep_runs_its_trials_fails_the_diverging_one_and_reports_a_best_config_that_runs(ray_cluster, tmp_path):
-    space = write_space(tmp_path, TINY_SWEEP)
+    space = write_space(tmp_path, FAILING_SWEEP)
     journal = tmp_path / "study.log"
     command = [sys.executable, "ray_jobs/tune.py", "--space", str(space), "--num-samples", "3", "--name", "sweep",
                "--storage-path", str(tmp_path), "--optuna-storage", str(journal), "--seed", "1"]  # fmt: skip
@@ -151,9 +161,12 @@ def test_a_sweep_runs_its_trials_fails_the_diverging_one_and_reports_a_best_conf
     trials = trial_records(sweep_dir)
     assert len(trials) == 3
     baseline = [t for t in trials.values() if t["baseline"]]
-    assert [t["params"] for t in baseline] == [{"optim.lr": 1e-2, "optim.batch_size": 16}]
+    recipe_values = {"optim.lr": 1e-2, "optim.batch_size": 16, "model.intermediate_size": None}
+    assert [t["params"] for t in baseline] == [recipe_values]
     [diverged] = [t for t in trials.values() if t["params"]["optim.lr"] == 1e30]
     assert diverged["status"] == "failed" and "NaN/inf" in diverged["reason"]
+    [too_big] = [t for t in trials.values() if t["params"]["model.intermediate_size"]]
+    assert too_big["status"] == "failed" and too_big["reason"].startswith("out of memory: "), too_big
     finished = {tid: t for tid, t in trials.items() if t["status"] == "finished"}
     assert finished, trials
     # Every finished trial trained the same budget of tokens, whatever its batch size.
@@ -161,7 +174,7 @@ def test_a_sweep_runs_its_trials_fails_the_diverging_one_and_reports_a_best_conf
         assert metrics(sweep_dir / "trials" / trial_id)[-1]["tokens"] == 5120
 
     report = (sweep_dir / "report.md").read_text()
-    assert diverged["reason"] in report
+    assert diverged["reason"] in report and too_big["reason"][:60] in report
     best_id = min(finished, key=lambda tid: metrics(sweep_dir / "trials" / tid)[-1]["val_perplexity"])
     assert f"Best trial: `{best_id}`" in report
     html = (sweep_dir / "report.html").read_text()
@@ -220,11 +233,11 @@ def test_a_killed_sweep_resumes_to_exactly_n_trials_without_training_an_ended_on
     space = write_space(tmp_path, RESUMABLE_SWEEP)
     sweep_dir, journal = tmp_path / "sweep", tmp_path / "study.log"
     start = [sys.executable, "ray_jobs/tune.py", "--space", str(space), "--num-samples", "3", "--name", "sweep",
-             "--storage-path", str(tmp_path), "--optuna-storage", str(journal), "--max-concurrent", "1"]  # fmt: skip
+             "--storage-path", str(tmp_path), "--optuna-storage", str(journal), "--max-concurrent", "2"]  # fmt: skip
     resume = [sys.executable, "ray_jobs/tune.py", "--resume", str(sweep_dir)]
     run_files = lambda tid: (sweep_dir / "trials" / tid / "metrics.jsonl").read_bytes()  # noqa: E731
 
-    # Killed while the second trial runs: the first has finished, the second has a checkpoint.
+    # Killed while a trial runs past its first checkpoint and another has finished (two at a time).
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(start, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         finished, interrupted = wait_until(lambda: ended_and_running(sweep_dir), first, "a checkpointed second trial")

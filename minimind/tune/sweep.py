@@ -184,14 +184,18 @@ class TrialFailed(RuntimeError):
     """A trial's training failed; the message is the one-line reason the report shows."""
 
 
+# CUDA's OutOfMemoryError, Python's MemoryError, and PyTorch's CPU allocator refusing an allocation.
+OUT_OF_MEMORY = r"OutOfMemoryError|out of memory|MemoryError|can't allocate memory"
+
+
 def failure_reason(error: BaseException) -> str:
     """One line saying why a trial's Train run failed: NaN/inf loss, out of memory, or the last error line."""
     text = str(error)
     found = re.search(r"NonFiniteLoss: (.+)", text)
     if found:
         return found.group(1).split(" (the last saved")[0].split("; stopping")[0].strip()
-    if re.search(r"OutOfMemoryError|out of memory|MemoryError", text):
-        line = next(ln for ln in text.splitlines() if re.search(r"OutOfMemoryError|out of memory|MemoryError", ln))
+    if re.search(OUT_OF_MEMORY, text):
+        line = next(ln for ln in text.splitlines() if re.search(OUT_OF_MEMORY, ln))
         return f"out of memory: {line.strip()[:300]}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return (lines[-1] if lines else type(error).__name__)[:300]
