@@ -31,7 +31,7 @@ from minimind.model.checkpoint import load_model, resolve_checkpoint
 from minimind.train.checkpointing import checkpoint_step
 from minimind.train.loop import Trainer
 
-STEPS = 60
+STEPS = 40
 # Tiny preset, a report every step (per-step losses), a checkpoint every 10 steps.
 COMMON = tiny_pretrain_args(STEPS, lr="1e-2", checkpoint_every=10, placement="SPREAD")
 # Dropout makes every rank's random stream part of the state a restart must restore.
