@@ -1,11 +1,15 @@
 """What the search buys: ASHA + TPE against random search and a full grid, at an equal trial budget.
 
-Three sweeps of the same space (tiny preset on the bundled sample; learning rate x batch size, a
-grid of 4 x 3 = 12 points), each run the way users run them (``ray_jobs/tune.py``, a local Ray):
+Three sweeps over the same ranges (tiny preset on the bundled sample; learning rate in
+[3e-3, 2e-2] x batch size in {4, 8, 16}), each run the way users run them (``ray_jobs/tune.py``, a
+local Ray):
 
-- ``grid``: every point, each trained to the whole token budget (no early stopping);
-- ``random``: as many trials as the grid has points, drawn at random, each to the whole budget;
-- ``asha+tpe``: as many trials, sampled by TPE, with ASHA stopping the worst at its token rungs.
+- ``grid``: 4 learning rates spread over the range x 3 batch sizes = 12 points, each trained to the
+  whole token budget (no early stopping);
+- ``random``: as many trials as the grid has points, the learning rate drawn log-uniformly, each
+  trained to the whole budget;
+- ``asha+tpe``: as many trials, sampled by TPE over the same log-uniform range, with ASHA stopping
+  the worst at its token rungs.
 
 Printed side by side: the best validation perplexity found (of a trial trained to the whole budget)
 and the tokens trained over all trials, with ratios to the grid's. Target: ASHA + TPE within 2% of
@@ -46,9 +50,11 @@ overrides:
   eval.continuation_docs: 0
   logging.every_steps: 8
 params:
-  optim.lr: {{choice: [3.0e-3, 6.0e-3, 1.0e-2, 2.0e-2]}}
+  optim.lr: {lr}
   optim.batch_size: {{choice: [4, 8, 16]}}
 """
+GRID_LR = "{choice: [3.0e-3, 6.0e-3, 1.0e-2, 2.0e-2]}"
+SAMPLED_LR = "{loguniform: [3.0e-3, 2.0e-2]}"
 GRID_POINTS = 12
 
 ARMS = {
@@ -91,11 +97,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tune-efficiency-") as tmp:
         storage = Path(tmp)
-        space = storage / "space.yaml"
-        space.write_text(SPACE.format(root=ROOT, max_tokens=args.max_tokens, rung=args.rung_tokens))
-        rows = [run_arm("grid", ARMS["grid"], space, storage, 0)]  # the grid does not depend on the seed
+        spaces = {}
+        for name, lr in (("grid", GRID_LR), ("sampled", SAMPLED_LR)):
+            spaces[name] = storage / f"{name}.yaml"
+            spaces[name].write_text(SPACE.format(root=ROOT, max_tokens=args.max_tokens, rung=args.rung_tokens, lr=lr))
+        rows = [run_arm("grid", ARMS["grid"], spaces["grid"], storage, 0)]  # the grid does not depend on the seed
         for seed in args.seeds:
-            rows += [run_arm(name, ARMS[name], space, storage, seed) for name in ("random", "asha+tpe")]
+            rows += [run_arm(name, ARMS[name], spaces["sampled"], storage, seed) for name in ("random", "asha+tpe")]
     grid = rows[0]
     print(f"\ntiny preset, {GRID_POINTS} trials per arm, {args.max_tokens:,} tokens per whole trial; "
           f"ratios to the grid\n")  # fmt: skip
@@ -103,10 +111,12 @@ def main() -> None:
     header += f"{'tokens':>9} {'x grid':>7} {'wall s':>7}  best params"
     print(header)
     for row in rows:
+        params = {key: float(f"{value:.3g}") if isinstance(value, float) else value
+                  for key, value in row["best_params"].items()}  # fmt: skip
         print(
             f"{row['arm']:10} {row['seed']:>4} {row['trials']:>6} {row['pruned']:>6} {row['best']:>12.2f} "
             f"{row['best'] / grid['best']:>7.3f} {row['tokens']:>9,} {row['tokens'] / grid['tokens']:>7.3f} "
-            f"{row['wall']:>7.0f}  {row['best_params']}"
+            f"{row['wall']:>7.0f}  {params}"
         )
     for row in rows:
         if row["arm"] == "asha+tpe":

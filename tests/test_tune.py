@@ -306,6 +306,40 @@ def test_asha_rungs_are_rebuilt_from_the_trials_records(tmp_path):
     assert feed(restored, "b", [(5120, 1.0)]) == [TrialScheduler.STOP]  # a stopped trial stays stopped
     assert feed(restored, "d", [(1280, 95.0)]) == [TrialScheduler.STOP]  # worse than the rung's cutoff
     assert feed(restored, "e", [(1280, 70.0)]) == [TrialScheduler.CONTINUE]
+    # A run's last evaluation is never a stop: the trial finished its budget, it was not pruned.
+    last = {"tokens": 1280, "objective": 99.0, "step": 5, "total_steps": 5}
+    restored.on_trial_add(None, SimpleNamespace(trial_id="f"))
+    assert restored.on_trial_result(None, SimpleNamespace(trial_id="f"), last) == TrialScheduler.CONTINUE
+    assert "f" not in restored.pruned and "f" not in pruned_trials(str(tmp_path))
+
+
+def test_the_searcher_does_not_run_a_config_twice():
+    """TPE over a few choices redraws the same config; each repeat is told to Optuna with its
+    twin's result (or as pruned while the twin runs) and another config is drawn instead."""
+    from minimind.tune.sweep import DistinctOptunaSearch
+
+    def space(trial):
+        trial.suggest_categorical("optim.batch_size", [4, 8])
+        trial.suggest_categorical("optim.lr", [1e-3, 3e-3])
+
+    searcher = DistinctOptunaSearch(space=space, metric="objective", mode="min",
+                                    sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=1))  # fmt: skip
+    configs = [searcher.suggest("t0"), searcher.suggest("t1")]  # two running at once
+    drawn_while_running = len(searcher._ot_study.trials)
+    results = {"t0": 5.0, "t1": 7.0}
+    for tid, value in results.items():
+        searcher.on_trial_complete(tid, {"objective": value})
+    configs += [searcher.suggest("t2"), searcher.suggest("t3")]
+    assert len({json.dumps(c, sort_keys=True) for c in configs}) == 4  # the whole space, no repeat
+    repeats = [t for t in searcher._ot_study.trials if "repeat_of" in t.user_attrs]
+    assert repeats, "TPE drew no repeat: the test no longer exercises the redraw"
+    for repeat in repeats:
+        twin = repeat.user_attrs["repeat_of"]
+        if repeat.number < drawn_while_running or twin not in results:
+            assert repeat.state == optuna.trial.TrialState.PRUNED
+        else:
+            assert repeat.state == optuna.trial.TrialState.COMPLETE and repeat.value == results[twin]
+    assert searcher.suggest("t4") in configs  # an exhausted space runs a repeat rather than nothing
 
 
 PIPELINE_SWEEP = """\

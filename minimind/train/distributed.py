@@ -99,7 +99,8 @@ class RayTrainRun:
         return str(directory) if (directory / META_FILE).exists() else None
 
     def publish(self, trainer: Trainer, metrics: dict | None, save: bool) -> None:
-        metrics = metrics or {"step": trainer.step}
+        # total_steps: whoever reads the reports (a sweep's scheduler) can tell the run's last one.
+        metrics = {**(metrics or {"step": trainer.step}), "total_steps": trainer.total_steps}
         if not save:
             ray.train.report(metrics)
             return

@@ -6,8 +6,8 @@ Driver side, :func:`build_tuner` assembles a ``Tuner``:
   ``TorchTrainer`` per trial (Train V2 runs are not Tune trainables). Its run directory is
   ``SWEEP/trials/<trial id>``, so a restored trial resumes its own run from its last checkpoint;
 - ``OptunaSearch`` (TPE, seeded) samples the search space define-by-run, the recipe's own values
-  enqueued first as the baseline trial; ``ConcurrencyLimiter`` runs as many trials at once as the
-  cluster has CPUs/GPUs for their workers;
+  enqueued first as the baseline trial, no config twice (:class:`DistinctOptunaSearch`);
+  ``ConcurrencyLimiter`` runs as many trials at once as the cluster has CPUs/GPUs for their workers;
 - ``ASHAScheduler`` stops the worst trials at rungs measured in trained *tokens* (not Tune's
   ``training_iteration``, which restarts when a sweep is restored), so trials with different
   batches are compared at equal amounts of data.
@@ -254,7 +254,7 @@ def already_ended(record: dict, trial_id: str, plan: SweepPlan) -> bool:
         return False
     rows = evaluations(plan.judged_dir(trial_id), plan.objective)
     if rows:
-        tune.report(rows[-1])
+        tune.report({**rows[-1], "total_steps": rows[-1]["step"]})  # its last: not judged at a rung again
     return True
 
 
@@ -347,6 +347,10 @@ class TokenASHA(ASHAScheduler):
     def on_trial_result(self, tune_controller, trial, result):
         if trial.trial_id in self.pruned:
             return TrialScheduler.STOP
+        if "total_steps" in result and result["step"] >= result["total_steps"]:
+            # The run's last evaluation: the trial ends on its own, finished, whatever the rung says.
+            super().on_trial_result(tune_controller, trial, result)
+            return TrialScheduler.CONTINUE
         decision = super().on_trial_result(tune_controller, trial, result)
         if decision == TrialScheduler.STOP and not self.early_stopping:
             return TrialScheduler.CONTINUE
@@ -474,7 +478,7 @@ def build_tuner(settings: SweepSettings, plan: SweepPlan) -> tune.Tuner:
         grace_period=budget.grace_tokens or budget.eval_every_tokens or 1.0,
         reduction_factor=budget.reduction_factor,
     )
-    searcher = OptunaSearch(
+    searcher = DistinctOptunaSearch(
         space=plan.space,
         metric="objective",
         mode=objective.mode,
@@ -515,7 +519,47 @@ def optuna_sampler(settings: SweepSettings, plan: SweepPlan):
         return optuna.samplers.GridSampler(plan.space.grid(), seed=settings.seed)
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=settings.seed)
-    return optuna.samplers.TPESampler(seed=settings.seed)
+    # constant_liar: a running trial counts as a poor result, so concurrent trials spread out.
+    return optuna.samplers.TPESampler(seed=settings.seed, constant_liar=True)
+
+
+class DistinctOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that does not run a config twice.
+
+    TPE and random sampling over a space of choices draw the same point again and again (12 TPE
+    trials over a 12-point space drew one config three times), and a repeat trains the same model
+    on the same data again. A drawn config already run (or running) is told to Optuna as a repeat,
+    with its twin's result (or as pruned while the twin runs), and another is drawn; only a space
+    with no untried point left after ``MAX_REDRAWS`` draws runs a repeat.
+    """
+
+    MAX_REDRAWS = 32
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._trial_of_config: dict[str, str] = {}  # saved and restored with the searcher's __dict__
+        self._result_of_trial: dict[str, float] = {}
+
+    def suggest(self, trial_id: str) -> dict | None:
+        from optuna.trial import TrialState
+
+        for _ in range(self.MAX_REDRAWS):
+            config = super().suggest(trial_id)
+            key = json.dumps(config, sort_keys=True, default=str)
+            twin = self._trial_of_config.get(key)
+            if twin is None:
+                break
+            repeat = self._ot_trials.pop(trial_id)
+            repeat.set_user_attr("repeat_of", twin)
+            value = self._result_of_trial.get(twin)
+            self._ot_study.tell(repeat, value, state=TrialState.PRUNED if value is None else TrialState.COMPLETE)
+        self._trial_of_config[key] = trial_id
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and result.get(self.metric) is not None and math.isfinite(result[self.metric]):
+            self._result_of_trial[trial_id] = result[self.metric]
+        super().on_trial_complete(trial_id, result, error)
 
 
 def trainable(plan: SweepPlan):
