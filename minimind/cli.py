@@ -15,10 +15,13 @@ from pathlib import Path
 def _cmd_info(args: argparse.Namespace, overrides: dict) -> None:
     import torch
 
-    from minimind.config import build_config
+    from minimind.config import apply_overrides, build_model_config
     from minimind.model import MiniMindLM, flops_per_token
 
-    config = build_config({"model": {"preset": args.preset}}, overrides).model
+    unused = sorted(key for key in overrides if not key.startswith("model."))
+    if unused:
+        raise SystemExit(f"minimind info: only model.* fields describe a model, not {', '.join(unused)}")
+    config = build_model_config(apply_overrides({"model": {"preset": args.preset}}, overrides)["model"])
     with torch.device("meta"):
         model = MiniMindLM(config)
     total = model.num_parameters()
@@ -32,7 +35,8 @@ def _cmd_info(args: argparse.Namespace, overrides: dict) -> None:
         active = total
     print(
         f"  hidden {config.hidden_size} x {config.num_layers} layers, "
-        f"{config.num_heads} q / {config.num_kv_heads} kv heads, ffn {config.ffn_size}, vocab {config.vocab_size}"
+        f"{config.num_heads} q / {config.num_kv_heads} kv heads{', QK-norm' if config.qk_norm else ''}, "
+        f"ffn {config.ffn_size}, vocab {config.vocab_size}"
     )
     print(f"  training FLOPs/token at seq 512: {flops_per_token(config, active, 512):.3e}")
 

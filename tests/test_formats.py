@@ -201,3 +201,25 @@ def test_length_grouping_cuts_padding_and_keeps_every_example(sample_dir, tokeni
     assert grouped < plain / 3, (plain, grouped)
     assert list(grouped_sampler.batches(0, start=7)) == list(grouped_sampler.batches(0))[7:]
     assert list(grouped_sampler.batches(1)) != list(grouped_sampler.batches(0))
+
+
+@pytest.mark.parametrize("normalizer", ["weighted", "tokens"])
+def test_reasoning_loss_is_divided_as_its_normalizer_says(tokenizer, normalizer):
+    """``weighted``: a weighted mean (sum of w*CE over the sum of w). ``tokens``: the same weighted
+    sum over the number of labelled tokens, MiniMind's r1 loss (so 10x tags raise a batch's loss)."""
+    from minimind.config import model_config
+    from minimind.model import MiniMindLM
+
+    torch.manual_seed(0)
+    model = MiniMindLM(model_config("tiny")).eval()
+    batch = collate([sft.encode_conversation(CONVERSATION, tokenizer, seq_len=1024)], tokenizer.pad_id)
+    objective = LanguageModeling(tokenizer.reasoning_ids, 10.0, normalize_by_tokens=normalizer == "tokens")
+    with torch.no_grad():
+        loss = objective(model, batch).loss_sum / objective.normalizer(batch)
+        logits = model(batch["input_ids"])[0][0, :-1]
+    targets = batch["labels"][0, 1:]
+    labelled = targets != IGNORE_INDEX
+    ce = torch.nn.functional.cross_entropy(logits[labelled], targets[labelled], reduction="none")
+    weights = torch.where(torch.isin(targets[labelled], torch.tensor(tokenizer.reasoning_ids)), 10.0, 1.0)
+    expected = (weights * ce).sum() / (weights.sum() if normalizer == "weighted" else labelled.sum())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -60,3 +60,33 @@ def test_exports_load_for_inference_like_checkpoints(exported):
     model, directory = exported
     ids = torch.randint(0, 6400, (1, 12))
     torch.testing.assert_close(load_for_inference(directory)(ids)[0], model(ids)[0], atol=0, rtol=0)
+
+
+def test_a_model_shorter_than_the_default_sequence_loads_again(tokenizer, tmp_path):
+    """A model.max_seq_len below data.seq_len's default (512) is the model's own business: its
+    checkpoint and its export load again (a run config's defaults are not checked against it)."""
+    from minimind.model.checkpoint import load_model, save_model
+
+    model = MiniMindLM(model_config("tiny", max_seq_len=256)).eval()
+    save_model(model, tmp_path)
+    (tmp_path / "hf").mkdir()
+    ids = torch.randint(0, 6400, (1, 16))
+    for back in (load_model(tmp_path), import_hf(export_hf(model, tokenizer, tmp_path / "hf"))):
+        assert back.config.max_seq_len == 256
+        torch.testing.assert_close(back(ids)[0], model(ids)[0], atol=0, rtol=0)
+
+
+def test_a_qk_norm_model_exports_as_qwen3_with_equal_logits_and_comes_back(tokenizer, tmp_path):
+    """minimind-3's architecture (QK-norm) is transformers' Qwen3; MiniMind2's stays Llama."""
+    torch.manual_seed(0)
+    model = MiniMindLM(model_config("minimind-3", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)).eval()
+    directory = export_hf(model, tokenizer, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    ids = torch.randint(0, 6400, (2, 40))
+    with torch.no_grad():
+        # fp32 on both sides; only the kernels' summation order differs (~1e-6 on logits of ~1).
+        assert (model(ids)[0] - hf(ids).logits).abs().max().item() < 1e-4
+        back = import_hf(directory)
+        assert back.config.qk_norm
+        torch.testing.assert_close(back(ids)[0], model(ids)[0], atol=0, rtol=0)

@@ -11,17 +11,27 @@ from minimind.model.generate import generate
 
 @pytest.mark.parametrize(
     ("preset", "expected"),
-    [("minimind-26m", 25_829_888), ("minimind-104m", 104_030_976), ("minimind-moe-145m", 145_029_760)],
+    [
+        ("minimind-26m", 25_829_888),
+        ("minimind-104m", 104_030_976),
+        ("minimind-moe-145m", 145_029_760),
+        ("minimind-3", 63_912_192),
+        ("minimind-3-moe", 198_416_640),
+    ],
 )
 def test_parameter_counts_equal_minimind(preset, expected):
     assert count_parameters(model_config(preset)) == expected
 
 
-def test_info_command_prints_the_count():
+@pytest.mark.parametrize(
+    "preset, count",
+    [("minimind-26m", "25,829,888"), ("minimind-3", "63,912,192"), ("minimind-3-moe", "198,416,640")],
+)
+def test_info_command_prints_the_count(preset, count):
     out = subprocess.run(
-        [sys.executable, "-m", "minimind.cli", "info", "minimind-26m"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "minimind.cli", "info", preset], capture_output=True, text=True, check=True
     ).stdout
-    assert "25,829,888 parameters" in out
+    assert f"{preset}: {count} parameters" in out
 
 
 def test_structure_matches_minimind():

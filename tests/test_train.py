@@ -8,6 +8,7 @@ import torch
 from conftest import ROOT, SAMPLE, tiny_config
 from safetensors.torch import load_file
 
+from minimind.config import ConfigError, build_config, model_config
 from minimind.data.dataset import collate
 from minimind.model.checkpoint import load_model
 from minimind.train.loop import Trainer, learning_rate, train
@@ -174,7 +175,7 @@ def test_distillation_from_an_identical_teacher_has_zero_kl(tmp_path, base_check
         tmp_path,
         stage="distill",
         data={"train_files": [str(SAMPLE / "sft.jsonl")]},
-        objective={"teacher": str(base_checkpoint), "distill_alpha": 1.0},
+        objective={"teacher": str(base_checkpoint), "distill_ce_weight": 0.0},
         checkpoint={"init_from": str(base_checkpoint)},
         optim={"max_steps": 1},
     )
@@ -182,12 +183,36 @@ def test_distillation_from_an_identical_teacher_has_zero_kl(tmp_path, base_check
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5) and history[0]["loss"] == pytest.approx(0.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3, 1.0])
+def test_distillation_weights_cross_entropy_as_minimind_alpha_does(ce_weight, tokenizer):
+    """loss = w * CE + (1 - w) * KL with w = objective.distill_ce_weight, MiniMind's --alpha."""
+    from minimind.data.formats import sft
+    from minimind.model import MiniMindLM
+    from minimind.train.objectives import Distillation
+
+    torch.manual_seed(0)
+    student, teacher = MiniMindLM(model_config("tiny")), MiniMindLM(model_config("tiny"))
+    conversation = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好，我是MiniMind。"}]
+    batch = collate([sft.encode_conversation(conversation, tokenizer, seq_len=64)], tokenizer.pad_id)
+    objective = Distillation(teacher, ce_weight, temperature=2.0)
+    with torch.no_grad():
+        parts = objective(student, batch)
+    loss = parts.loss_sum / objective.normalizer(batch)
+    expected = ce_weight * parts.metrics["ce"] + (1 - ce_weight) * parts.metrics["kl"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_old_distill_alpha_is_refused_with_its_meaning():
+    with pytest.raises(ConfigError, match=r"objective\.distill_alpha: renamed to distill_ce_weight.*1 - distill_alpha"):
+        build_config({"objective": {"distill_alpha": 0.5}})
+
+
 def test_distillation_pulls_a_student_towards_the_teacher(tmp_path, trained_checkpoint):
     config = tiny_config(
         tmp_path,
         stage="distill",
         data={"train_files": [str(SAMPLE / "sft.jsonl")]},
-        objective={"teacher": str(trained_checkpoint), "distill_alpha": 1.0, "distill_temperature": 1.0},
+        objective={"teacher": str(trained_checkpoint), "distill_ce_weight": 0.0, "distill_temperature": 1.0},
         optim={"max_steps": 20, "lr": 1e-2},
     )
     history = train(config).history

@@ -3,6 +3,7 @@
 from minimind.config.loading import (
     apply_overrides,
     build_config,
+    build_model_config,
     config_to_dict,
     dump_yaml,
     load_config,
@@ -30,7 +31,7 @@ from minimind.config.schema import (
 
 def model_config(preset: str, **overrides) -> ModelConfig:
     """A validated :class:`ModelConfig` for ``preset`` with field overrides."""
-    return build_config({"model": {"preset": preset, **overrides}}).model
+    return build_model_config({"preset": preset, **overrides})
 
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "build_config",
+    "build_model_config",
     "config_to_dict",
     "dump_yaml",
     "load_config",

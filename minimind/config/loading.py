@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from minimind.config.presets import preset_fields
-from minimind.config.schema import ConfigError, TrainConfig
+from minimind.config.schema import ConfigError, ModelConfig, TrainConfig
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -71,11 +71,22 @@ def build_config(raw: dict[str, Any] | None = None, overrides: dict[str, Any] | 
     merged = apply_overrides(raw or {}, overrides or {})
     model = merged.get("model")
     if model is None or isinstance(model, dict):
-        model = dict(model or {})
-        preset = model.get("preset", TrainConfig().model.preset)
-        merged["model"] = _merge_dicts(preset_fields(preset), model)
+        merged["model"] = _with_preset(model or {})
     config = _from_dict(TrainConfig, merged, "")
     return config.validate()
+
+
+def build_model_config(raw: dict[str, Any]) -> ModelConfig:
+    """A validated :class:`ModelConfig` on its own (e.g. a checkpoint's architecture): checked
+    without a run config around it, whose defaults (``data.seq_len``) say nothing about the model."""
+    config = _from_dict(ModelConfig, _with_preset(raw), "model")
+    config.validate("model")
+    return config
+
+
+def _with_preset(model: dict[str, Any]) -> dict[str, Any]:
+    """The preset's fields under the given ones."""
+    return _merge_dicts(preset_fields(model.get("preset", TrainConfig().model.preset)), dict(model))
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -117,6 +128,9 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
     if unknown:
         key = unknown[0]
         where = f"{path}.{key}" if path else key
+        renamed = getattr(cls, "RENAMED", {})
+        if key in renamed:
+            raise ConfigError(f"{where}: {renamed[key]}")
         close = difflib.get_close_matches(key, fields, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{where}: unknown key{hint} (valid: {', '.join(fields)})")

@@ -1,4 +1,4 @@
-"""Named model sizes. Parameter counts match MiniMind's released models exactly."""
+"""Named model sizes. Parameter counts match MiniMind's models exactly (MiniMind2 and minimind-3)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_heads": 8,
         "num_kv_heads": 2,
         "moe": {"enabled": True, "num_routed_experts": 4, "num_shared_experts": 1, "top_k": 2},
+    },
+    # minimind-3 (dense): 63,912,192 parameters; FFN ceil(768*pi/64)*64, QK-norm.
+    "minimind-3": {
+        "hidden_size": 768,
+        "num_layers": 8,
+        "num_heads": 8,
+        "num_kv_heads": 4,
+        "intermediate_size": 2432,
+        "qk_norm": True,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+    },
+    # minimind-3-moe: 198,416,640 parameters (4 routed experts, top-1, no shared expert).
+    "minimind-3-moe": {
+        "hidden_size": 768,
+        "num_layers": 8,
+        "num_heads": 8,
+        "num_kv_heads": 4,
+        "intermediate_size": 2432,
+        "qk_norm": True,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "moe": {
+            "enabled": True,
+            "num_routed_experts": 4,
+            "num_shared_experts": 0,
+            "top_k": 1,
+            "aux_loss_alpha": 5e-4,
+            "balance_over": "batch",
+        },
     },
     # For tests and CPU smoke runs: same vocabulary, a few hundred thousand parameters.
     "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "max_seq_len": 1024},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 STAGES = ("pretrain", "sft", "dpo", "reasoning", "distill")
 STRATEGIES = ("ddp", "deepspeed")
@@ -40,14 +41,18 @@ class MoEConfig:
 
     enabled: bool = False
     num_routed_experts: int = 4
-    """Experts chosen per token by the router."""
+    """Experts the router chooses among (MiniMind's ``num_experts``; ``n_routed_experts`` in MiniMind2)."""
     num_shared_experts: int = 1
     """Experts every token always goes through."""
     top_k: int = 2
+    """Routed experts chosen per token (MiniMind's ``num_experts_per_tok``)."""
     norm_topk_prob: bool = True
     """Renormalise the top-k router probabilities to sum to one."""
     aux_loss_alpha: float = 0.1
-    """Weight of the sequence-level load-balancing loss."""
+    """Weight of the load-balancing loss (MiniMind's ``aux_loss_alpha``, ``router_aux_loss_coef`` in minimind-3)."""
+    balance_over: str = "sequence"
+    """Where the load-balancing loss counts each expert's share of the routed tokens: ``sequence``
+    (per sequence, then averaged: MiniMind2's ``seq_aux``) or ``batch`` (over all tokens: minimind-3)."""
 
     def validate(self, path: str) -> None:
         if not self.enabled:
@@ -60,6 +65,11 @@ class MoEConfig:
             f"must be in [1, num_routed_experts={self.num_routed_experts}], got {self.top_k}",
         )
         _require(self.aux_loss_alpha >= 0, f"{path}.aux_loss_alpha", "must be >= 0")
+        _require(
+            self.balance_over in ("sequence", "batch"),
+            f"{path}.balance_over",
+            f"must be 'sequence' or 'batch', got {self.balance_over!r}",
+        )
 
 
 @dataclass
@@ -78,6 +88,8 @@ class ModelConfig:
     """Length of the precomputed RoPE table (the longest sequence the model can see)."""
     rope_theta: float = 1e6
     rms_norm_eps: float = 1e-5
+    qk_norm: bool = False
+    """RMSNorm on each head's queries and keys before RoPE (minimind-3, as Qwen3)."""
     dropout: float = 0.0
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -215,17 +227,31 @@ class OptimConfig:
         _require(self.max_steps is None or self.max_steps > 0, f"{path}.max_steps", "must be positive")
 
 
+REASONING_NORMALIZERS = ("weighted", "tokens")
+
+
 @dataclass
 class ObjectiveConfig:
     """Stage-specific loss settings; only the ones of the run's stage are read."""
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "distill_alpha": "renamed to distill_ce_weight, which weights cross-entropy as MiniMind's --alpha "
+        "does (distill_alpha weighted the KL term: distill_ce_weight = 1 - distill_alpha)",
+    }
 
     dpo_beta: float = 0.1
     dpo_length_normalize: bool = False
     """Average instead of sum the response log-probs in DPO."""
     reasoning_token_weight: float = 10.0
     """Extra loss weight on <think>/</think>/<answer>/</answer> inside the assistant reply."""
-    distill_alpha: float = 0.5
-    """Weight of the KL-to-teacher term; ``1 - alpha`` goes to cross-entropy."""
+    reasoning_normalizer: str = "weighted"
+    """What the reasoning loss's weighted sum is divided by. ``weighted``: the sum of the weights, so
+    the loss is a weighted mean on the scale of SFT's whatever a batch's share of tags (our choice:
+    learning rates carry over from SFT). ``tokens``: the number of labelled tokens, as MiniMind's r1
+    script does, which scales a batch's loss (and its effective learning rate) up with its tags."""
+    distill_ce_weight: float = 0.5
+    """Weight of cross-entropy on the labels; ``1 - distill_ce_weight`` goes to the KL-to-teacher term.
+    This is MiniMind's ``--alpha`` (``alpha * CE + (1 - alpha) * KL``): port it as is."""
     distill_temperature: float = 2.0
     teacher: str | None = None
     """Checkpoint directory of the distillation teacher."""
@@ -233,7 +259,12 @@ class ObjectiveConfig:
     def validate(self, path: str = "objective") -> None:
         _require(self.dpo_beta > 0, f"{path}.dpo_beta", "must be positive")
         _require(self.reasoning_token_weight > 0, f"{path}.reasoning_token_weight", "must be positive")
-        _require(0 <= self.distill_alpha <= 1, f"{path}.distill_alpha", "must be in [0, 1]")
+        _require(
+            self.reasoning_normalizer in REASONING_NORMALIZERS,
+            f"{path}.reasoning_normalizer",
+            f"must be one of {REASONING_NORMALIZERS}, got {self.reasoning_normalizer!r}",
+        )
+        _require(0 <= self.distill_ce_weight <= 1, f"{path}.distill_ce_weight", "must be in [0, 1]")
         _require(self.distill_temperature > 0, f"{path}.distill_temperature", "must be positive")
 
 

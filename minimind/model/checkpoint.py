@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from minimind.config import LoraConfig, ModelConfig, build_config, config_to_dict
+from minimind.config import LoraConfig, ModelConfig, build_config, build_model_config, config_to_dict
 from minimind.model.lora import adapter_state_dict, apply_lora, base_state_dict, merge_lora
 from minimind.model.minimind import MiniMindLM
 
@@ -150,7 +150,7 @@ def load_adapter(model: MiniMindLM, file: str | Path) -> None:
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:
-    return build_config({"model": data}).model
+    return build_model_config(data)
 
 
 def _fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
-"""Hugging Face interop: a dense MiniMind model is a ``LlamaForCausalLM`` with tied embeddings.
+"""Hugging Face interop: a dense MiniMind model is a transformers ``LlamaForCausalLM`` (MiniMind2)
+or, with QK-norm, a ``Qwen3ForCausalLM`` (minimind-3, the architecture it is aligned with), with
+tied embeddings.
 
 :func:`export_hf` writes config.json, model.safetensors, generation_config.json and the tokenizer
-(with the chat template) so ``LlamaForCausalLM.from_pretrained`` and ``AutoTokenizer`` load the
+(with the chat template) so ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer`` load the
 directory; :func:`import_hf` reads such a directory back. Parameter names are identical on both
 sides, so no tensor is renamed. transformers itself is not needed for either direction.
 """
@@ -17,12 +19,17 @@ from minimind.model.checkpoint import TIED_KEY, attach_adapter, load_model, mode
 from minimind.model.lora import LoRALinear
 from minimind.model.minimind import MiniMindLM
 
+# model_type -> architecture: Llama has no QK-norm, Qwen3 has it (and otherwise the same layers).
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
-def llama_config(model: MiniMindLM, bos_id: int = 1, eos_id: int = 2, pad_id: int = 0) -> dict:
+
+def hf_config(model: MiniMindLM, bos_id: int = 1, eos_id: int = 2, pad_id: int = 0) -> dict:
     config = model.config
+    model_type = "qwen3" if config.qk_norm else "llama"
+    extra = {"use_sliding_window": False, "sliding_window": None} if model_type == "qwen3" else {"mlp_bias": False}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.ffn_size,
@@ -38,7 +45,7 @@ def llama_config(model: MiniMindLM, bos_id: int = 1, eos_id: int = 2, pad_id: in
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
+        **extra,
         "tie_word_embeddings": True,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
@@ -51,7 +58,7 @@ def llama_config(model: MiniMindLM, bos_id: int = 1, eos_id: int = 2, pad_id: in
 def export_hf(model: MiniMindLM, tokenizer, directory: str | Path) -> Path:
     """Write a transformers-loadable directory for a dense (non-MoE, LoRA-merged) model."""
     if model.config.moe.enabled:
-        raise ValueError("MoE models have no LlamaForCausalLM equivalent; only dense models export")
+        raise ValueError("MoE models do not export yet; only dense models export")
     if any(isinstance(module, LoRALinear) for module in model.modules()):
         raise ValueError("merge LoRA adapters before export (load_model(..., merge=True))")
     directory = Path(directory)
@@ -62,7 +69,7 @@ def export_hf(model: MiniMindLM, tokenizer, directory: str | Path) -> Path:
         if name != TIED_KEY
     }
     save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    config = llama_config(model, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    config = hf_config(model, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     (directory / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     generation = {
         "bos_token_id": tokenizer.bos_id,
@@ -78,11 +85,15 @@ def export_hf(model: MiniMindLM, tokenizer, directory: str | Path) -> Path:
 
 
 def import_hf(directory: str | Path, device: str = "cpu") -> MiniMindLM:
-    """Load a Llama-architecture directory (e.g. one made by :func:`export_hf`) as a MiniMindLM."""
+    """Load a Llama or Qwen3 directory (e.g. one made by :func:`export_hf`) as a MiniMindLM."""
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    if config.get("model_type") != "llama":
-        raise ValueError(f"{directory}/config.json: model_type {config.get('model_type')!r} is not 'llama'")
+    if config.get("model_type") not in ARCHITECTURES:
+        raise ValueError(
+            f"{directory}/config.json: model_type {config.get('model_type')!r} is not one of {sorted(ARCHITECTURES)}"
+        )
+    if config.get("use_sliding_window"):
+        raise ValueError(f"{directory}/config.json: sliding-window attention is not part of the MiniMind architecture")
     if not config.get("tie_word_embeddings", False):
         raise ValueError(f"{directory}/config.json: MiniMind ties input and output embeddings; this model does not")
     if config.get("attention_bias") or config.get("mlp_bias"):
@@ -103,6 +114,7 @@ def import_hf(directory: str | Path, device: str = "cpu") -> MiniMindLM:
             "max_seq_len": config.get("max_position_embeddings", 32768),
             "rope_theta": float(rope_theta),
             "rms_norm_eps": config.get("rms_norm_eps", 1e-6),
+            "qk_norm": config["model_type"] == "qwen3",
         }
     )
     state = {}

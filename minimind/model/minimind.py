@@ -1,4 +1,5 @@
-"""The MiniMind decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU or MoE, tied embeddings.
+"""The MiniMind decoder: RMSNorm, RoPE, grouped-query attention (QK-norm in minimind-3), SwiGLU or
+MoE, tied embeddings.
 
 Parameter names follow Hugging Face Llama (``model.layers.0.self_attn.q_proj.weight``) so a dense
 checkpoint exports with no renaming. The model knows nothing about training: it maps token ids to
@@ -54,6 +55,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(
         self,
@@ -67,6 +72,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k = torch.cat([cache[0], k], dim=2)
@@ -103,7 +110,8 @@ class FeedForward(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """Routed experts (softmax router, top-k) plus always-on shared experts, as in MiniMind-MoE."""
+    """Routed experts (softmax router, top-k) plus always-on shared experts: MiniMind2-MoE, or
+    minimind-3's MoE with no shared expert and the load balanced over the batch."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -112,6 +120,7 @@ class MoEFeedForward(nn.Module):
         self.num_experts = moe.num_routed_experts
         self.norm_topk_prob = moe.norm_topk_prob
         self.aux_loss_alpha = moe.aux_loss_alpha
+        self.balance_over = moe.balance_over
         self.gate = nn.Linear(config.hidden_size, moe.num_routed_experts, bias=False)
         self.experts = nn.ModuleList(
             FeedForward(config.hidden_size, config.ffn_size) for _ in range(moe.num_routed_experts)
@@ -125,7 +134,7 @@ class MoEFeedForward(nn.Module):
         flat = x.reshape(-1, hidden)
         scores = self.gate(flat).float().softmax(dim=-1)
         weights, chosen = torch.topk(scores, self.top_k, dim=-1)
-        if self.top_k > 1 and self.norm_topk_prob:
+        if self.norm_topk_prob:  # with top-1 the chosen expert's weight becomes 1, as in minimind-3
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         out = torch.zeros_like(flat)
         for index, expert in enumerate(self.experts):
@@ -136,7 +145,12 @@ class MoEFeedForward(nn.Module):
         for expert in self.shared_experts:
             out = out + expert(flat)
         aux_loss = flat.new_zeros((), dtype=torch.float32)
-        if self.training and self.aux_loss_alpha > 0:
+        if self.training and self.aux_loss_alpha > 0 and self.balance_over == "batch":
+            # minimind-3: over all tokens, each top-k slot's share per expert times the expert's mean
+            # router probability, scaled so uniform routing gives top_k.
+            load = F.one_hot(chosen, self.num_experts).float().mean(0)
+            aux_loss = (load * scores.mean(0)).sum() * self.num_experts * self.aux_loss_alpha
+        elif self.training and self.aux_loss_alpha > 0:
             # Sequence-level balance: per sequence, the fraction of routed slots each expert got
             # (scaled so uniform = 1) times its mean router probability.
             counts = torch.zeros(batch, self.num_experts, device=x.device)

@@ -58,13 +58,16 @@ def build_objective(config: TrainConfig, tokenizer: MiniMindTokenizer, device: t
     if config.stage in ("pretrain", "sft"):
         return LanguageModeling(document_mask=config.data.document_mask and config.data_format == "pretrain")
     if config.stage == "reasoning":
-        return LanguageModeling(tokenizer.reasoning_ids, objective.reasoning_token_weight)
+        by_tokens = objective.reasoning_normalizer == "tokens"
+        return LanguageModeling(
+            tokenizer.reasoning_ids, objective.reasoning_token_weight, normalize_by_tokens=by_tokens
+        )
     if config.stage == "dpo":
         reference = load_model(config.checkpoint.init_from, device, merge=True)
         return DPO(reference, objective.dpo_beta, objective.dpo_length_normalize)
     if config.stage == "distill":
         teacher = load_model(objective.teacher, device, merge=True)
-        return Distillation(teacher, objective.distill_alpha, objective.distill_temperature)
+        return Distillation(teacher, objective.distill_ce_weight, objective.distill_temperature)
     raise ValueError(f"unknown stage {config.stage!r}")
 
 

@@ -40,14 +40,23 @@ class Objective:
 class LanguageModeling(Objective):
     """Next-token cross-entropy on labelled positions (pretrain, SFT, LoRA, reasoning).
 
-    With ``weighted_ids`` (reasoning distillation), target tokens among those ids count
-    ``token_weight`` times; the loss is the weighted mean, as in MiniMind's r1 training.
+    With ``weighted_ids`` (reasoning), target tokens among those ids count ``token_weight`` times
+    (only inside the labelled reply). The weighted sum is divided by the sum of the weights (a
+    weighted mean), or with ``normalize_by_tokens`` by the number of labelled tokens, as MiniMind's
+    r1 script does (see ``objective.reasoning_normalizer``).
     """
 
-    def __init__(self, weighted_ids: tuple[int, ...] = (), token_weight: float = 1.0, document_mask: bool = False):
+    def __init__(
+        self,
+        weighted_ids: tuple[int, ...] = (),
+        token_weight: float = 1.0,
+        document_mask: bool = False,
+        normalize_by_tokens: bool = False,
+    ):
         self.weighted_ids = weighted_ids
         self.token_weight = token_weight
         self.document_mask = document_mask
+        self.normalize_by_tokens = normalize_by_tokens
         self._weighted_ids_on: dict[torch.device, torch.Tensor] = {}
 
     def _weights(self, labels: torch.Tensor) -> torch.Tensor:
@@ -63,6 +72,8 @@ class LanguageModeling(Objective):
         return weights
 
     def normalizer(self, batch):
+        if self.normalize_by_tokens:
+            return (shifted(batch["labels"], batch["labels"])[1] != IGNORE_INDEX).sum().float()
         return self._weights(batch["labels"]).sum()
 
     def __call__(self, model, batch):
@@ -109,11 +120,12 @@ class DPO(Objective):
 
 
 class Distillation(Objective):
-    """White-box distillation: (1-alpha) * CE + alpha * T^2 * KL(teacher_T || student_T) per token."""
+    """White-box distillation, per labelled token: ``ce_weight * CE + (1 - ce_weight) * T^2 *
+    KL(teacher_T || student_T)``, MiniMind's ``alpha * CE + (1 - alpha) * KL`` with ``alpha = ce_weight``."""
 
-    def __init__(self, teacher: nn.Module, alpha: float, temperature: float):
+    def __init__(self, teacher: nn.Module, ce_weight: float, temperature: float):
         self.teacher = teacher.eval().requires_grad_(False)
-        self.alpha = alpha
+        self.ce_weight = ce_weight
         self.temperature = temperature
 
     def normalizer(self, batch):
@@ -133,7 +145,7 @@ class Distillation(Objective):
         student_log = torch.log_softmax(logits.float() / t, dim=-1)
         teacher_log = torch.log_softmax(teacher_logits.float() / t, dim=-1)
         kl = (teacher_log.exp() * (teacher_log - student_log)).sum(-1) * (t * t)
-        per_token = (1 - self.alpha) * ce + self.alpha * kl
+        per_token = self.ce_weight * ce + (1 - self.ce_weight) * kl
         loss_sum = (per_token * mask).sum()
         targets = mask.sum().clamp(min=1)
         metrics = {"kl": (kl.detach() * mask).sum() / targets, "ce": (ce.detach() * mask).sum() / targets}
