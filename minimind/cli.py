@@ -15,13 +15,9 @@ from pathlib import Path
 def _cmd_info(args: argparse.Namespace, overrides: dict) -> None:
     import torch
 
-    from minimind.config import apply_overrides, build_model_config
     from minimind.model import MiniMindLM, flops_per_token
 
-    unused = sorted(key for key in overrides if not key.startswith("model."))
-    if unused:
-        raise SystemExit(f"minimind info: only model.* fields describe a model, not {', '.join(unused)}")
-    config = build_model_config(apply_overrides({"model": {"preset": args.preset}}, overrides)["model"])
+    config = _model_fields("info", args.preset, overrides)
     with torch.device("meta"):
         model = MiniMindLM(config)
     total = model.num_parameters()
@@ -110,6 +106,48 @@ def _cmd_import_hf(args: argparse.Namespace, overrides: dict) -> None:
     print(f"wrote checkpoint {out} ({model.num_parameters():,} parameters)")
 
 
+def _model_fields(command: str, preset: str, overrides: dict):
+    """A model config from a preset and ``--model.*`` overrides (other fields describe no model)."""
+    from minimind.config import apply_overrides, build_model_config
+
+    unused = sorted(key for key in overrides if not key.startswith("model."))
+    if unused:
+        raise SystemExit(f"minimind {command}: only model.* fields describe a model, not {', '.join(unused)}")
+    return build_model_config(apply_overrides({"model": {"preset": preset}}, overrides)["model"])
+
+
+def _cmd_import_minimind(args: argparse.Namespace, overrides: dict) -> None:
+    from minimind.model.checkpoint import save_model
+    from minimind.model.minimind_format import import_minimind_hf, import_minimind_pth
+
+    if bool(args.pth) == bool(args.from_hf):
+        raise SystemExit("minimind import-minimind: give either a .pth file (with --preset) or --from-hf DIR")
+    if args.from_hf:
+        if overrides or args.preset:
+            raise SystemExit("minimind import-minimind: --from-hf reads the architecture from its config.json")
+    if not (args.from_hf or args.preset):
+        raise SystemExit("minimind import-minimind: a .pth holds no architecture; name its --preset")
+    try:
+        if args.from_hf:
+            model = import_minimind_hf(args.from_hf)
+        else:
+            model = import_minimind_pth(args.pth, _model_fields("import-minimind", args.preset, overrides))
+    except (ValueError, FileNotFoundError) as error:  # weights that do not fit: say which, no traceback
+        raise SystemExit(f"minimind import-minimind: {error}") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, out)
+    print(f"wrote checkpoint {out} ({model.num_parameters():,} parameters)")
+
+
+def _cmd_export_minimind(args: argparse.Namespace, overrides: dict) -> None:
+    from minimind.model.checkpoint import load_model
+    from minimind.model.minimind_format import export_minimind_pth
+
+    model = load_model(args.checkpoint, merge=True)
+    print(f"wrote {export_minimind_pth(model, args.out, args.dtype)} ({args.dtype})")
+
+
 def _cmd_consolidate(args: argparse.Namespace, overrides: dict) -> None:
     from minimind.train.zero import consolidate
 
@@ -169,16 +207,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(chat, max_new_tokens=256)
     chat.set_defaults(run=_cmd_chat)
 
-    export = commands.add_parser("export-hf", help="write a transformers LlamaForCausalLM directory")
+    export = commands.add_parser("export-hf", help="write a transformers Llama (or Qwen3, with QK-norm) directory")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--out", required=True)
     export.add_argument("--tokenizer", default=None)
     export.set_defaults(run=_cmd_export_hf)
 
-    imp = commands.add_parser("import-hf", help="turn a Llama-architecture HF directory into a checkpoint")
+    imp = commands.add_parser("import-hf", help="turn a Llama or Qwen3 HF directory into a checkpoint")
     imp.add_argument("hf_dir")
     imp.add_argument("--out", required=True)
     imp.set_defaults(run=_cmd_import_hf)
+
+    mm_in = commands.add_parser(
+        "import-minimind",
+        help="turn MiniMind's weights (a .pth of its trainers, or a Transformers-MiniMind directory) into a checkpoint",
+    )
+    mm_in.add_argument("pth", nargs="?", help="MiniMind .pth (e.g. full_sft_768.pth or its *_resume.pth)")
+    mm_in.add_argument("--preset", help="the .pth's architecture, e.g. minimind-26m, minimind-3 (+ --model.* fields)")
+    mm_in.add_argument("--from-hf", help="a Transformers-MiniMind directory (model_type minimind) instead of a .pth")
+    mm_in.add_argument("--out", required=True)
+    mm_in.set_defaults(run=_cmd_import_minimind)
+
+    mm_out = commands.add_parser("export-minimind", help="write a checkpoint as a .pth that MiniMind's scripts load")
+    mm_out.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    mm_out.add_argument("--out", required=True, help="the .pth file")
+    mm_out.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                        help="float16 as MiniMind's trainers write; float32 round-trips exactly")  # fmt: skip
+    mm_out.set_defaults(run=_cmd_export_minimind)
 
     merge = commands.add_parser(
         "consolidate", help="write the fp32 model.safetensors of a DeepSpeed ZeRO checkpoint (or run) from its shards"
@@ -213,8 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        overrides = parse_override_args(rest) if args.command in ("train", "info") else {}
-        if rest and args.command not in ("train", "info"):
+        takes_overrides = ("train", "info", "import-minimind")
+        overrides = parse_override_args(rest) if args.command in takes_overrides else {}
+        if rest and args.command not in takes_overrides:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.run(args, overrides)
     except ConfigError as error:

@@ -5,6 +5,9 @@ equal those of MiniMind's models built at the same sizes."""
 
 import importlib.util
 import math
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -76,3 +79,64 @@ def test_presets_have_minimind_models_parameter_counts(preset, module, fields, c
         ours = MiniMindLM(model_config(preset))
     assert sum(p.numel() for p in theirs.parameters()) == count
     assert ours.num_parameters() == count
+
+
+def save_like_minimind(model, path):
+    """What MiniMind's ``lm_checkpoint`` writes: the state dict in fp16."""
+    torch.save({name: tensor.half().cpu() for name, tensor in model.state_dict().items()}, path)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_minimind_weights_come_in_with_their_logits_and_go_back_as_they_were(case, tmp_path):
+    from minimind.model.minimind_format import export_minimind_pth, import_minimind_hf, import_minimind_pth
+
+    module, their_fields, our_fields = CASES[case]
+    ref = reference(module)
+    torch.manual_seed(0)
+    theirs = ref.MiniMindForCausalLM(ref.MiniMindConfig(**SMALL, **their_fields)).eval()
+    save_like_minimind(theirs, tmp_path / "full_sft_64.pth")
+    released = torch.load(tmp_path / "full_sft_64.pth", weights_only=True)
+    theirs.load_state_dict(released)  # their model on the very weights of the file
+    ids = torch.randint(0, 6400, (2, 40))
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        ours = import_minimind_pth(tmp_path / "full_sft_64.pth", model_config("custom", **OURS_SMALL, **our_fields))
+        assert (ours.eval()(ids)[0] - expected).abs().max().item() < 1e-5
+        # A Transformers-MiniMind directory (MiniMind's convert_model.py: save_pretrained without
+        # safetensors) carries its architecture. Written by hand: MiniMind2's model predates
+        # transformers 5's tied-weights bookkeeping, which refuses to save it.
+        theirs.config.save_pretrained(tmp_path / "hf")
+        torch.save(theirs.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+        from_hf = import_minimind_hf(tmp_path / "hf").eval()
+        assert from_hf.config.qk_norm == our_fields.get("qk_norm", False)
+        assert (from_hf(ids)[0] - expected).abs().max().item() < 1e-5
+
+    # Back: in fp16 the file MiniMind wrote, tensor for tensor; in fp32 an exact round trip.
+    back = torch.load(export_minimind_pth(ours, tmp_path / "back.pth"), weights_only=True)
+    assert back.keys() == released.keys() and all(torch.equal(back[k], released[k]) for k in released)
+    again = import_minimind_pth(export_minimind_pth(ours, tmp_path / "back32.pth", "float32"), ours.config)
+    assert all(torch.equal(tensor, again.state_dict()[name]) for name, tensor in ours.state_dict().items())
+    fresh = ref.MiniMindForCausalLM(ref.MiniMindConfig(**SMALL, **their_fields)).eval()
+    fresh.load_state_dict(back, strict=True)  # MiniMind's own model takes the exported file as is
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, expected)
+
+
+def test_the_commands_import_a_pth_and_export_it_back(tmp_path):
+    ref = reference("minimind2")
+    torch.manual_seed(0)
+    save_like_minimind(ref.MiniMindForCausalLM(ref.MiniMindConfig(**SMALL)), tmp_path / "pretrain_64.pth")
+    cli = [sys.executable, "-m", "minimind.cli"]
+    run = lambda *args: subprocess.run([*cli, *args], capture_output=True, text=True, cwd=ROOT)  # noqa: E731
+    done = run("import-minimind", str(tmp_path / "pretrain_64.pth"), "--preset", "tiny", "--out", str(tmp_path / "ck"))
+    assert done.returncode == 0, done.stderr
+    done = run("export-minimind", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "out.pth"))
+    assert done.returncode == 0, done.stderr
+    original, exported = (torch.load(tmp_path / name, weights_only=True) for name in ("pretrain_64.pth", "out.pth"))
+    assert original.keys() == exported.keys() and all(torch.equal(original[k], exported[k]) for k in original)
+    # The wrong architecture is refused, naming the file and what does not fit.
+    done = run(
+        "import-minimind", str(tmp_path / "pretrain_64.pth"), "--preset", "minimind-26m", "--out", str(tmp_path / "x")
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert re.search(r"pretrain_64\.pth: does not fit a minimind-26m model: missing \['model\.layers\.2\.", done.stderr)
