@@ -48,10 +48,28 @@ def test_import_round_trip(exported):
     torch.testing.assert_close(back(ids)[0], model(ids)[0], atol=0, rtol=0)
 
 
-def test_moe_export_is_refused(tokenizer, tmp_path):
-    model = MiniMindLM(model_config("tiny", moe={"enabled": True}))
-    with pytest.raises(ValueError, match="only dense models export"):
+def test_an_moe_without_a_transformers_architecture_is_refused(tokenizer, tmp_path):
+    model = MiniMindLM(model_config("tiny", moe={"enabled": True}))  # MiniMind2's: a shared expert, no QK-norm
+    with pytest.raises(ValueError, match=r"exports as Qwen3-MoE.*qk_norm=False and 1 shared expert"):
         export_hf(model, tokenizer, tmp_path)
+
+
+def test_minimind_3_moe_exports_as_qwen3_moe_with_equal_logits_and_comes_back(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    small = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 256}
+    model = MiniMindLM(model_config("minimind-3-moe", **small)).eval()
+    directory = export_hf(model, tokenizer, tmp_path / "ours")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
+    ids = torch.randint(0, 6400, (2, 40))
+    with torch.no_grad():
+        expected = model(ids)[0]
+        # fp32 both sides; top-1 routing picks the same expert unless two router scores tie to ~1e-7.
+        assert (hf(ids).logits - expected).abs().max().item() < 1e-4
+        torch.testing.assert_close(import_hf(directory)(ids)[0], expected, atol=0, rtol=0)
+        # What transformers itself saves (experts fused under transformers 5) comes back too.
+        hf.save_pretrained(tmp_path / "theirs")
+        assert (import_hf(tmp_path / "theirs")(ids)[0] - expected).abs().max().item() < 1e-6
 
 
 def test_exports_load_for_inference_like_checkpoints(exported):
@@ -90,3 +108,20 @@ def test_a_qk_norm_model_exports_as_qwen3_with_equal_logits_and_comes_back(token
         back = import_hf(directory)
         assert back.config.qk_norm
         torch.testing.assert_close(back(ids)[0], model(ids)[0], atol=0, rtol=0)
+
+
+def test_fused_experts_split_back_into_one_tensor_per_expert():
+    """MiniMind's convert_model.py under transformers 5 writes experts fused as
+    gate_up_proj = cat([stack(gate), stack(up)], dim=1) and down_proj = stack(down)."""
+    from minimind.model.hf import split_fused_experts
+
+    torch.manual_seed(0)
+    model = MiniMindLM(model_config("minimind-3-moe", hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2))
+    state = model.state_dict()
+    prefix = "model.layers.0.mlp.experts"
+    stack = lambda proj: torch.stack([state[f"{prefix}.{e}.{proj}.weight"] for e in range(4)])  # noqa: E731
+    fused = {name: tensor for name, tensor in state.items() if f"{prefix}." not in name}
+    fused[f"{prefix}.gate_up_proj"] = torch.cat([stack("gate_proj"), stack("up_proj")], dim=1)
+    fused[f"{prefix}.down_proj"] = stack("down_proj")
+    split = split_fused_experts(fused)
+    assert split.keys() == state.keys() and all(torch.equal(split[k], state[k]) for k in state)

@@ -1,6 +1,6 @@
 """Hugging Face interop: a dense MiniMind model is a transformers ``LlamaForCausalLM`` (MiniMind2)
-or, with QK-norm, a ``Qwen3ForCausalLM`` (minimind-3, the architecture it is aligned with), with
-tied embeddings.
+or, with QK-norm, a ``Qwen3ForCausalLM`` (minimind-3, the architecture it is aligned with); the
+minimind-3 MoE is a ``Qwen3MoeForCausalLM``. Embeddings are tied in all three.
 
 :func:`export_hf` writes config.json, model.safetensors, generation_config.json and the tokenizer
 (with the chat template) so ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer`` load the
@@ -19,14 +19,38 @@ from minimind.model.checkpoint import TIED_KEY, attach_adapter, load_model, mode
 from minimind.model.lora import LoRALinear
 from minimind.model.minimind import MiniMindLM
 
-# model_type -> architecture: Llama has no QK-norm, Qwen3 has it (and otherwise the same layers).
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# model_type -> architecture: Llama has no QK-norm, Qwen3 has it (and otherwise the same layers);
+# Qwen3-MoE is Qwen3 with routed experts (top-k, softmax router, no shared expert): minimind-3-moe.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def hf_model_type(config) -> str:
+    """The transformers architecture of a model config, or a ValueError saying why there is none."""
+    moe = config.moe
+    if not moe.enabled:
+        return "qwen3" if config.qk_norm else "llama"
+    if not config.qk_norm or moe.num_shared_experts:
+        raise ValueError(
+            "an MoE model exports as Qwen3-MoE, which has QK-norm and no shared expert (minimind-3-moe); "
+            f"this one has qk_norm={config.qk_norm} and {moe.num_shared_experts} shared expert(s)"
+        )
+    return "qwen3_moe"
 
 
 def hf_config(model: MiniMindLM, bos_id: int = 1, eos_id: int = 2, pad_id: int = 0) -> dict:
     config = model.config
-    model_type = "qwen3" if config.qk_norm else "llama"
-    extra = {"use_sliding_window": False, "sliding_window": None} if model_type == "qwen3" else {"mlp_bias": False}
+    model_type = hf_model_type(config)
+    extra = {"use_sliding_window": False, "sliding_window": None} if model_type != "llama" else {"mlp_bias": False}
+    if model_type == "qwen3_moe":
+        extra |= {
+            "num_experts": config.moe.num_routed_experts,
+            "num_experts_per_tok": config.moe.top_k,
+            "moe_intermediate_size": config.ffn_size,
+            "norm_topk_prob": config.moe.norm_topk_prob,
+            "router_aux_loss_coef": config.moe.aux_loss_alpha,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        }
     return {
         "architectures": [ARCHITECTURES[model_type]],
         "model_type": model_type,
@@ -56,9 +80,9 @@ def hf_config(model: MiniMindLM, bos_id: int = 1, eos_id: int = 2, pad_id: int =
 
 
 def export_hf(model: MiniMindLM, tokenizer, directory: str | Path) -> Path:
-    """Write a transformers-loadable directory for a dense (non-MoE, LoRA-merged) model."""
-    if model.config.moe.enabled:
-        raise ValueError("MoE models do not export yet; only dense models export")
+    """Write a transformers-loadable directory for a LoRA-merged model; experts one tensor each, as
+    Qwen3-MoE checkpoints are published (transformers 5 fuses them on load)."""
+    hf_model_type(model.config)
     if any(isinstance(module, LoRALinear) for module in model.modules()):
         raise ValueError("merge LoRA adapters before export (load_model(..., merge=True))")
     directory = Path(directory)
@@ -85,7 +109,7 @@ def export_hf(model: MiniMindLM, tokenizer, directory: str | Path) -> Path:
 
 
 def import_hf(directory: str | Path, device: str = "cpu") -> MiniMindLM:
-    """Load a Llama or Qwen3 directory (e.g. one made by :func:`export_hf`) as a MiniMindLM."""
+    """Load a Llama, Qwen3 or Qwen3-MoE directory (e.g. one made by :func:`export_hf`) as a MiniMindLM."""
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     if config.get("model_type") not in ARCHITECTURES:
@@ -114,12 +138,14 @@ def import_hf(directory: str | Path, device: str = "cpu") -> MiniMindLM:
             "max_seq_len": config.get("max_position_embeddings", 32768),
             "rope_theta": float(rope_theta),
             "rms_norm_eps": config.get("rms_norm_eps", 1e-6),
-            "qk_norm": config["model_type"] == "qwen3",
+            "qk_norm": config["model_type"] != "llama",
+            **({"moe": qwen3_moe_fields(config, directory)} if config["model_type"] == "qwen3_moe" else {}),
         }
     )
     state = {}
     for file in sorted(directory.glob("*.safetensors")):
         state.update(load_file(str(file)))
+    state = split_fused_experts(state)
     state.pop(TIED_KEY, None)
     model = MiniMindLM(model_config).to(device)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -127,6 +153,44 @@ def import_hf(directory: str | Path, device: str = "cpu") -> MiniMindLM:
     if missing or unexpected:
         raise ValueError(f"{directory}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
     return model
+
+
+def qwen3_moe_fields(config: dict, directory: Path) -> dict:
+    """Our ``moe`` fields for a Qwen3-MoE config; what MiniMind's MoE cannot be is refused."""
+    if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+        raise ValueError(
+            f"{directory}/config.json: every layer must be sparse (decoder_sparse_step 1, no mlp_only_layers)"
+        )
+    if config.get("moe_intermediate_size", config["intermediate_size"]) != config["intermediate_size"]:
+        raise ValueError(f"{directory}/config.json: moe_intermediate_size must equal intermediate_size")
+    return {
+        "enabled": True,
+        "num_routed_experts": config.get("num_experts", config.get("num_local_experts")),  # transformers 4 / 5
+        "num_shared_experts": 0,
+        "top_k": config["num_experts_per_tok"],
+        "norm_topk_prob": config.get("norm_topk_prob", True),
+        "aux_loss_alpha": config.get("router_aux_loss_coef", 5e-4),
+        "balance_over": "batch",
+    }
+
+
+def split_fused_experts(state: dict) -> dict:
+    """transformers 5 may save experts fused (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj``
+    [E, H, I]); our layout (and the Hub's) is one ``experts.{e}.*_proj.weight`` per expert."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix, half = name[: -len("gate_up_proj")], tensor.shape[1] // 2
+            for expert, fused in enumerate(tensor):
+                out[f"{prefix}{expert}.gate_proj.weight"] = fused[:half].contiguous()
+                out[f"{prefix}{expert}.up_proj.weight"] = fused[half:].contiguous()
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for expert, weight in enumerate(tensor):
+                out[f"{prefix}{expert}.down_proj.weight"] = weight.contiguous()
+        else:
+            out[name] = tensor
+    return out
 
 
 def is_hf_export(path: str | Path) -> bool:
