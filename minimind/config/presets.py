@@ -6,6 +6,18 @@ from typing import Any
 
 from minimind.config.schema import ConfigError
 
+# The minimind-3 family's shared shape; its MoE adds the experts.
+MINIMIND3: dict[str, Any] = {
+    "hidden_size": 768,
+    "num_layers": 8,
+    "num_heads": 8,
+    "num_kv_heads": 4,
+    "intermediate_size": 2432,
+    "qk_norm": True,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # MiniMind2-small: 25,829,888 parameters.
     "minimind-26m": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 2},
@@ -20,26 +32,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "moe": {"enabled": True, "num_routed_experts": 4, "num_shared_experts": 1, "top_k": 2},
     },
     # minimind-3 (dense): 63,912,192 parameters; FFN ceil(768*pi/64)*64, QK-norm.
-    "minimind-3": {
-        "hidden_size": 768,
-        "num_layers": 8,
-        "num_heads": 8,
-        "num_kv_heads": 4,
-        "intermediate_size": 2432,
-        "qk_norm": True,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1e6,
-    },
+    "minimind-3": MINIMIND3,
     # minimind-3-moe: 198,416,640 parameters (4 routed experts, top-1, no shared expert).
     "minimind-3-moe": {
-        "hidden_size": 768,
-        "num_layers": 8,
-        "num_heads": 8,
-        "num_kv_heads": 4,
-        "intermediate_size": 2432,
-        "qk_norm": True,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1e6,
+        **MINIMIND3,
         "moe": {
             "enabled": True,
             "num_routed_experts": 4,
