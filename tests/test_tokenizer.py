@@ -35,7 +35,7 @@ def test_training_is_deterministic_and_keeps_special_ids(sample_dir):
     first = MiniMindTokenizer(train_tokenizer(iter_texts(files, max_bytes=200_000), vocab_size=800))
     second = MiniMindTokenizer(train_tokenizer(iter_texts(files, max_bytes=200_000), vocab_size=800))
     assert first.vocab_size == 800 and first.fingerprint == second.fingerprint
-    assert first.reasoning_ids == (3, 4, 5, 6)
+    assert first.reasoning_spellings == ((3,), (4,), (5,), (6,))
 
 
 def test_bundled_tokenizer_is_reproducible_from_the_bundled_corpus(tmp_path, sample_dir, tokenizer):

@@ -60,7 +60,7 @@ def build_objective(config: TrainConfig, tokenizer: MiniMindTokenizer, device: t
     if config.stage == "reasoning":
         by_tokens = objective.reasoning_normalizer == "tokens"
         return LanguageModeling(
-            tokenizer.reasoning_ids, objective.reasoning_token_weight, normalize_by_tokens=by_tokens
+            tokenizer.reasoning_spellings, objective.reasoning_token_weight, normalize_by_tokens=by_tokens
         )
     if config.stage == "dpo":
         reference = load_model(config.checkpoint.init_from, device, merge=True)

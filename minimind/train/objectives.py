@@ -40,36 +40,52 @@ class Objective:
 class LanguageModeling(Objective):
     """Next-token cross-entropy on labelled positions (pretrain, SFT, LoRA, reasoning).
 
-    With ``weighted_ids`` (reasoning), target tokens among those ids count ``token_weight`` times
-    (only inside the labelled reply). The weighted sum is divided by the sum of the weights (a
-    weighted mean), or with ``normalize_by_tokens`` by the number of labelled tokens, as MiniMind's
+    With ``weighted_spellings`` (reasoning), target tokens that belong to a whole occurrence of one of those token
+    sequences count ``token_weight`` times (only inside the labelled reply). A tag that is a single token is a
+    one-id spelling; a tag the tokenizer lacks is matched by its multi-token spelling, so ``<answer>`` in
+    MiniMind2's tokenizer weights its five tokens where they spell the tag, not every ``<`` or ``>`` elsewhere
+    (MiniMind's r1 script weighted any occurrence of any of those ids). The weighted sum is divided by the sum of
+    the weights (a weighted mean), or with ``normalize_by_tokens`` by the number of labelled tokens, as MiniMind's
     r1 script does (see ``objective.reasoning_normalizer``).
     """
 
     def __init__(
         self,
-        weighted_ids: tuple[int, ...] = (),
+        weighted_spellings: tuple[tuple[int, ...], ...] = (),
         token_weight: float = 1.0,
         document_mask: bool = False,
         normalize_by_tokens: bool = False,
     ):
-        self.weighted_ids = weighted_ids
+        self.weighted_spellings = tuple(tuple(spelling) for spelling in weighted_spellings if spelling)
         self.token_weight = token_weight
         self.document_mask = document_mask
         self.normalize_by_tokens = normalize_by_tokens
-        self._weighted_ids_on: dict[torch.device, torch.Tensor] = {}
+        self._spellings_on: dict[torch.device, list[torch.Tensor]] = {}
 
     def _weights(self, labels: torch.Tensor) -> torch.Tensor:
         targets = shifted(labels, labels)[1]
         weights = (targets != IGNORE_INDEX).float()
-        if self.weighted_ids and self.token_weight != 1.0:
-            # Copied to the device once: a copy from host memory per batch would wait for the GPU.
-            ids = self._weighted_ids_on.get(targets.device)
-            if ids is None:
-                ids = self._weighted_ids_on[targets.device] = torch.tensor(self.weighted_ids, device=targets.device)
-            special = torch.isin(targets, ids)
-            weights = torch.where(special, weights * self.token_weight, weights)
+        if self.weighted_spellings and self.token_weight != 1.0:
+            weights = torch.where(self._spelled(targets), weights * self.token_weight, weights)
         return weights
+
+    def _spelled(self, targets: torch.Tensor) -> torch.Tensor:
+        """Positions of ``targets`` covered by a complete occurrence of a weighted spelling."""
+        # Copied to the device once: a copy from host memory per batch would wait for the GPU.
+        spellings = self._spellings_on.get(targets.device)
+        if spellings is None:
+            spellings = self._spellings_on[targets.device] = [
+                torch.tensor(spelling, device=targets.device) for spelling in self.weighted_spellings
+            ]
+        covered = torch.zeros_like(targets, dtype=torch.bool)
+        for spelling in spellings:
+            length = spelling.numel()
+            if length > targets.shape[-1]:
+                continue
+            starts = (targets.unfold(-1, length, 1) == spelling).all(-1)  # (batch, positions - length + 1)
+            for offset in range(length):
+                covered[..., offset : offset + starts.shape[-1]] |= starts
+        return covered
 
     def normalizer(self, batch):
         if self.normalize_by_tokens:

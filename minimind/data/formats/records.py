@@ -110,8 +110,13 @@ def require_text(record: dict, name: str) -> str:
     return value
 
 
-def require_messages(record: dict, name: str) -> list[dict[str, str]]:
-    """A list of ``{"role", "content"}`` messages with known roles and at least one assistant turn."""
+def require_messages(record: dict, name: str) -> list[dict]:
+    """A list of messages with known roles and at least one assistant turn.
+
+    Each message has a string ``content``; MiniMind's tool and reasoning data may add ``reasoning_content`` (a
+    string), ``tool_calls`` (on an assistant message) and ``tools`` (on a system message), each a list or a JSON
+    string of one, as its SFT dataset reads them. An assistant message needs content, reasoning or tool calls.
+    """
     if name not in record:
         raise RecordError("missing_field", "missing", name)
     messages = record[name]
@@ -126,15 +131,51 @@ def require_messages(record: dict, name: str) -> list[dict[str, str]]:
         if role not in ROLES:
             raise RecordError("unknown_role", f"role {role!r} is not one of {ROLES}", f"{where}.role")
         content = message.get("content")
+        if content is None and message.get("tool_calls"):
+            content = ""
         if not isinstance(content, str):
             reason = "missing_field" if content is None else "wrong_type"
             raise RecordError(reason, f"expected a string, got {type(content).__name__}", f"{where}.content")
-        if role == "assistant" and not content.strip():
+        cleaned_message = {"role": role, "content": content}
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None:
+            if not isinstance(reasoning, str):
+                raise RecordError(
+                    "wrong_type", f"expected a string, got {type(reasoning).__name__}", f"{where}.reasoning_content"
+                )
+            cleaned_message["reasoning_content"] = reasoning
+        for field_name, allowed_role in (("tool_calls", "assistant"), ("tools", "system")):
+            value = _json_list(message.get(field_name), f"{where}.{field_name}")
+            if value:
+                if role != allowed_role:
+                    raise RecordError(
+                        "misplaced_field", f"only an {allowed_role} message carries it", f"{where}.{field_name}"
+                    )
+                cleaned_message[field_name] = value
+        if role == "assistant" and not (
+            content.strip() or cleaned_message.get("reasoning_content", "").strip() or "tool_calls" in cleaned_message
+        ):
             raise RecordError("empty_text", "empty assistant reply", f"{where}.content")
-        cleaned.append({"role": role, "content": content})
+        cleaned.append(cleaned_message)
     if not any(message["role"] == "assistant" for message in cleaned):
         raise RecordError("no_assistant_turn", "conversation has no assistant turn", name)
     return cleaned
+
+
+def _json_list(value, where: str) -> list | None:
+    """A list field given as a list or as a JSON string of one (MiniMind stores tools and tool calls as strings)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise RecordError("invalid_json", f"not valid JSON ({error.msg})", where) from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise RecordError("wrong_type", "expected a list of objects", where)
+    return value
 
 
 def in_validation_split(record: dict, fraction: float) -> bool:
