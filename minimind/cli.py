@@ -169,6 +169,21 @@ def _cmd_prepare(args: argparse.Namespace, overrides: dict) -> None:
     run_prepare(args)
 
 
+def _cmd_check_cluster(args: argparse.Namespace, overrides: dict) -> None:
+    from minimind.cluster import ClusterFileError, check_cluster_file
+
+    failed = False
+    for file in args.files:
+        try:
+            check_cluster_file(file)
+            print(f"{file}: ok")
+        except ClusterFileError as error:
+            print(error, file=sys.stderr)
+            failed = True
+    if failed:
+        raise SystemExit(1)
+
+
 def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument("--tokenizer", default=None, help="default: the export's own, else the bundled one")
     parser.add_argument("--device", default="cpu")
@@ -259,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep = commands.add_parser("prepare", help="shard, validate, tokenize and pack jsonl into Parquet (Ray Data)")
     add_prepare_arguments(prep)
     prep.set_defaults(run=_cmd_prepare)
+
+    check = commands.add_parser(
+        "check-cluster", help="check ray up files and KubeRay RayJobs offline with Ray's own autoscaler code"
+    )
+    check.add_argument("files", nargs="+")
+    check.set_defaults(run=_cmd_check_cluster)
     return parser
 
 
