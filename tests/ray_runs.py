@@ -78,3 +78,8 @@ def resumed_at(run_dir) -> list[int]:
     """
     steps = [m["step"] for m in metrics(run_dir)]
     return [after - 1 for before, after in zip(steps, steps[1:]) if after <= before]
+
+
+def trial_records(sweep_dir):
+    """Each trial's ``trial.json`` (status, params, reason) by trial id."""
+    return {p.parent.name: json.loads(p.read_text()) for p in (sweep_dir / "trials").glob("*/trial.json")}

@@ -13,9 +13,8 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
-import yaml
 from conftest import ROOT, SAMPLE
-from ray_runs import metrics, train_workers
+from ray_runs import metrics, train_workers, trial_records
 
 from minimind.config import ConfigError, build_config
 from minimind.tune.space import load_space
@@ -133,10 +132,6 @@ def test_objective_mixes_are_parsed_and_unknown_metrics_refused():
     assert Objective.parse("val_perplexity").mode == "min"
     with pytest.raises(ConfigError, match="unknown metric 'val_perplexty'"):
         Objective.parse("val_perplexty")
-
-
-def trial_records(sweep_dir):
-    return {p.parent.name: json.loads(p.read_text()) for p in (sweep_dir / "trials").glob("*/trial.json")}
 
 
 # An FFN of 2^31 units cannot be allocated (512 GiB per matrix): a trial that runs out of memory.
@@ -368,31 +363,6 @@ def test_a_later_stages_bad_field_is_named_with_its_line(tmp_path):
     assert space.baseline() == {"optim.lr": 1e-2, "sft/optim.lr": 5e-3}  # each stage's recipe value
 
 
-def test_a_pipeline_sweep_runs_both_stages_and_is_judged_after_sft(ray_cluster, tmp_path):
-    space = write_space(tmp_path, PIPELINE_SWEEP)
-    command = [sys.executable, "ray_jobs/tune.py", "--space", str(space), "--num-samples", "2", "--name", "chain",
-               "--storage-path", str(tmp_path), "--seed", "3"]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    sweep_dir = tmp_path / "chain"
-    trials = trial_records(sweep_dir)
-    assert len(trials) == 2 and all(t["status"] == "finished" for t in trials.values()), trials
-    report = (sweep_dir / "report.md").read_text()
-    for tid, trial in trials.items():
-        pretrain_dir, sft_dir = sweep_dir / "trials" / tid, sweep_dir / "trials" / tid / "sft"
-        assert metrics(pretrain_dir)[-1]["tokens"] == 5120 and metrics(sft_dir)[-1]["step"] == 6
-        sft_config = yaml.safe_load((sft_dir / "config.yaml").read_text())
-        assert sft_config["stage"] == "sft" and sft_config["checkpoint"]["init_from"] == str(pretrain_dir)
-        assert sft_config["optim"]["lr"] == pytest.approx(trial["params"]["sft/optim.lr"])
-        # Judged by the SFT model: the report's objective is the SFT run's validation perplexity.
-        judged = metrics(sft_dir)[-1]["val_perplexity"]
-        assert f"\n| {tid}" in report and f"{judged:.4g}" in report
-    # best.yaml (pretrain) and best-sft.yaml (from best.yaml's run) run in that order.
-    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
-    best_sft = yaml.safe_load((sweep_dir / "best-sft.yaml").read_text())
-    assert best_sft["checkpoint"]["init_from"] == best["checkpoint"]["dir"] and "best-sft.yaml" in report
-
-
 def test_a_grid_lists_every_value_and_refuses_what_it_cannot_enumerate(tmp_path):
     space = load_space(write_space(tmp_path, TINY_SWEEP.split("points:")[0]))
     with pytest.raises(ConfigError, match=r"space\.yaml:\d+: params\.optim\.lr: a grid needs its values listed"):
@@ -407,3 +377,14 @@ def test_a_grid_lists_every_value_and_refuses_what_it_cannot_enumerate(tmp_path)
         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"},
     )  # fmt: skip
     assert done.returncode == 2 and "the grid of" in done.stderr and "has 6 points, not 5" in done.stderr
+
+
+def test_command_line_overrides_reach_the_stage_they_name(tmp_path):
+    """Plain --field VALUE options set the sweep's own (first) stage, --STAGE/field a later one, as parameters
+    are named; a stage the space lacks is refused."""
+    space = write_space(tmp_path, PIPELINE_SWEEP)
+    loaded = load_space(space, {"data.train_files": ["pre"], "sft/data.train_files": ["chat"]})
+    assert loaded.base["data"]["train_files"] == ["pre"]
+    assert [stage.base["data"]["train_files"] for stage in loaded.then] == [["chat"]]
+    with pytest.raises(ConfigError, match=r"--dpo/optim\.lr: the space has no later stage 'dpo'"):
+        load_space(space, {"dpo/optim.lr": 1e-4})

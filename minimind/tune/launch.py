@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ray_jobs/tune.py",
         description="Ray Tune + Optuna sweep over a search space; extra --dotted.field VALUE options apply to every "
-        "trial. Writes report.md, report.html and best.yaml into the sweep directory.",
+        "trial (to its first stage; --STAGE/dotted.field to a pipeline's later stage, e.g. --sft/data.train_files). "
+        "Writes report.md, report.html and best.yaml into the sweep directory.",
     )
     parser.add_argument("--space", help="search space YAML (see search_spaces/)")
     parser.add_argument(

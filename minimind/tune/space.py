@@ -219,7 +219,8 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
     for key in raw:
         if key not in TOP_LEVEL:
             fail(key, f"unknown key (valid: {', '.join(TOP_LEVEL)})")
-    stage, recipe, base = _parse_stage(raw, "", lines, cli_overrides, fail)
+    cli_overrides = cli_overrides or {}
+    stage, recipe, base = _parse_stage(raw, "", lines, _stage_overrides(cli_overrides, None), fail)
     budget = _parse_budget(raw.get("budget") or {}, fail)
     params_raw = raw.get("params")
     if not isinstance(params_raw, dict) or not params_raw:
@@ -244,8 +245,11 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
             if key not in LATER_STAGE_KEYS:
                 fail(f"{where}.{key}", f"unknown key (valid: {', '.join(LATER_STAGE_KEYS)})", entry_lines[key])
         later_fail = _at_lines(fail, where, entry_lines, first_line)
-        later_stage, later_recipe, later_base = _parse_stage(entry, "", entry_lines, cli_overrides, later_fail)
-        name = later_stage if all(s.name != later_stage for s in later_stages) else f"{later_stage}{index + 1}"
+        kind = entry.get("stage")
+        name = kind if all(s.name != kind for s in later_stages) else f"{kind}{index + 1}"
+        later_stage, later_recipe, later_base = _parse_stage(
+            entry, "", entry_lines, _stage_overrides(cli_overrides, name), later_fail
+        )
         later_stages.append(LaterStage(name, later_stage, later_recipe, later_base))
         later_params = entry.get("params") or {}
         if not isinstance(later_params, dict):
@@ -258,6 +262,13 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
             param.when = {f"{name}/{condition}": value for condition, value in param.when.items()}
             param.stage_index = index + 1
             params.append(param)
+    stage_names = {stage.name for stage in later_stages}
+    for key in cli_overrides:
+        prefix = key.partition("/")[0] if "/" in key else None
+        if prefix is not None and prefix not in stage_names:
+            raise ConfigError(
+                f"--{key}: the space has no later stage {prefix!r} (its later stages: {sorted(stage_names) or 'none'})"
+            )
     names = [param.name for param in params]
     for index, param in enumerate(params):
         for name in param.when:
@@ -292,6 +303,15 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
                 fail(where, f"the run config rejects it: {error}")
         space.points.append(point)
     return space
+
+
+def _stage_overrides(cli_overrides: dict[str, Any], stage_name: str | None) -> dict[str, Any]:
+    """The command line's overrides of one stage: plain ``field`` ones are the sweep's own (first) stage's,
+    ``NAME/field`` ones the later stage NAME's, as parameters are named."""
+    if stage_name is None:
+        return {key: value for key, value in cli_overrides.items() if "/" not in key}
+    prefix = f"{stage_name}/"
+    return {key[len(prefix) :]: value for key, value in cli_overrides.items() if key.startswith(prefix)}
 
 
 def _parse_stage(raw: dict, where: str, lines: dict[str, int], cli_overrides, fail) -> tuple[str, str, dict]:
