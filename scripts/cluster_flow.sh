@@ -14,15 +14,16 @@
 #   report    report.md, report.html, plots, best.yaml (and best-sft.yaml) in the sweep directory
 #   best      best.yaml trained again (BEST_FLAGS, e.g. more steps): STORAGE/runs/sweep-best
 #   sft       best-sft.yaml from those weights: STORAGE/runs/sweep-best-sft
-# STORAGE is a path every node shares (NFS, or this machine for a local cluster). Re-running a stage reuses
+# STORAGE is a path every node shares (NFS, or this machine for a local cluster) or, for every stage but
+# sweep and report so far, object storage (s3://bucket/prefix; DATA may be there too). Re-running a stage reuses
 # finished work: prepare skips an up-to-date corpus, a finished run or sweep is not trained again, and an
 # interrupted one resumes where it stopped (docs/cluster.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the dashboard of the cluster, e.g. http://127.0.0.1:8265}"
-: "${STORAGE:?set STORAGE to a path every node shares, e.g. /mnt/shared/minimind}"
+: "${STORAGE:?set STORAGE to a path every node shares (e.g. /mnt/shared/minimind) or s3://bucket/prefix}"
 DATA="${DATA:-data/sample/pretrain.jsonl}"
-SFT_DATA="${SFT_DATA:-data/sample/sft.jsonl}"
+SFT_DATA="${SFT_DATA-data/sample/sft.jsonl}"   # empty: no SFT corpus (a sweep without SFT stages)
 SEQ_LEN="${SEQ_LEN:-128}"
 RECIPE="${RECIPE:-recipes/tiny/pretrain.yaml}"
 SPACE="${SPACE:-search_spaces/tiny_pipeline.yaml}"
@@ -31,10 +32,11 @@ WORKERS="${WORKERS:-2}"
 TRAIN_FLAGS="${TRAIN_FLAGS:-}"      # e.g. --use-gpu, --strategy deepspeed --zero-stage 2
 BEST_FLAGS="${BEST_FLAGS:-}"
 PYTHON="${PYTHON:-python}"
+RUNTIME_ENV="${RUNTIME_ENV:-}"      # JSON for --runtime-env-json, e.g. '{"env_vars": {"AWS_ENDPOINT_URL": "..."}}'
 STAGES=("$@")
 [ ${#STAGES[@]} -gt 0 ] || STAGES=(prepare pretrain sweep report best sft)
 
-submit() { ray job submit --working-dir . -- "$PYTHON" "$@"; }
+submit() { ray job submit --working-dir . ${RUNTIME_ENV:+--runtime-env-json "$RUNTIME_ENV"} -- "$PYTHON" "$@"; }
 prepared="$STORAGE/prepared"
 sweep="$STORAGE/sweeps/sweep"
 sft_data=()  # a pipeline space fine-tunes each trial on the prepared SFT corpus
@@ -45,7 +47,9 @@ for stage in "${STAGES[@]}"; do
   case "$stage" in
     prepare)
       submit ray_jobs/prepare.py "$DATA" --out "$prepared/pretrain" --seq-len "$SEQ_LEN" --val-fraction 0.02
-      submit ray_jobs/prepare.py "$SFT_DATA" --out "$prepared/sft" --seq-len "$((SEQ_LEN * 2))" --val-fraction 0.02 ;;
+      if [ -n "$SFT_DATA" ]; then
+        submit ray_jobs/prepare.py "$SFT_DATA" --out "$prepared/sft" --seq-len "$((SEQ_LEN * 2))" --val-fraction 0.02
+      fi ;;
     pretrain)
       submit ray_jobs/pretrain.py --config "$RECIPE" --num-workers "$WORKERS" $TRAIN_FLAGS \
         --storage-path "$STORAGE/runs" --name pretrain \

@@ -6,4 +6,4 @@ cd "$ROOT"
 source scripts/setup_env.sh
 ruff check minimind ray_jobs benchmarks tests
 ruff format --check --quiet minimind ray_jobs benchmarks tests
-python -m pytest "$@"
+python -m pytest --durations=30 "$@"

@@ -1,15 +1,12 @@
-"""Ray Train on a real two-node local cluster: multi-node DDP parity, fault tolerance, resume,
-``ray job submit``, and chained stages. Runs are started the way users start them (the entry
-points, as subprocess drivers or jobs) and judged by what they wrote to their run directories.
+"""Ray Train on a real two-node local cluster: multi-node DDP parity, fault tolerance, resume and chained
+stages (``ray job submit`` is in tests/test_cluster_flow.py and, killed and resubmitted, in
+tests/test_object_storage.py). Runs are started the way users start them (the entry points, as subprocess
+drivers) and judged by what they wrote to their run directories.
 """
 
 import math
-import os
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -20,15 +17,12 @@ from ray_runs import (
     max_diff,
     metrics,
     pretrain,
-    processes_running,
-    resumed_at,
     tiny_pretrain_args,
     train_workers,
     wait_for_checkpoint,
 )
 
 from minimind.model.checkpoint import load_model, resolve_checkpoint
-from minimind.train.checkpointing import checkpoint_step
 from minimind.train.loop import Trainer
 
 STEPS = 40
@@ -85,40 +79,6 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster, stor
     # (then no step runs twice), never from scratch.
     resumed = [int(step) for step in re.findall(r"\[checkpoint\] resumed from \S+ at step (\d+)", out)]
     assert resumed and 10 <= resumed[-1] < STEPS, out[-3000:]
-    assert metrics(run_dir)[-1]["step"] == STEPS
-    assert max_diff(final_weights(run_dir), final_weights(uninterrupted)) < 1e-5
-
-
-def test_job_submit_uploads_little_and_a_killed_driver_resumes_on_resubmit(ray_cluster, storage, uninterrupted):
-    run_dir = storage / "job"
-    entrypoint = [sys.executable, "ray_jobs/pretrain.py", *WITH_DROPOUT, "--storage-path", str(storage)]
-    entrypoint += ["--name", "job"]
-    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    submit = [ray_cli, "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(ROOT)]
-    first = subprocess.Popen([*submit, "--", *entrypoint], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)  # fmt: skip
-    wait_for_checkpoint(run_dir, first)
-    drivers = processes_running(ray_cluster, "ray_jobs/pretrain.py")
-    assert drivers, "the job's driver process was not found"
-    for driver in drivers:
-        driver.send_signal(signal.SIGKILL)
-    out, _ = first.communicate(timeout=120)
-    assert first.returncode != 0 or "FAILED" in out
-    assert "Uploading package" in out or "Creating a file package" in out
-    # Wait for the orphaned workers to go (the driver owned the run), then submit the same job again.
-    deadline = time.time() + 60
-    while train_workers(ray_cluster) and time.time() < deadline:
-        time.sleep(0.5)
-    interrupted_at = metrics(run_dir)[-1]["step"]
-    assert interrupted_at < STEPS, "the first job finished before its driver was killed"
-    newest = checkpoint_step(resolve_checkpoint(run_dir).name)
-    resumed = subprocess.run([*submit, "--", *entrypoint], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-2000:]
-    # A resume exactly at the last logged step shows no step going back; a fresh start goes back to 0.
-    # (The last one: with --max-failures 1 the dying first job may itself have restarted once.)
-    # It resumes from the newest checkpoint on disk, even one Ray's controller had not yet recorded.
-    resumed_step = (resumed_at(run_dir) or [interrupted_at])[-1]
-    assert resumed_step == newest and 10 <= resumed_step <= interrupted_at
     assert metrics(run_dir)[-1]["step"] == STEPS
     assert max_diff(final_weights(run_dir), final_weights(uninterrupted)) < 1e-5
 

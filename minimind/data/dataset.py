@@ -17,7 +17,7 @@ import torch
 
 from minimind.data.formats import IGNORE_INDEX, RejectCounts
 from minimind.data.jsonl import load_examples, split_examples
-from minimind.data.pipeline.manifest import Manifest, is_prepared
+from minimind.data.pipeline.manifest import Manifest, is_prepared, local_corpus
 from minimind.data.sampler import BatchSampler, Mixture
 from minimind.data.token_store import TokenStore
 
@@ -82,7 +82,7 @@ def _leading_rows(store: TokenStore, limit: int) -> list[dict]:
 
 
 def _open_prepared(where: str, path: str, fmt: str | None, config, tokenizer) -> Manifest:
-    manifest = Manifest.load(path)
+    manifest = Manifest.load(local_corpus(path))  # a corpus at a URI is copied to this node once
     try:
         manifest.check(tokenizer.fingerprint, config.data.seq_len, fmt)
     except ValueError as error:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from minimind import storage
 from minimind.config import LoraConfig, ModelConfig, build_config, build_model_config, config_to_dict
 from minimind.model.lora import adapter_state_dict, apply_lora, base_state_dict, merge_lora
 from minimind.model.minimind import MiniMindLM
@@ -26,7 +27,12 @@ TIED_KEY = "lm_head.weight"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a checkpoint or run directory (newest checkpoint of the run)."""
+    """A checkpoint directory from a checkpoint or run directory (newest checkpoint of the run).
+
+    A URI (``s3://``...) resolves the same way there and comes back as this machine's cached copy of that
+    checkpoint (checkpoints never change once written)."""
+    if storage.is_uri(path):
+        return storage.cached_copy(_remote_checkpoint(str(path)), "checkpoint")
     path = Path(path)
     if (path / META_FILE).exists():
         return path
@@ -38,6 +44,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if steps:
         return steps[-1]
     raise FileNotFoundError(f"{path} is neither a checkpoint (no {META_FILE}) nor a run directory (no 'latest')")
+
+
+def _remote_checkpoint(uri: str) -> str:
+    """The checkpoint URI that ``uri`` (a checkpoint or a run directory in object storage) stands for."""
+    uri = uri.rstrip("/")
+    if storage.is_file(storage.join(uri, META_FILE)):
+        return uri
+    if storage.is_file(storage.join(uri, "latest")):
+        return storage.join(uri, storage.read_text(storage.join(uri, "latest")).strip())
+    raise FileNotFoundError(f"{uri} is neither a checkpoint (no {META_FILE}) nor a run directory (no 'latest')")
 
 
 def save_model(

@@ -37,10 +37,10 @@ from ray.train.torch import TorchTrainer
 from minimind.config import ConfigError, TrainConfig, build_config, config_to_dict
 from minimind.model import MiniMindLM
 from minimind.model.checkpoint import META_FILE, resolve_checkpoint
+from minimind.storage import is_uri
 from minimind.train.checkpointing import checkpoint_name, checkpoint_step, rng_state, write_checkpoint
 from minimind.train.loop import Trainer
 from minimind.train.parallel import DataParallel, SingleProcess
-from minimind.train.reporting import is_uri
 from minimind.train.runtime import resolve_dtype
 
 # ray.train.report() waits for the controller's next poll; Ray's 2 s default would stall every log
@@ -287,5 +287,7 @@ def fit(config: TrainConfig):
     print(f"[run] {config.stage}: checkpoints, metrics.jsonl and config.yaml in {run_dir}", flush=True)
     result = trainer.fit()
     if result.checkpoint is not None:
-        print(f"[done] latest checkpoint: {result.checkpoint.path}", flush=True)
+        # Ray gives the path within its filesystem; name it as the user named the run directory.
+        latest = f"{run_dir.rstrip('/')}/{Path(result.checkpoint.path).name}" if run_dir else result.checkpoint.path
+        print(f"[done] latest checkpoint: {latest}", flush=True)
     return result

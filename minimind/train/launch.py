@@ -18,7 +18,7 @@ from pathlib import Path
 
 from minimind.config import ConfigError, apply_overrides, build_config, load_yaml, parse_override_args
 from minimind.model.checkpoint import resolve_checkpoint
-from minimind.train.reporting import is_uri
+from minimind.storage import is_uri
 
 # Entry point -> stage and the overrides that define it (LoRA is SFT with adapters).
 ENTRY_POINTS = {
@@ -74,8 +74,10 @@ def resolve_init_from(value: str, storage_path: str) -> str:
     candidate = f"{storage_path.rstrip('/')}/{value}"
     if not is_uri(candidate) and not Path(candidate).exists():
         raise ConfigError(f"checkpoint.init_from: {value!r} is neither a directory nor a run in {storage_path}")
-    if not is_uri(candidate):
+    try:
         resolve_checkpoint(candidate)  # a clear error now when the run has no checkpoint yet
+    except FileNotFoundError as error:
+        raise ConfigError(f"checkpoint.init_from: {error}") from None
     return candidate
 
 

@@ -14,10 +14,7 @@ from pathlib import Path
 import yaml
 
 from minimind.config import TrainConfig, config_to_dict
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
+from minimind.storage import is_uri
 
 
 class RunFiles:
@@ -32,6 +29,11 @@ class RunFiles:
 
             self.fs, self.root = pyarrow.fs.FileSystem.from_uri(run_dir)
             self.fs.create_dir(self.root, recursive=True)
+            # A resumed run keeps the lines logged before the interruption, as an appended local file does.
+            metrics_file = f"{self.root}/metrics.jsonl"
+            if self.fs.get_file_info(metrics_file).type == pyarrow.fs.FileType.File:
+                with self.fs.open_input_stream(metrics_file) as stream:
+                    self._lines = stream.read().decode("utf-8").splitlines(keepends=True)
         else:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from minimind.config import ConfigError, parse_override_args
-from minimind.train.reporting import is_uri
+from minimind.storage import is_uri
 from minimind.tune.space import load_space
 from minimind.tune.sweep import SAMPLERS, Objective, SweepPlan, SweepSettings, load_settings, save_settings
 

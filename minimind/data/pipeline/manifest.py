@@ -9,12 +9,13 @@ Training reads the memory-mapped arrays next to each shard (:mod:`minimind.data.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
+from minimind import storage
 
 SCHEMA_VERSION = 2  # 2: memory-mapped token arrays next to each Parquet shard
 MANIFEST_FILE = "manifest.json"
@@ -92,17 +93,15 @@ class Manifest:
         return manifest
 
     def write(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        temporary = directory / f".{MANIFEST_FILE}.tmp"
+        """Write manifest.json whole (a corpus is complete once it has one), locally or at a URI."""
         data = asdict(self)
         data.pop("root")
-        temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(temporary, directory / MANIFEST_FILE)
+        storage.write_text(storage.join(directory, MANIFEST_FILE), json.dumps(data, indent=2, ensure_ascii=False))
 
     @classmethod
     def load(cls, directory: str | Path) -> Manifest:
-        directory = Path(directory)
-        data = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+        directory = str(directory).rstrip("/")
+        data = json.loads(storage.read_text(storage.join(directory, MANIFEST_FILE)))
         if data.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(
                 f"{directory}/{MANIFEST_FILE}: schema version {data.get('schema_version')} "
@@ -128,7 +127,7 @@ class Manifest:
             raise ValueError(f"{where}: holds {self.format!r} data, but this run reads {fmt!r}")
 
     def shard_paths(self, split: str) -> list[str]:
-        return [str(Path(self.root) / shard["path"]) for shard in self.splits.get(split, {}).get("shards", [])]
+        return [storage.join(self.root, shard["path"]) for shard in self.splits.get(split, {}).get("shards", [])]
 
     def examples(self, split: str) -> list[dict]:
         """All rows of a split from Parquet as dicts of int lists: for tests and small splits only.
@@ -171,5 +170,13 @@ class Manifest:
 
 
 def is_prepared(path: str | Path) -> bool:
-    """Whether ``path`` is a directory written by the prepare pipeline."""
-    return (Path(path) / MANIFEST_FILE).is_file()
+    """Whether ``path`` (local or a URI) is a directory written by the prepare pipeline."""
+    return storage.is_file(storage.join(path, MANIFEST_FILE))
+
+
+def local_corpus(path: str | Path) -> str:
+    """A prepared corpus to memory-map: ``path`` itself, or for a URI this node's cached copy of it."""
+    if not storage.is_uri(path):
+        return str(path)
+    manifest = Manifest.load(path)
+    return str(storage.cached_copy(str(path), manifest.fingerprint))

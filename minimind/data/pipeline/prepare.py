@@ -17,7 +17,9 @@ Stages (every Ray touchpoint is in this file):
 
 The run builds everything in a temporary folder next to ``out`` and renames it into place with its
 ``manifest.json`` last, so an interrupted run leaves no half-written output behind, and a finished
-one is reused when inputs, tokenizer and options are unchanged.
+one is reused when inputs, tokenizer and options are unchanged. Inputs and ``out`` may be object
+storage URIs (``s3://``...): there the actors upload each shard as they write it and the manifest,
+uploaded last, marks the corpus complete; training copies it once per node (:mod:`minimind.storage`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -37,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from minimind import storage
 from minimind.data.formats import RecordError, encode_record
 from minimind.data.formats.pretrain import pack_documents
 from minimind.data.formats.records import in_validation_split
@@ -49,7 +53,7 @@ from minimind.data.pipeline.chunks import (
     read_lines,
     resolve_inputs,
 )
-from minimind.data.pipeline.manifest import MANIFEST_FILE, SCHEMA_VERSION, SHARD_COLUMNS, Manifest
+from minimind.data.pipeline.manifest import SCHEMA_VERSION, SHARD_COLUMNS, Manifest, is_prepared
 from minimind.data.pipeline.validate import Filters, detect_format, validate_line
 from minimind.data.token_store import token_dtype, write_token_store
 from minimind.tokenizer import load_tokenizer
@@ -152,8 +156,21 @@ class ShardWriter:
     """Tokenizes one batch of validated rows and writes its train/val shards and rejects."""
 
     def __init__(self, options: PrepareOptions, fmt: str, work_dir: str, registry=None):
-        self.options, self.fmt, self.work_dir, self.registry = options, fmt, Path(work_dir), registry
+        self.options, self.fmt, self.registry = options, fmt, registry
         self.tokenizer = load_tokenizer(options.tokenizer)
+        # Object storage: each shard is written on this node, then uploaded and deleted here.
+        self.destination = work_dir if storage.is_uri(work_dir) else None
+        self.work_dir = Path(tempfile.mkdtemp(prefix="minimind-shards-")) if self.destination else Path(work_dir)
+
+    def _publish(self, local: Path) -> None:
+        """Upload every file of the shard or rejects file ``local`` (its arrays share its stem)."""
+        if self.destination is None:
+            return
+        stem = local.name.removesuffix(".parquet").removesuffix(".jsonl")
+        for file in sorted(local.parent.glob(f"{stem}.*")):
+            relative = file.relative_to(self.work_dir).as_posix()
+            storage.upload(file, storage.join(self.destination, relative))
+            file.unlink()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         options = self.options
@@ -215,6 +232,7 @@ class ShardWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(table, path, compression="zstd")
             write_token_store(path, self.fmt, examples, token_dtype(self.tokenizer.vocab_size))
+            self._publish(path)
             tokens = sum(_tokens(self.fmt, e) for e in examples)
             slots = len(examples) * options.seq_len * (2 if self.fmt == "dpo" else 1)
             totals[split] = [len(examples), tokens, slots]
@@ -227,6 +245,7 @@ class ShardWriter:
             with open(reject_path, "w", encoding="utf-8") as handle:
                 for reject in rejects:
                     handle.write(json.dumps(reject, ensure_ascii=False) + "\n")
+            self._publish(reject_path)
         for split in ("train", "val"):
             stats[f"{split}_rows"], stats[f"{split}_tokens"], stats[f"{split}_slots"] = totals[split]
         return {name: [value] for name, value in stats.items()}
@@ -284,8 +303,9 @@ def prepare(options: PrepareOptions) -> Manifest:
     fmt = options.format or _detect(files)
     tokenizer = load_tokenizer(options.tokenizer)
     fingerprint = _fingerprint(options, fmt, tokenizer.fingerprint, files)
-    out = Path(options.out)
-    if (out / MANIFEST_FILE).exists():
+    out = options.out.rstrip("/")
+    remote = storage.is_uri(out)
+    if is_prepared(out):
         existing = Manifest.load(out)
         if existing.fingerprint == fingerprint:
             print(f"[prepare] {out} is up to date (fingerprint {fingerprint}); reusing it", flush=True)
@@ -294,9 +314,15 @@ def prepare(options: PrepareOptions) -> Manifest:
     ranges = plan_chunks(files, options.chunk_bytes)
     counts = ray.get([_count_lines.remote(*r) for r in ranges])
     chunks = number_chunks(ranges, counts)
-    work_dir = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(work_dir, ignore_errors=True)
-    work_dir.mkdir(parents=True)
+    if remote:
+        # Object storage has no rename: shards go to their place directly and manifest.json, written last,
+        # marks the corpus complete (a corpus without one is never read, and the next run starts over).
+        work_dir = out
+        storage.delete_dir(out)
+    else:
+        work_dir = str(Path(out).parent / f".{Path(out).name}.tmp-{os.getpid()}")
+        shutil.rmtree(work_dir, ignore_errors=True)
+        Path(work_dir).mkdir(parents=True)
     registry = DedupRegistry.remote() if options.filters.dedup else None
     cpus = int(ray.cluster_resources().get("CPU", 1))
     # Small machines get half-CPU actors; either way one CPU stays free for the read/validate tasks,
@@ -332,7 +358,10 @@ def prepare(options: PrepareOptions) -> Manifest:
                 raise RecordError(bad["reason"], bad["detail"], bad["field"] or None, bad["source"], bad["line"])
             stats.append(row)
     except BaseException:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        if remote:
+            storage.delete_dir(work_dir)
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
         raise
     manifest = Manifest.from_stats(
         stats,
@@ -346,8 +375,9 @@ def prepare(options: PrepareOptions) -> Manifest:
         token_dtype=str(token_dtype(tokenizer.vocab_size)),
     )
     manifest.write(work_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work_dir, out)
-    manifest.root = str(out)
+    if not remote:
+        if Path(out).exists():
+            shutil.rmtree(out)
+        os.replace(work_dir, out)
+    manifest.root = out
     return manifest
