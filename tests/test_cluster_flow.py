@@ -1,21 +1,36 @@
 """docs/cluster.md's path from a corpus to a tuned model, driven the way users drive a cluster: scripts/cluster_flow.sh
 submits each stage with ``ray job submit`` to the session's two-node cluster (a head and a second ``ray start``
-node). Prepare, pretrain with one worker on each node, a 2-trial sweep, the report; judged by what they wrote."""
+node). Corpora and runs live in object storage: an S3-compatible server (moto's server mode, on loopback)
+stands in for S3; the sweep lives on a path both nodes share, as the docs say sweeps need for now.
+
+Prepare reads jsonl from ``s3://`` and writes its shards there; pretrain trains on them with one worker on each
+node and checkpoints there, has its driver killed, and resumes from there when the same job is submitted again;
+a 2-trial pipeline sweep trains on the corpora in S3; the report names the best configs."""
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import yaml
-from conftest import ROOT
-from ray_runs import metrics, trial_records
+from conftest import ROOT, SAMPLE
+from moto.server import ThreadedMotoServer
+from ray_runs import processes_running, train_workers, trial_records
 
-# search_spaces/tiny_pipeline.yaml (the script's default) at a smaller budget: each trial pretrains 8192 tokens,
-# (4 steps of 16 x 128 or 8 of 8 x 128), then fine-tunes 6 steps from its weights, and is judged by the SFT model.
+from minimind import storage
+from minimind.train.checkpointing import checkpoint_step
+
+BUCKET = "minimind-test"
+STEPS = 16
+
+# search_spaces/tiny_pipeline.yaml (the script's default) at a smaller budget: each trial pretrains 8192 tokens
+# (4 steps of 16 x 128 or 8 of 8 x 128), then fine-tunes 4 steps from its weights, and is judged by the SFT model.
 SMALL_PIPELINE = (
     (ROOT / "search_spaces" / "tiny_pipeline.yaml")
     .read_text()
@@ -23,70 +38,150 @@ SMALL_PIPELINE = (
         "budget: {max_tokens: 20480, eval_every_tokens: 10240, grace_tokens: 10240",
         "budget: {max_tokens: 8192, eval_every_tokens: 4096, grace_tokens: 4096",
     )
-    .replace("optim.max_steps: 10", "optim.max_steps: 6")
+    .replace("optim.batch_size: 8, optim.max_steps: 10", "optim.batch_size: 4, optim.max_steps: 4")
 )
 
 
-def run_flow(cluster, storage: Path, space: Path, *stages: str) -> str:
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on a free loopback port with one bucket; this process's pyarrow and the jobs (through
+    their runtime environment) reach it by ``AWS_ENDPOINT_URL``, with throwaway credentials."""
+    import logging
+    import socket
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "MINIMIND_CACHE": str(tmp_path_factory.mktemp("cache")),  # where nodes keep their copies of corpora
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        pafs.FileSystem.from_uri(f"s3://{BUCKET}?allow_bucket_creation=true")[0].create_dir(BUCKET)
+        yield env
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.stop()
+
+
+def flow(cluster, s3, shared: Path, space: Path, *stages: str, wait: bool = True):
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # the `ray` CLI of this environment
         "RAY_ADDRESS": cluster.dashboard_url,
-        "STORAGE": str(storage),
+        "STORAGE": f"s3://{BUCKET}/minimind",
+        "SWEEP_STORAGE": str(shared),
+        "DATA": f"s3://{BUCKET}/corpora/pretrain.jsonl",
+        "SFT_DATA": f"s3://{BUCKET}/corpora/sft.jsonl",
         "SPACE": str(space),
         "PYTHON": sys.executable,
-        # One worker per node, and a short pretrain run.
-        "TRAIN_FLAGS": "--distributed.placement_strategy STRICT_SPREAD --optim.max_steps 10",
+        "RUNTIME_ENV": json.dumps({"env_vars": s3}),
+        # One worker per node; a short run with checkpoints to kill it between.
+        "TRAIN_FLAGS": f"--distributed.placement_strategy STRICT_SPREAD --optim.max_steps {STEPS} "
+        "--checkpoint.every_steps 5 --logging.every_steps 1",
     }
-    done = subprocess.run(
-        ["bash", "scripts/cluster_flow.sh", *stages], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    print("\n".join(line for line in done.stdout.splitlines() if line.startswith("== ")))
-    return done.stdout
+    command = ["bash", "scripts/cluster_flow.sh", *stages]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return process
+    out, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, out[-6000:]
+    print("\n".join(line for line in out.splitlines() if line.startswith("== ")))
+    return out
 
 
-def test_from_a_corpus_to_a_tuned_model_by_job_submit_on_two_nodes(ray_cluster, tmp_path):
-    storage = tmp_path / "storage"
+def remote_rows(uri: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_text(uri).splitlines()]
+
+
+def test_from_a_corpus_in_s3_to_a_tuned_model_by_job_submit_on_two_nodes(ray_cluster, s3, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(SMALL_PIPELINE)
-    assert SMALL_PIPELINE.count("8192") == 1 and "optim.max_steps: 6" in SMALL_PIPELINE
-    out = run_flow(ray_cluster, storage, space, "prepare", "pretrain", "sweep", "report")
-    prepared = storage / "prepared"
+    assert SMALL_PIPELINE.count("8192") == 1 and "optim.max_steps: 4" in SMALL_PIPELINE
+    for corpus in ("pretrain", "sft"):
+        storage.upload(SAMPLE / f"{corpus}.jsonl", f"s3://{BUCKET}/corpora/{corpus}.jsonl")
+    prepared = f"s3://{BUCKET}/minimind/prepared"
 
-    # Prepare: both corpora as validated Parquet shards with a manifest.
+    # Prepare: both corpora, read from S3, as validated shards in S3 with their manifests.
+    flow(ray_cluster, s3, tmp_path, space, "prepare")
     for corpus, seq_len in (("pretrain", 128), ("sft", 256)):
-        manifest = json.loads((prepared / corpus / "manifest.json").read_text())
-        assert manifest["seq_len"] == seq_len and list((prepared / corpus).rglob("*.parquet"))
+        manifest = json.loads(storage.read_text(f"{prepared}/{corpus}/manifest.json"))
+        assert manifest["inputs"] == [f"s3://{BUCKET}/corpora/{corpus}.jsonl"] and manifest["seq_len"] == seq_len
+        for split in ("train", "val"):
+            for shard in manifest["splits"][split]["shards"]:
+                assert storage.is_file(f"{prepared}/{corpus}/{shard['path'].removesuffix('.parquet')}.tokens.npy")
 
-    # Pretrain: two workers, one on each node, trained the prepared corpus to the end.
+    # Pretrain on the corpus in S3, checkpointing to S3; the driver is killed mid-run.
+    run = f"s3://{BUCKET}/minimind/runs/pretrain"
+    first = flow(ray_cluster, s3, tmp_path, space, "pretrain", wait=False)
+    deadline = time.time() + 240
+    while not storage.is_file(f"{run}/latest"):
+        assert first.poll() is None, first.communicate()[0][-4000:]
+        assert time.time() < deadline, "no checkpoint appeared in S3"
+        time.sleep(0.2)
+    drivers = processes_running(ray_cluster, "ray_jobs/pretrain.py")
+    assert drivers, "the job's driver process was not found"
+    for driver in drivers:
+        driver.send_signal(signal.SIGKILL)
+    first.communicate(timeout=120)
+    deadline = time.time() + 60
+    while train_workers(ray_cluster) and time.time() < deadline:
+        time.sleep(0.5)
+    interrupted_at = remote_rows(f"{run}/metrics.jsonl")[-1]["step"]
+    assert interrupted_at < STEPS, "the first job finished before its driver was killed"
+    newest = checkpoint_step(storage.read_text(f"{run}/latest").strip())
+
+    # The same job again: it resumes from the newest checkpoint in S3, with one worker on each node.
+    out = flow(ray_cluster, s3, tmp_path, space, "pretrain")
     nodes = set(re.findall(r"\[worker\] rank \d/2 on node \S+ \((\w+)\)", out))
     assert len(nodes) == 2, out[-4000:]
-    run = storage / "runs" / "pretrain"
-    assert metrics(run)[-1]["step"] == 10
-    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["train_files"] == [str(prepared / "pretrain")]
+    steps = [row["step"] for row in remote_rows(f"{run}/metrics.jsonl")]
+    # Where the step goes back is where it resumed; a resume exactly at the last logged step shows none.
+    resumed = [after - 1 for before, after in zip(steps, steps[1:]) if after <= before] or [interrupted_at]
+    assert resumed == [newest] and 5 <= newest <= interrupted_at, (steps, newest)
+    assert steps[-1] == STEPS and storage.read_text(f"{run}/latest").strip() == f"step_{STEPS:08d}"
+    config = yaml.safe_load(storage.read_text(f"{run}/config.yaml"))
+    assert config["data"]["train_files"] == [f"{prepared}/pretrain"]
 
-    # Pipeline sweep: each of 2 trials pretrains on the prepared pretrain corpus, then fine-tunes from its own
-    # weights on the prepared SFT corpus, and is judged by the SFT model's validation perplexity.
-    sweep = storage / "sweeps" / "sweep"
+    # Pipeline sweep on the shared path: each of 2 trials pretrains on the corpus in S3, then fine-tunes from
+    # its own weights on the SFT corpus in S3, and is judged by the SFT model's validation perplexity.
+    flow(ray_cluster, s3, tmp_path, space, "sweep", "report")
+    sweep = tmp_path / "sweeps" / "sweep"
     report = (sweep / "report.md").read_text()
     trials = trial_records(sweep)
     assert len(trials) == 2 and all(t["status"] == "finished" for t in trials.values()), trials
     for trial_id, trial in trials.items():
         pretrain_dir, sft_dir = sweep / "trials" / trial_id, sweep / "trials" / trial_id / "sft"
-        assert metrics(pretrain_dir)[-1]["tokens"] == 8192 and metrics(sft_dir)[-1]["step"] == 6
+        assert local_rows(pretrain_dir)[-1]["tokens"] == 8192 and local_rows(sft_dir)[-1]["step"] == 4
         pretrain_config = yaml.safe_load((pretrain_dir / "config.yaml").read_text())
         sft_config = yaml.safe_load((sft_dir / "config.yaml").read_text())
-        assert pretrain_config["data"]["train_files"] == [str(prepared / "pretrain")]
-        assert sft_config["stage"] == "sft" and sft_config["data"]["train_files"] == [str(prepared / "sft")]
+        assert pretrain_config["data"]["train_files"] == [f"{prepared}/pretrain"]
+        assert sft_config["stage"] == "sft" and sft_config["data"]["train_files"] == [f"{prepared}/sft"]
         assert sft_config["checkpoint"]["init_from"] == str(pretrain_dir)
         assert sft_config["optim"]["lr"] == pytest.approx(trial["params"]["sft/optim.lr"])
-        judged = metrics(sft_dir)[-1]["val_perplexity"]
+        judged = local_rows(sft_dir)[-1]["val_perplexity"]
         assert f"\n| {trial_id}" in report and f"{judged:.4g}" in report
 
     # The report's best configs run in order: best.yaml (pretrain), then best-sft.yaml from its weights.
     best = yaml.safe_load((sweep / "best.yaml").read_text())
     best_sft = yaml.safe_load((sweep / "best-sft.yaml").read_text())
-    assert best["data"]["train_files"] == [str(prepared / "pretrain")]
+    assert best["data"]["train_files"] == [f"{prepared}/pretrain"]
     assert best_sft["checkpoint"]["init_from"] == best["checkpoint"]["dir"] and "best-sft.yaml" in report
     assert "Best trial:" in report and (sweep / "report.html").exists()
+
+
+def local_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

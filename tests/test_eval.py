@@ -68,7 +68,7 @@ def test_training_beats_the_untrained_model_and_metrics_repeat(pretrained_run):
     logged = [
         json.loads(line) for line in (Path(trainer.config.checkpoint.dir) / "metrics.jsonl").read_text().splitlines()
     ]
-    assert [m["step"] for m in logged if "val_perplexity" in m] == [150, 300]
+    assert [m["step"] for m in logged if "val_perplexity" in m] == [100, 200]
 
 
 def test_dpo_evaluation_reports_preference_accuracy(base_checkpoint):

@@ -1,7 +1,7 @@
 """Ray Train on a real two-node local cluster: multi-node DDP parity, fault tolerance, resume and chained
-stages (``ray job submit`` is in tests/test_cluster_flow.py and, killed and resubmitted, in
-tests/test_object_storage.py). Runs are started the way users start them (the entry points, as subprocess
-drivers) and judged by what they wrote to their run directories.
+stages (``ray job submit``, with a driver killed and the job resubmitted, is in tests/test_cluster_flow.py).
+Runs are started the way users start them (the entry points, as subprocess drivers) and judged by what they
+wrote to their run directories.
 """
 
 import math
