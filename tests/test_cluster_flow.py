@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import ROOT, SAMPLE
 from moto.server import ThreadedMotoServer
-from ray_runs import processes_running, train_workers, trial_records
+from ray_runs import metrics, processes_running, train_workers, trial_records
 
 from minimind import storage
 from minimind.train.checkpointing import checkpoint_step
@@ -165,14 +165,14 @@ def test_from_a_corpus_in_s3_to_a_tuned_model_by_job_submit_on_two_nodes(ray_clu
     assert len(trials) == 2 and all(t["status"] == "finished" for t in trials.values()), trials
     for trial_id, trial in trials.items():
         pretrain_dir, sft_dir = sweep / "trials" / trial_id, sweep / "trials" / trial_id / "sft"
-        assert local_rows(pretrain_dir)[-1]["tokens"] == 8192 and local_rows(sft_dir)[-1]["step"] == 4
+        assert metrics(pretrain_dir)[-1]["tokens"] == 8192 and metrics(sft_dir)[-1]["step"] == 4
         pretrain_config = yaml.safe_load((pretrain_dir / "config.yaml").read_text())
         sft_config = yaml.safe_load((sft_dir / "config.yaml").read_text())
         assert pretrain_config["data"]["train_files"] == [f"{prepared}/pretrain"]
         assert sft_config["stage"] == "sft" and sft_config["data"]["train_files"] == [f"{prepared}/sft"]
         assert sft_config["checkpoint"]["init_from"] == str(pretrain_dir)
         assert sft_config["optim"]["lr"] == pytest.approx(trial["params"]["sft/optim.lr"])
-        judged = local_rows(sft_dir)[-1]["val_perplexity"]
+        judged = metrics(sft_dir)[-1]["val_perplexity"]
         assert f"\n| {trial_id}" in report and f"{judged:.4g}" in report
 
     # The report's best configs run in order: best.yaml (pretrain), then best-sft.yaml from its weights.
@@ -181,7 +181,3 @@ def test_from_a_corpus_in_s3_to_a_tuned_model_by_job_submit_on_two_nodes(ray_clu
     assert best["data"]["train_files"] == [f"{prepared}/pretrain"]
     assert best_sft["checkpoint"]["init_from"] == best["checkpoint"]["dir"] and "best-sft.yaml" in report
     assert "Best trial:" in report and (sweep / "report.html").exists()
-
-
-def local_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

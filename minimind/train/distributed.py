@@ -34,6 +34,7 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from minimind import storage
 from minimind.config import ConfigError, TrainConfig, build_config, config_to_dict
 from minimind.model import MiniMindLM
 from minimind.model.checkpoint import META_FILE, resolve_checkpoint
@@ -261,13 +262,11 @@ def paths_for_workers(config: TrainConfig) -> TrainConfig:
 
 
 def run_dir_has_checkpoints(run_dir: str) -> bool:
-    if is_uri(run_dir):
-        import pyarrow.fs
+    import pyarrow.fs
 
-        fs, root = pyarrow.fs.FileSystem.from_uri(run_dir)
-        selector = pyarrow.fs.FileSelector(root, allow_not_found=True)
-        return any(info.base_name.startswith("step_") for info in fs.get_file_info(selector))
-    return any(Path(run_dir).glob("step_*"))
+    fs, root = storage.filesystem(run_dir)
+    selector = pyarrow.fs.FileSelector(root, allow_not_found=True)
+    return any(info.base_name.startswith("step_") for info in fs.get_file_info(selector))
 
 
 def fit(config: TrainConfig):
@@ -288,6 +287,6 @@ def fit(config: TrainConfig):
     result = trainer.fit()
     if result.checkpoint is not None:
         # Ray gives the path within its filesystem; name it as the user named the run directory.
-        latest = f"{run_dir.rstrip('/')}/{Path(result.checkpoint.path).name}" if run_dir else result.checkpoint.path
+        latest = storage.join(run_dir, Path(result.checkpoint.path).name) if run_dir else result.checkpoint.path
         print(f"[done] latest checkpoint: {latest}", flush=True)
     return result

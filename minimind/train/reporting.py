@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from minimind import storage
 from minimind.config import TrainConfig, config_to_dict
 from minimind.storage import is_uri
 
@@ -25,27 +26,18 @@ class RunFiles:
         self.remote = is_uri(run_dir)
         self._lines: list[str] = []
         if self.remote:
-            import pyarrow.fs
-
-            self.fs, self.root = pyarrow.fs.FileSystem.from_uri(run_dir)
-            self.fs.create_dir(self.root, recursive=True)
+            fs, root = storage.filesystem(run_dir)
+            fs.create_dir(root, recursive=True)
             # A resumed run keeps the lines logged before the interruption, as an appended local file does.
-            metrics_file = f"{self.root}/metrics.jsonl"
-            if self.fs.get_file_info(metrics_file).type == pyarrow.fs.FileType.File:
-                with self.fs.open_input_stream(metrics_file) as stream:
-                    self._lines = stream.read().decode("utf-8").splitlines(keepends=True)
+            metrics_file = storage.join(run_dir, "metrics.jsonl")
+            if storage.is_file(metrics_file):
+                self._lines = storage.read_text(metrics_file).splitlines(keepends=True)
         else:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
 
     def _write(self, name: str, text: str) -> None:
-        if self.remote:
-            with self.fs.open_output_stream(f"{self.root}/{name}") as stream:
-                stream.write(text.encode("utf-8"))
-            return
-        # Replace atomically so a reader (or a crash) never sees half a file.
-        temporary = Path(self.run_dir) / f".{name}.tmp"
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, Path(self.run_dir) / name)
+        # Whole files only, so a reader (or a crash) never sees half a file.
+        storage.write_text(storage.join(self.run_dir, name), text)
 
     def write_config(self, config: TrainConfig) -> None:
         self._write("config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True))

@@ -358,10 +358,7 @@ def prepare(options: PrepareOptions) -> Manifest:
                 raise RecordError(bad["reason"], bad["detail"], bad["field"] or None, bad["source"], bad["line"])
             stats.append(row)
     except BaseException:
-        if remote:
-            storage.delete_dir(work_dir)
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        storage.delete_dir(work_dir)  # the partial output, local or in object storage
         raise
     manifest = Manifest.from_stats(
         stats,
