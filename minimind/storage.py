@@ -39,6 +39,25 @@ def is_file(path: str | Path) -> bool:
     return fs.get_file_info(inner).type == pafs.FileType.File
 
 
+def exists(path: str | Path) -> bool:
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def list_dir(path: str | Path) -> list[str]:
+    """Names of the entries directly under ``path``, sorted; none when it does not exist."""
+    fs, inner = filesystem(path)
+    entries = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    return sorted(entry.base_name for entry in entries)
+
+
+def modified_time(path: str | Path) -> float | None:
+    """When the file at ``path`` was last written (seconds since the epoch), or None when it does not exist."""
+    fs, inner = filesystem(path)
+    info = fs.get_file_info(inner)
+    return None if info.type == pafs.FileType.NotFound or info.mtime is None else info.mtime.timestamp()
+
+
 def read_text(path: str | Path) -> str:
     fs, inner = filesystem(path)
     with fs.open_input_stream(inner) as stream:
@@ -49,6 +68,7 @@ def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` whole: a local file is renamed into place; an object appears whole when its upload ends."""
     if not is_uri(path):
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp")
         temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
@@ -58,10 +78,32 @@ def write_text(path: str | Path, text: str) -> None:
         stream.write(text.encode("utf-8"))
 
 
+def append_line(path: str | Path, line: str) -> None:
+    """Add a line to a text file of one writer: appended locally; an object is written again whole (objects
+    cannot grow), so a reader never sees half a line."""
+    if not is_uri(path):
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+        return
+    write_text(path, (read_text(path) if is_file(path) else "") + line + "\n")
+
+
 def upload(local: str | Path, uri: str) -> None:
-    """Copy a local file to ``uri``."""
+    """Copy a local file, or a local directory with everything in it, to ``uri``."""
     fs, inner = filesystem(uri)
-    pafs.copy_files(str(local), inner, destination_filesystem=fs)
+    pafs.copy_files(str(Path(local).absolute()), inner, destination_filesystem=fs)
+
+
+def move_dir(source: str | Path, target: str | Path) -> None:
+    """Move a directory on one storage: renamed locally; copied then deleted in object storage, which has no
+    directories to rename."""
+    if not is_uri(source):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+        return
+    fs, inner = filesystem(source)
+    pafs.copy_files(inner, filesystem(target)[1], source_filesystem=fs, destination_filesystem=fs)
+    fs.delete_dir(inner)
 
 
 def delete_dir(path: str | Path) -> None:

@@ -10,15 +10,14 @@
 # Stages (all by default, or those named as arguments, in this order):
 #   prepare   jsonl -> validated, tokenized Parquet shards: STORAGE/prepared/{pretrain,sft}
 #   pretrain  RECIPE on the prepared corpus with WORKERS workers: STORAGE/runs/pretrain
-#   sweep     SPACE with TRIALS trials (a pipeline space also fine-tunes each trial): SWEEP_STORAGE/sweeps/sweep
+#   sweep     SPACE with TRIALS trials (a pipeline space also fine-tunes each trial): STORAGE/sweeps/sweep
 #   report    report.md, report.html, plots, best.yaml (and best-sft.yaml) in the sweep directory
 #   best      best.yaml trained again (BEST_FLAGS, e.g. more steps): STORAGE/runs/sweep-best
 #   sft       best-sft.yaml from those weights: STORAGE/runs/sweep-best-sft
-# STORAGE is a path every node shares (NFS, or this machine for a local cluster) or object storage
-# (s3://bucket/prefix; DATA may be there too); sweeps need a shared path for now: SWEEP_STORAGE (default
-# STORAGE) puts them there while corpora and runs stay in the bucket. Re-running a stage reuses
-# finished work: prepare skips an up-to-date corpus, a finished run or sweep is not trained again, and an
-# interrupted one resumes where it stopped (docs/cluster.md).
+# STORAGE is object storage (s3://bucket/prefix; DATA may be there too) or a path every node shares (NFS, or
+# this machine for a local cluster). Re-running a stage reuses finished work: prepare skips an up-to-date
+# corpus, a finished run or sweep is not trained again, and an interrupted one resumes where it stopped
+# (docs/cluster.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the dashboard of the cluster, e.g. http://127.0.0.1:8265}"
@@ -39,8 +38,7 @@ STAGES=("$@")
 
 submit() { ray job submit --working-dir . ${RUNTIME_ENV:+--runtime-env-json "$RUNTIME_ENV"} -- "$PYTHON" "$@"; }
 prepared="$STORAGE/prepared"
-SWEEP_STORAGE="${SWEEP_STORAGE:-$STORAGE}"   # sweeps need a shared path for now, even when STORAGE is s3://
-sweep="$SWEEP_STORAGE/sweeps/sweep"
+sweep="$STORAGE/sweeps/sweep"
 sft_data=()  # a pipeline space fine-tunes each trial on the prepared SFT corpus
 if grep -q "^then:" "$SPACE"; then sft_data=(--sft/data.train_files "[$prepared/sft]" --sft/eval.val_files "[$prepared/sft]"); fi
 # shellcheck disable=SC2086  # TRAIN_FLAGS holds several flags
@@ -57,7 +55,7 @@ for stage in "${STAGES[@]}"; do
         --storage-path "$STORAGE/runs" --name pretrain \
         --data.train_files "[$prepared/pretrain]" --eval.val_files "[$prepared/pretrain]" ;;
     sweep)
-      submit ray_jobs/tune.py --space "$SPACE" --num-samples "$TRIALS" --storage-path "$SWEEP_STORAGE/sweeps" --name sweep \
+      submit ray_jobs/tune.py --space "$SPACE" --num-samples "$TRIALS" --storage-path "$STORAGE/sweeps" --name sweep \
         --data.train_files "[$prepared/pretrain]" --eval.val_files "[$prepared/pretrain]" "${sft_data[@]}" ;;
     report)
       submit ray_jobs/report.py "$sweep" ;;

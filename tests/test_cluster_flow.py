@@ -1,11 +1,12 @@
 """docs/cluster.md's path from a corpus to a tuned model, driven the way users drive a cluster: scripts/cluster_flow.sh
 submits each stage with ``ray job submit`` to the session's two-node cluster (a head and a second ``ray start``
-node). Corpora and runs live in object storage: an S3-compatible server (moto's server mode, on loopback)
-stands in for S3; the sweep lives on a path both nodes share, as the docs say sweeps need for now.
+node). Everything lives in object storage: an S3-compatible server (moto's server mode, on loopback) stands in
+for S3.
 
 Prepare reads jsonl from ``s3://`` and writes its shards there; pretrain trains on them with one worker on each
 node and checkpoints there, has its driver killed, and resumes from there when the same job is submitted again;
-a 2-trial pipeline sweep trains on the corpora in S3; the report names the best configs."""
+a 2-trial pipeline sweep in S3 trains on the corpora there, has its driver killed, and is restored from there
+when the same job is submitted again; the report, written there, names the best configs."""
 
 import json
 import os
@@ -21,7 +22,7 @@ import pytest
 import yaml
 from conftest import ROOT, SAMPLE
 from moto.server import ThreadedMotoServer
-from ray_runs import metrics, processes_running, train_workers, trial_records
+from ray_runs import processes_running, train_workers
 
 from minimind import storage
 from minimind.train.checkpointing import checkpoint_step
@@ -77,13 +78,12 @@ def s3(tmp_path_factory):
         server.stop()
 
 
-def flow(cluster, s3, shared: Path, space: Path, *stages: str, wait: bool = True):
+def flow(cluster, s3, space: Path, *stages: str, wait: bool = True):
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # the `ray` CLI of this environment
         "RAY_ADDRESS": cluster.dashboard_url,
         "STORAGE": f"s3://{BUCKET}/minimind",
-        "SWEEP_STORAGE": str(shared),
         "DATA": f"s3://{BUCKET}/corpora/pretrain.jsonl",
         "SFT_DATA": f"s3://{BUCKET}/corpora/sft.jsonl",
         "SPACE": str(space),
@@ -107,6 +107,40 @@ def remote_rows(uri: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(uri).splitlines()]
 
 
+def remote_yaml(uri: str) -> dict:
+    return yaml.safe_load(storage.read_text(uri))
+
+
+def remote_trials(sweep: str) -> dict[str, dict]:
+    """Each trial's ``trial.json`` by trial id."""
+    files = [f"{sweep}/trials/{tid}/trial.json" for tid in storage.list_dir(f"{sweep}/trials")]
+    return {
+        json.loads(text)["trial_id"]: json.loads(text)
+        for text in map(storage.read_text, filter(storage.is_file, files))
+    }
+
+
+def kill_driver(cluster, entry_point: str, job) -> None:
+    """SIGKILL the job's driver, as when its node dies, and wait until its Train workers are gone."""
+    drivers = processes_running(cluster, entry_point)
+    assert drivers, "the job's driver process was not found"
+    for driver in drivers:
+        driver.send_signal(signal.SIGKILL)
+    job.communicate(timeout=120)
+    deadline = time.time() + 60
+    while train_workers(cluster) and time.time() < deadline:
+        time.sleep(0.5)
+
+
+def wait_for(condition, job, what: str, timeout: float = 240):
+    deadline = time.time() + timeout
+    while not (found := condition()):
+        assert job.poll() is None, f"the job ended before {what}: " + job.communicate()[0][-4000:]
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return found
+
+
 def test_from_a_corpus_in_s3_to_a_tuned_model_by_job_submit_on_two_nodes(ray_cluster, s3, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(SMALL_PIPELINE)
@@ -116,7 +150,7 @@ def test_from_a_corpus_in_s3_to_a_tuned_model_by_job_submit_on_two_nodes(ray_clu
     prepared = f"s3://{BUCKET}/minimind/prepared"
 
     # Prepare: both corpora, read from S3, as validated shards in S3 with their manifests.
-    flow(ray_cluster, s3, tmp_path, space, "prepare")
+    flow(ray_cluster, s3, space, "prepare")
     for corpus, seq_len in (("pretrain", 128), ("sft", 256)):
         manifest = json.loads(storage.read_text(f"{prepared}/{corpus}/manifest.json"))
         assert manifest["inputs"] == [f"s3://{BUCKET}/corpora/{corpus}.jsonl"] and manifest["seq_len"] == seq_len
@@ -126,26 +160,15 @@ def test_from_a_corpus_in_s3_to_a_tuned_model_by_job_submit_on_two_nodes(ray_clu
 
     # Pretrain on the corpus in S3, checkpointing to S3; the driver is killed mid-run.
     run = f"s3://{BUCKET}/minimind/runs/pretrain"
-    first = flow(ray_cluster, s3, tmp_path, space, "pretrain", wait=False)
-    deadline = time.time() + 240
-    while not storage.is_file(f"{run}/latest"):
-        assert first.poll() is None, first.communicate()[0][-4000:]
-        assert time.time() < deadline, "no checkpoint appeared in S3"
-        time.sleep(0.2)
-    drivers = processes_running(ray_cluster, "ray_jobs/pretrain.py")
-    assert drivers, "the job's driver process was not found"
-    for driver in drivers:
-        driver.send_signal(signal.SIGKILL)
-    first.communicate(timeout=120)
-    deadline = time.time() + 60
-    while train_workers(ray_cluster) and time.time() < deadline:
-        time.sleep(0.5)
+    first = flow(ray_cluster, s3, space, "pretrain", wait=False)
+    wait_for(lambda: storage.is_file(f"{run}/latest"), first, "a checkpoint in S3")
+    kill_driver(ray_cluster, "ray_jobs/pretrain.py", first)
     interrupted_at = remote_rows(f"{run}/metrics.jsonl")[-1]["step"]
     assert interrupted_at < STEPS, "the first job finished before its driver was killed"
     newest = checkpoint_step(storage.read_text(f"{run}/latest").strip())
 
     # The same job again: it resumes from the newest checkpoint in S3, with one worker on each node.
-    out = flow(ray_cluster, s3, tmp_path, space, "pretrain")
+    out = flow(ray_cluster, s3, space, "pretrain")
     nodes = set(re.findall(r"\[worker\] rank \d/2 on node \S+ \((\w+)\)", out))
     assert len(nodes) == 2, out[-4000:]
     steps = [row["step"] for row in remote_rows(f"{run}/metrics.jsonl")]
@@ -153,31 +176,46 @@ def test_from_a_corpus_in_s3_to_a_tuned_model_by_job_submit_on_two_nodes(ray_clu
     resumed = [after - 1 for before, after in zip(steps, steps[1:]) if after <= before] or [interrupted_at]
     assert resumed == [newest] and 5 <= newest <= interrupted_at, (steps, newest)
     assert steps[-1] == STEPS and storage.read_text(f"{run}/latest").strip() == f"step_{STEPS:08d}"
-    config = yaml.safe_load(storage.read_text(f"{run}/config.yaml"))
-    assert config["data"]["train_files"] == [f"{prepared}/pretrain"]
+    assert remote_yaml(f"{run}/config.yaml")["data"]["train_files"] == [f"{prepared}/pretrain"]
 
-    # Pipeline sweep on the shared path: each of 2 trials pretrains on the corpus in S3, then fine-tunes from
-    # its own weights on the SFT corpus in S3, and is judged by the SFT model's validation perplexity.
-    flow(ray_cluster, s3, tmp_path, space, "sweep", "report")
-    sweep = tmp_path / "sweeps" / "sweep"
-    report = (sweep / "report.md").read_text()
-    trials = trial_records(sweep)
+    # Pipeline sweep in S3: each of 2 trials pretrains on the corpus in S3, then fine-tunes from its own weights
+    # on the SFT corpus in S3, and is judged by the SFT model's validation perplexity. Its driver is killed while
+    # a trial runs past its first checkpoint; the same job again restores the sweep from S3.
+    sweep = f"s3://{BUCKET}/minimind/sweeps/sweep"
+
+    def checkpointed_running_trial():
+        running = [tid for tid, t in remote_trials(sweep).items() if t["status"] == "running"]
+        return next((tid for tid in running if storage.is_file(f"{sweep}/trials/{tid}/latest")), None)
+
+    first = flow(ray_cluster, s3, space, "sweep", wait=False)
+    interrupted = wait_for(checkpointed_running_trial, first, "a trial's checkpoint in S3")
+    kill_driver(ray_cluster, "ray_jobs/tune.py", first)
+    assert remote_trials(sweep)[interrupted]["status"] == "running", "the trial ended before the driver was killed"
+
+    out = flow(ray_cluster, s3, space, "sweep", "report")
+    assert f"[sweep] resuming {sweep}" in out and "[sweep] 2/2 trials done" in out, out[-4000:]
+    trials = remote_trials(sweep)
     assert len(trials) == 2 and all(t["status"] == "finished" for t in trials.values()), trials
+    # The interrupted trial continued from its checkpoint in S3, not from scratch: its first logged step ran once.
+    steps = [row["step"] for row in remote_rows(f"{sweep}/trials/{interrupted}/metrics.jsonl")]
+    assert steps.count(steps[0]) == 1, steps
+    report = storage.read_text(f"{sweep}/report.md")
     for trial_id, trial in trials.items():
-        pretrain_dir, sft_dir = sweep / "trials" / trial_id, sweep / "trials" / trial_id / "sft"
-        assert metrics(pretrain_dir)[-1]["tokens"] == 8192 and metrics(sft_dir)[-1]["step"] == 4
-        pretrain_config = yaml.safe_load((pretrain_dir / "config.yaml").read_text())
-        sft_config = yaml.safe_load((sft_dir / "config.yaml").read_text())
+        pretrain_dir, sft_dir = f"{sweep}/trials/{trial_id}", f"{sweep}/trials/{trial_id}/sft"
+        assert remote_rows(f"{pretrain_dir}/metrics.jsonl")[-1]["tokens"] == 8192
+        assert remote_rows(f"{sft_dir}/metrics.jsonl")[-1]["step"] == 4
+        pretrain_config, sft_config = remote_yaml(f"{pretrain_dir}/config.yaml"), remote_yaml(f"{sft_dir}/config.yaml")
         assert pretrain_config["data"]["train_files"] == [f"{prepared}/pretrain"]
         assert sft_config["stage"] == "sft" and sft_config["data"]["train_files"] == [f"{prepared}/sft"]
-        assert sft_config["checkpoint"]["init_from"] == str(pretrain_dir)
+        assert sft_config["checkpoint"]["init_from"] == pretrain_dir
         assert sft_config["optim"]["lr"] == pytest.approx(trial["params"]["sft/optim.lr"])
-        judged = metrics(sft_dir)[-1]["val_perplexity"]
+        judged = remote_rows(f"{sft_dir}/metrics.jsonl")[-1]["val_perplexity"]
         assert f"\n| {trial_id}" in report and f"{judged:.4g}" in report
 
-    # The report's best configs run in order: best.yaml (pretrain), then best-sft.yaml from its weights.
-    best = yaml.safe_load((sweep / "best.yaml").read_text())
-    best_sft = yaml.safe_load((sweep / "best-sft.yaml").read_text())
+    # The report's best configs, in S3, run in order: best.yaml (pretrain), then best-sft.yaml from its weights.
+    best, best_sft = remote_yaml(f"{sweep}/best.yaml"), remote_yaml(f"{sweep}/best-sft.yaml")
     assert best["data"]["train_files"] == [f"{prepared}/pretrain"]
     assert best_sft["checkpoint"]["init_from"] == best["checkpoint"]["dir"] and "best-sft.yaml" in report
-    assert "Best trial:" in report and (sweep / "report.html").exists()
+    assert f"--config {sweep}/best.yaml" in report
+    assert storage.read_text(f"{sweep}/report.html").count("data:image/png;base64,") >= 2
+    assert storage.is_file(f"{sweep}/plots/objective_per_trial.png")

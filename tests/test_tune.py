@@ -264,6 +264,25 @@ def test_a_killed_sweep_resumes_to_exactly_n_trials_without_training_an_ended_on
     assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and optuna.trial.TrialState.RUNNING not in states
 
 
+def test_the_same_sweep_command_again_resumes_it_and_a_different_one_is_refused(tmp_path):
+    from minimind.tune.launch import record_sweep, settings_from_args
+
+    space = write_space(tmp_path, RESUMABLE_SWEEP)
+    command = ["--space", str(space), "--num-samples", "3", "--name", "sweep", "--storage-path", str(tmp_path)]
+    settings, resume = settings_from_args(command)
+    assert not resume
+    record_sweep(settings)
+    assert settings_from_args(command) == (settings, True)
+    assert settings_from_args(["--resume", str(tmp_path / "sweep")]) == (settings, True)
+    with pytest.raises(ConfigError, match=r"different sweep \(num_samples: 3 there, 4 now\); .*--resume"):
+        settings_from_args([*command[:3], "4", *command[4:]])
+    with pytest.raises(ConfigError, match=r"cli_overrides: \{\} there, \{'optim.lr': 0.001\} now"):
+        settings_from_args([*command, "--optim.lr", "0.001"])
+    space.write_text(RESUMABLE_SWEEP.replace("1.0e-3, 3.0e-2", "1.0e-3, 1.0e-2"))
+    with pytest.raises(ConfigError, match=rf"the contents of {space} changed since the sweep started"):
+        settings_from_args(command)
+
+
 def test_asha_rungs_are_rebuilt_from_the_trials_records(tmp_path):
     """A restored sweep's scheduler starts empty; replaying the recorded evaluations restores the
     rungs exactly, so a new trial is stopped where it would have been without the interruption."""

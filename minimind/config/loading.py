@@ -17,13 +17,18 @@ from typing import Any
 
 import yaml
 
+from minimind import storage
 from minimind.config.presets import preset_fields
 from minimind.config.schema import ConfigError, ModelConfig, TrainConfig
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as handle:
-        raw = yaml.safe_load(handle) or {}
+    """A YAML mapping from a local file or from object storage (``s3://…/best.yaml``)."""
+    if storage.is_uri(path):
+        raw = yaml.safe_load(storage.read_text(path)) or {}
+    else:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     return raw

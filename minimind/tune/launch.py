@@ -2,7 +2,7 @@
 
     python ray_jobs/tune.py --space search_spaces/pretrain.yaml --num-samples 24 --name lr-sweep
     python ray_jobs/tune.py --space search_spaces/pretrain.yaml --num-samples 8 --data.seq_len 256
-    python ray_jobs/tune.py --resume runs/lr-sweep
+    python ray_jobs/tune.py --resume runs/lr-sweep        # or the first command again
     python ray_jobs/report.py runs/lr-sweep
 
 Extra ``--dotted.field VALUE`` options apply to every trial (on top of the space's overrides).
@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 from pathlib import Path
 
+from minimind import storage
 from minimind.config import ConfigError, parse_override_args
 from minimind.storage import is_uri
 from minimind.tune.space import load_space
-from minimind.tune.sweep import SAMPLERS, Objective, SweepPlan, SweepSettings, load_settings, save_settings
+from minimind.tune.sweep import (
+    SAMPLERS,
+    SETTINGS_FILE,
+    Objective,
+    SweepPlan,
+    SweepSettings,
+    load_settings,
+    save_settings,
+)
 
 SPACE_COPY = "space.yaml"
 
@@ -64,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_from_settings(settings: SweepSettings) -> SweepPlan:
-    space_file = Path(settings.sweep_dir) / SPACE_COPY
-    space = load_space(space_file if space_file.exists() else settings.space_file, settings.cli_overrides)
+    space_file = storage.join(settings.sweep_dir, SPACE_COPY)
+    space = load_space(space_file if storage.is_file(space_file) else settings.space_file, settings.cli_overrides)
     return SweepPlan(settings.name, settings.sweep_dir, space, Objective.parse(settings.objective))
 
 
@@ -75,7 +83,7 @@ def settings_from_args(argv: list[str]) -> tuple[SweepSettings, bool]:
         if args.space or rest:
             raise ConfigError("--resume: a restored sweep keeps its space and overrides; give only the directory")
         settings = load_settings(args.resume)
-        if Path(args.resume).resolve() != Path(settings.sweep_dir).resolve():
+        if absolute(args.resume) != absolute(settings.sweep_dir):
             raise ConfigError(f"--resume: a sweep resumes where it ran ({settings.sweep_dir}), not in {args.resume}")
         return settings, True
     if not args.space:
@@ -90,10 +98,9 @@ def settings_from_args(argv: list[str]) -> tuple[SweepSettings, bool]:
         num_samples = grid_size
     if num_samples < 1:
         raise ConfigError("--num-samples: must be >= 1")
-    storage = args.storage_path if is_uri(args.storage_path) else str(Path(args.storage_path).resolve())
     settings = SweepSettings(
         name=args.name or f"sweep-{Path(args.space).stem}",
-        storage_path=storage,
+        storage_path=absolute(args.storage_path),
         space_file=args.space,
         cli_overrides=overrides,
         objective=args.objective or space.objective,
@@ -104,9 +111,50 @@ def settings_from_args(argv: list[str]) -> tuple[SweepSettings, bool]:
         max_concurrent=args.max_concurrent,
         optuna_storage=args.optuna_storage,
     )
-    if (Path(settings.sweep_dir) / "sweep.json").exists():
-        raise ConfigError(f"--name: {settings.sweep_dir} already holds a sweep; --resume it or choose another name")
+    if storage.is_file(storage.join(settings.sweep_dir, SETTINGS_FILE)):
+        return same_sweep(settings), True
     return settings, False
+
+
+def same_sweep(settings: SweepSettings) -> SweepSettings:
+    """The sweep already in ``settings.sweep_dir`` when these settings and space are its own: the same command
+    run again resumes it, as a Train run does. Anything else there is refused, naming what differs."""
+    saved = load_settings(settings.sweep_dir)
+    differs = [
+        f"{name}: {getattr(saved, name)!r} there, {getattr(settings, name)!r} now"
+        for name in (
+            "space_file",
+            "cli_overrides",
+            "objective",
+            "num_samples",
+            "seed",
+            "sampler",
+            "early_stopping",
+            "max_concurrent",
+            "optuna_storage",
+        )  # fmt: skip
+        if getattr(saved, name) != getattr(settings, name)
+    ]
+    space_copy = storage.join(settings.sweep_dir, SPACE_COPY)
+    if storage.is_file(space_copy) and storage.read_text(space_copy) != storage.read_text(settings.space_file):
+        differs.append(f"the contents of {settings.space_file} changed since the sweep started")
+    if differs:
+        raise ConfigError(
+            f"--name: {settings.sweep_dir} already holds a different sweep ({'; '.join(differs)}); run the same "
+            f"command, or --resume {settings.sweep_dir}, to finish it, or choose another --name"
+        )
+    return saved
+
+
+def record_sweep(settings: SweepSettings) -> None:
+    """What a restore, a re-run of the same command and the report need: the settings and the space as run."""
+    save_settings(settings)
+    storage.write_text(storage.join(settings.sweep_dir, SPACE_COPY), storage.read_text(settings.space_file))
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (a sweep is found by where it lives); a URI as it is."""
+    return path.rstrip("/") if is_uri(path) else str(Path(path).resolve())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,8 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     from minimind.tune.sweep import build_tuner, close_lost_optuna_trials, restore_tuner
 
     if not resume:
-        save_settings(settings)
-        shutil.copyfile(settings.space_file, Path(settings.sweep_dir) / SPACE_COPY)
+        record_sweep(settings)
     ray.init(ignore_reinit_error=True)
     if resume:
         restore_tuner(settings, plan).fit()
@@ -135,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[sweep] report: {report} (and report.html)", flush=True)
     if best is not None:
         print(f"[sweep] best trial {best.trial_id}: {plan.objective.spec} {best.objective:.4g} with {best.params}; "
-              f"run it with: python ray_jobs/{plan.space.stage}.py --config {Path(plan.sweep_dir) / 'best.yaml'}",
+              f"run it with: python ray_jobs/{plan.space.stage}.py --config {plan.sweep_dir}/best.yaml",
               flush=True)  # fmt: skip
 
 
@@ -147,7 +194,7 @@ def report_main(argv: list[str] | None = None) -> None:
 
     try:
         settings = load_settings(args.sweep)
-        settings.storage_path = str(Path(args.sweep).resolve().parent)  # the directory may have moved
+        settings.storage_path = absolute(args.sweep).rsplit("/", 1)[0]  # the directory may have moved
         plan = plan_from_settings(settings)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)

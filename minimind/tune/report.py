@@ -89,15 +89,18 @@ def best_trial(records: list[TrialRecord], mode: str) -> TrialRecord | None:
     return None
 
 
-def write_report(sweep_dir: Path, summary: SweepSummary, records: list[TrialRecord]) -> Path:
-    """Writes sweep_dir/report.md, sweep_dir/report.html and sweep_dir/plots/*.png; returns report.md's path."""
+def write_report(
+    sweep_dir: Path, summary: SweepSummary, records: list[TrialRecord], location: str | None = None
+) -> Path:
+    """Writes sweep_dir/report.md, sweep_dir/report.html and sweep_dir/plots/*.png; returns report.md's path.
+    ``location``: where the sweep lives, if not there (a report written locally for a sweep in object storage)."""
     if summary.mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', not {summary.mode!r}")
     sweep_dir = Path(sweep_dir)
     plots_dir = sweep_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
     best = best_trial(records, summary.mode)
-    blocks = _summary_blocks(summary, records) + _best_blocks(sweep_dir, summary, records, best)
+    blocks = _summary_blocks(summary, records) + _best_blocks(location or str(sweep_dir), summary, records, best)
     blocks += _plot_blocks(plots_dir, summary, records, best)
     blocks += [("h2", "Trials"), _trial_table(summary, records, best)]
 
@@ -205,7 +208,7 @@ def _summary_blocks(summary: SweepSummary, records: list[TrialRecord]) -> list[t
 
 
 def _best_blocks(
-    sweep_dir: Path, summary: SweepSummary, records: list[TrialRecord], best: TrialRecord | None
+    location: str, summary: SweepSummary, records: list[TrialRecord], best: TrialRecord | None
 ) -> list[tuple]:
     blocks: list[tuple] = [("h2", "Best trial")]
     if best is None:
@@ -219,7 +222,7 @@ def _best_blocks(
         blocks.append(("ul", [f"`{name}` = {_fmt_value(value)}" for name, value in best.params.items()]))
     blocks.append(("p", _gain_sentence(summary, best, _baseline(records))))
     for order, (file_name, entry_point) in enumerate(summary.best_configs):
-        command = f"`python ray_jobs/{entry_point}.py --config {sweep_dir / file_name}`"
+        command = f"`python ray_jobs/{entry_point}.py --config {location}/{file_name}`"
         lead = "Best config" if order == 0 else "then"
         blocks.append(("p", f"{lead}: `{file_name}` — run it with {command}"))
     return blocks

@@ -7,17 +7,19 @@ one, and one still running.
 
 from __future__ import annotations
 
-import json
+import tempfile
 from pathlib import Path
 
 import yaml
 
+from minimind import storage
 from minimind.config import apply_overrides
 from minimind.tune.report import SweepSummary, TrialRecord, best_trial, write_report
 from minimind.tune.sweep import (
     TIME_ATTR,
     SweepPlan,
     SweepSettings,
+    TrialFile,
     evaluations,
     pruned_trials,
     read_rows,
@@ -29,15 +31,12 @@ BEST_CONFIG = "best.yaml"
 
 def collect_records(plan: SweepPlan) -> list[TrialRecord]:
     """One record per trial that started, in start order."""
-    sweep_dir = Path(plan.sweep_dir)
     pruned = pruned_trials(plan.sweep_dir)
     records = []
-    trial_files = (sweep_dir / "trials").glob("*/trial.json")
-    trials = [json.loads(path.read_text()) | {"dir": path.parent} for path in trial_files]
-    for trial in sorted(trials, key=lambda t: t.get("started_at", 0.0)):
-        trial_file = trial["dir"] / "trial.json"
+    trials = [TrialFile(plan.trial_dir(trial_id)).read() for trial_id in storage.list_dir(f"{plan.sweep_dir}/trials")]
+    for trial in sorted((t for t in trials if t), key=lambda t: t.get("started_at", 0.0)):
         judged = plan.judged_dir(trial["trial_id"])
-        curve = read_rows(Path(judged) / "metrics.jsonl")
+        curve = read_rows(storage.join(judged, "metrics.jsonl"))
         evaluated = evaluations(judged, plan.objective)
         last_eval = evaluated[-1] if evaluated else {}
         objective = last_eval.pop("objective", None)
@@ -54,7 +53,7 @@ def collect_records(plan: SweepPlan) -> list[TrialRecord]:
                 objective=objective,
                 metrics={**(curve[-1] if curve else {}), **last_eval},
                 tokens=tokens_trained(plan, trial["trial_id"]),
-                wall_seconds=wall_seconds_so_far(trial, trial_file.parent),
+                wall_seconds=wall_seconds_so_far(trial, plan.stage_dirs(trial["trial_id"])),
                 curve=curve,
                 reason=reason,
                 is_baseline=bool(trial.get("baseline")),
@@ -65,7 +64,7 @@ def collect_records(plan: SweepPlan) -> list[TrialRecord]:
 
 def tokens_trained(plan: SweepPlan, trial_id: str) -> int:
     """Tokens a trial trained, over all its stages."""
-    last_rows = [read_rows(Path(directory) / "metrics.jsonl")[-1:] for directory in plan.stage_dirs(trial_id)]
+    last_rows = [read_rows(storage.join(directory, "metrics.jsonl"))[-1:] for directory in plan.stage_dirs(trial_id)]
     return sum(int(rows[0].get(TIME_ATTR, 0)) for rows in last_rows if rows)
 
 
@@ -87,18 +86,21 @@ def write_best_configs(plan: SweepPlan, record: TrialRecord) -> list[tuple[str, 
         if index:
             fixed["checkpoint.init_from"] = directories[index - 1]
         raw = apply_overrides(raw, fixed)
-        path = Path(plan.sweep_dir) / file_name
+        path = storage.join(plan.sweep_dir, file_name)
         header = (
             f"# Best trial {record.trial_id} of sweep {plan.name}: {plan.objective.spec} = {record.objective:.6g}\n"
             f"# Run it: python ray_jobs/{entry_points[index]}.py --config {path}\n"
         )
-        path.write_text(header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        storage.write_text(path, header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
         written.append((file_name, entry_points[index]))
     return written
 
 
-def write_sweep_report(settings: SweepSettings, plan: SweepPlan) -> tuple[Path, TrialRecord | None]:
-    """``report.md``/``report.html``/plots and, when a trial has a result, ``best.yaml``."""
+def write_sweep_report(settings: SweepSettings, plan: SweepPlan) -> tuple[str, TrialRecord | None]:
+    """``report.md``/``report.html``/plots and, when a trial has a result, ``best.yaml``; returns report.md's path.
+
+    A sweep in object storage gets its report written locally first, then uploaded (the plots folder replaced
+    whole, so no plot of an earlier report outlives it)."""
     records = collect_records(plan)
     best = best_trial(records, plan.objective.mode)
     best_configs = write_best_configs(plan, best) if best is not None else []
@@ -110,4 +112,10 @@ def write_sweep_report(settings: SweepSettings, plan: SweepPlan) -> tuple[Path, 
         distributions=plan.space.distributions(),
         best_configs=best_configs,
     )
-    return write_report(Path(plan.sweep_dir), summary, records), best
+    if not storage.is_uri(plan.sweep_dir):
+        return str(write_report(Path(plan.sweep_dir), summary, records)), best
+    with tempfile.TemporaryDirectory(prefix="minimind-report-") as local:
+        write_report(Path(local), summary, records, location=plan.sweep_dir)
+        storage.delete_dir(storage.join(plan.sweep_dir, "plots"))
+        storage.upload(local, plan.sweep_dir)
+    return storage.join(plan.sweep_dir, "report.md"), best

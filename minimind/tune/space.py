@@ -42,6 +42,7 @@ from typing import Any
 import optuna
 import yaml
 
+from minimind import storage
 from minimind.config import ConfigError, TrainConfig, apply_overrides, build_config, load_yaml
 from minimind.train.launch import ENTRY_POINTS
 
@@ -200,9 +201,9 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
     """Parse and validate ``path``; the command line's dotted overrides apply on top of the space's."""
     path = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = storage.read_text(path)
     except OSError as error:
-        raise ConfigError(f"{path}: cannot read the search space ({error.strerror})") from None
+        raise ConfigError(f"{path}: cannot read the search space ({error.strerror or error})") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text) or {}

@@ -31,7 +31,6 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -42,6 +41,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils import flatten_dict
 
+from minimind import storage
 from minimind.config import ConfigError, TrainConfig, apply_overrides, build_config
 from minimind.train.distributed import build_trainer, paths_for_workers
 from minimind.tune.space import SearchSpace
@@ -205,24 +205,21 @@ class TrialFile:
     """``trials/<id>/trial.json``: the trial's parameters, and how and when it ended."""
 
     def __init__(self, run_dir: str):
-        self.path = Path(run_dir) / "trial.json"
+        self.path = storage.join(run_dir, "trial.json")
 
     def read(self) -> dict:
-        return json.loads(self.path.read_text()) if self.path.exists() else {}
+        return json.loads(storage.read_text(self.path)) if storage.is_file(self.path) else {}
 
     def write(self, record: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(record, indent=1))
-        os.replace(temporary, self.path)
+        storage.write_text(self.path, json.dumps(record, indent=1))
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: str) -> list[dict]:
     """The rows of a jsonl file; a last line cut short by a killed process is left out."""
-    if not path.exists():
+    if not storage.is_file(path):
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in storage.read_text(path).splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -230,14 +227,14 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def evaluations(run_dir: str | Path, objective: Objective) -> list[dict]:
+def evaluations(run_dir: str, objective: Objective) -> list[dict]:
     """A trial's evaluation rows, each with its ``objective``: what it reported to Tune."""
-    rows = [(row, objective(row)) for row in read_rows(Path(run_dir) / "metrics.jsonl")]
+    rows = [(row, objective(row)) for row in read_rows(storage.join(run_dir, "metrics.jsonl"))]
     return [{**row, "objective": value} for row, value in rows if value is not None and TIME_ATTR in row]
 
 
 def pruned_trials(sweep_dir: str) -> dict[str, dict]:
-    return {row["trial_id"]: row for row in read_rows(Path(sweep_dir) / PRUNED_FILE)}
+    return {row["trial_id"]: row for row in read_rows(storage.join(sweep_dir, PRUNED_FILE))}
 
 
 def already_ended(record: dict, trial_id: str, plan: SweepPlan) -> bool:
@@ -269,7 +266,7 @@ def run_trial(params: dict, plan: SweepPlan) -> None:
     if already_ended(record, trial_id, plan):
         return
     if record.get("status") == "running":  # cut short by an interrupted sweep: count that attempt's time
-        record["wall_seconds"] = wall_seconds_so_far(record, run_dir)
+        record["wall_seconds"] = wall_seconds_so_far(record, plan.stage_dirs(trial_id))
     record.setdefault("started_at", started)
     record["attempt_started_at"] = started
     record.update(
@@ -294,12 +291,13 @@ def run_trial(params: dict, plan: SweepPlan) -> None:
     trial_file.write({**record, "status": "finished", "wall_seconds": attempt_start + time.time() - started})
 
 
-def wall_seconds_so_far(record: dict, run_dir: str | Path) -> float:
+def wall_seconds_so_far(record: dict, stage_dirs: list[str]) -> float:
     """Time a trial has trained: recorded at its end; for one cut short, up to its last metrics line."""
     if record.get("status") in ("finished", "failed"):
         return float(record.get("wall_seconds", 0.0))
     started = record.get("attempt_started_at", record.get("started_at", 0.0))
-    last = max((path.stat().st_mtime for path in Path(run_dir).rglob("metrics.jsonl")), default=started)
+    written = [storage.modified_time(storage.join(directory, "metrics.jsonl")) for directory in stage_dirs]
+    last = max((mtime for mtime in written if mtime is not None), default=started)
     return float(record.get("wall_seconds", 0.0)) + max(0.0, last - started)
 
 
@@ -332,11 +330,11 @@ class TokenASHA(ASHAScheduler):
         self.pruned = set(pruned_trials(self.plan.sweep_dir))
         [bracket] = self._brackets
         better = min if self.plan.objective.mode == "min" else max
-        for run_dir in sorted(Path(self.plan.sweep_dir, "trials").glob("*")):
-            trial = _RecordedTrial(run_dir.name)
-            for row in evaluations(self.plan.judged_dir(run_dir.name), self.plan.objective):
+        for trial_id in storage.list_dir(storage.join(self.plan.sweep_dir, "trials")):
+            trial = _RecordedTrial(trial_id)
+            for row in evaluations(self.plan.judged_dir(trial_id), self.plan.objective):
                 bracket.on_result(trial, row[TIME_ATTR], self._metric_op * row["objective"])
-                candidate = (row["objective"], run_dir.name)
+                candidate = (row["objective"], trial_id)
                 self.best_recorded = better(self.best_recorded or candidate, candidate, key=lambda pair: pair[0])
 
     def on_trial_add(self, tune_controller, trial):
@@ -356,9 +354,8 @@ class TokenASHA(ASHAScheduler):
             return TrialScheduler.CONTINUE
         if decision == TrialScheduler.STOP:
             self.pruned.add(trial.trial_id)
-            with open(Path(self.plan.sweep_dir) / PRUNED_FILE, "a", encoding="utf-8") as handle:
-                entry = {"trial_id": trial.trial_id, TIME_ATTR: result.get(TIME_ATTR), "objective": result["objective"]}
-                handle.write(json.dumps(entry) + "\n")
+            entry = {"trial_id": trial.trial_id, TIME_ATTR: result.get(TIME_ATTR), "objective": result["objective"]}
+            storage.append_line(storage.join(self.plan.sweep_dir, PRUNED_FILE), json.dumps(entry))
         return decision
 
 
@@ -598,12 +595,9 @@ def set_aside_lost_trials(sweep_dir: str) -> list[str]:
     from ray.tune import ExperimentAnalysis
 
     known = {trial.trial_id for trial in ExperimentAnalysis(sweep_dir).trials}
-    lost = []
-    for run_dir in sorted(Path(sweep_dir, "trials").glob("*")):
-        if run_dir.name not in known:
-            Path(sweep_dir, "lost").mkdir(exist_ok=True)
-            os.replace(run_dir, Path(sweep_dir, "lost", run_dir.name))
-            lost.append(run_dir.name)
+    lost = [trial_id for trial_id in storage.list_dir(storage.join(sweep_dir, "trials")) if trial_id not in known]
+    for trial_id in lost:
+        storage.move_dir(storage.join(sweep_dir, "trials", trial_id), storage.join(sweep_dir, "lost", trial_id))
     return lost
 
 
@@ -620,14 +614,15 @@ def close_lost_optuna_trials(settings: SweepSettings) -> None:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
+SETTINGS_FILE = "sweep.json"
+
+
 def save_settings(settings: SweepSettings) -> None:
-    directory = Path(settings.sweep_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "sweep.json").write_text(json.dumps(asdict(settings), indent=1))
+    storage.write_text(storage.join(settings.sweep_dir, SETTINGS_FILE), json.dumps(asdict(settings), indent=1))
 
 
 def load_settings(sweep_dir: str) -> SweepSettings:
-    path = Path(sweep_dir) / "sweep.json"
-    if not path.exists():
-        raise ConfigError(f"{sweep_dir}: not a sweep directory (no sweep.json)")
-    return SweepSettings(**json.loads(path.read_text()))
+    path = storage.join(sweep_dir, SETTINGS_FILE)
+    if not storage.is_file(path):
+        raise ConfigError(f"{sweep_dir}: not a sweep directory (no {SETTINGS_FILE})")
+    return SweepSettings(**json.loads(storage.read_text(path)))
