@@ -17,6 +17,7 @@ the grid's best for at most 25% of its tokens.
 
     python benchmarks/tune_efficiency.py                    # ~10 minutes on 2 CPU cores
     python benchmarks/tune_efficiency.py --seeds 0 1 2      # random and TPE draws repeated
+    python benchmarks/tune_efficiency.py --seeds 0 1 2 --arms asha+tpe   # the grid (the reference) and ASHA + TPE
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the random and TPE arms")
     parser.add_argument("--max-tokens", type=int, default=16384, help="each trial's token budget")
     parser.add_argument("--rung-tokens", type=int, default=1024, help="ASHA's first rung (and evaluation interval)")
+    parser.add_argument(
+        "--arms", nargs="+", choices=("random", "asha+tpe"), default=["random", "asha+tpe"],
+        help="arms besides the grid, which always runs: the ratios are to it",
+    )  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tune-efficiency-") as tmp:
         storage = Path(tmp)
@@ -103,7 +108,7 @@ def main() -> None:
             spaces[name].write_text(SPACE.format(root=ROOT, max_tokens=args.max_tokens, rung=args.rung_tokens, lr=lr))
         rows = [run_arm("grid", ARMS["grid"], spaces["grid"], storage, 0)]  # the grid does not depend on the seed
         for seed in args.seeds:
-            rows += [run_arm(name, ARMS[name], spaces["sampled"], storage, seed) for name in ("random", "asha+tpe")]
+            rows += [run_arm(name, ARMS[name], spaces["sampled"], storage, seed) for name in args.arms]
     grid = rows[0]
     print(f"\ntiny preset, {GRID_POINTS} trials per arm, {args.max_tokens:,} tokens per whole trial; "
           f"ratios to the grid\n")  # fmt: skip

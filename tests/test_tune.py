@@ -328,6 +328,32 @@ def test_asha_rungs_are_rebuilt_from_the_trials_records(tmp_path):
     assert "f" not in restored.pruned and "f" not in pruned_trials(str(tmp_path))
 
 
+@pytest.mark.parametrize("early_stopping", [True, False])
+def test_a_trial_promoted_on_little_evidence_stops_once_its_rung_holds_better_ones(tmp_path, early_stopping):
+    """Asynchronous ASHA lets the first trial at a rung through on no evidence; once the rung holds
+    results that put it below the cutoff, its next evaluation stops it (unless early stopping is off)."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from minimind.tune.sweep import Objective, SweepPlan, TokenASHA
+
+    space = load_space(write_space(tmp_path, RESUMABLE_SWEEP))
+    plan = SweepPlan("s", str(tmp_path), space, Objective.parse("val_perplexity"))
+    asha = TokenASHA(plan, early_stopping=early_stopping, time_attr="tokens", metric="objective", mode="min",
+                     max_t=1e18, grace_period=1024, reduction_factor=2)  # fmt: skip
+
+    def result(trial_id, tokens, perplexity):
+        trial = SimpleNamespace(trial_id=trial_id)
+        asha.on_trial_add(None, trial)
+        return asha.on_trial_result(None, trial, {"tokens": tokens, "objective": perplexity})
+
+    go, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    assert [result("first", 1024, 90.0), result("second", 1024, 80.0), result("third", 1024, 70.0)] == [go] * 3
+    # The rung's best half now is 70 and 80: the first trial stops at its next evaluation, the second goes on.
+    assert result("first", 2048, 85.0) == (stop if early_stopping else go)
+    assert result("second", 2048, 75.0) == go
+    assert set(pruned_trials(str(tmp_path))) == ({"first"} if early_stopping else set())
+
+
 def test_the_searcher_does_not_run_a_config_twice():
     """TPE over a few choices redraws the same config; each repeat is told to Optuna with its
     twin's result (or as pruned while the twin runs) and another config is drawn instead."""

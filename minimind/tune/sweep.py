@@ -337,6 +337,22 @@ class TokenASHA(ASHAScheduler):
                 candidate = (row["objective"], trial_id)
                 self.best_recorded = better(self.best_recorded or candidate, candidate, key=lambda pair: pair[0])
 
+    def fell_below_a_rung(self, trial_id: str) -> bool:
+        """Whether a trial that passed a rung is no longer among that rung's best ``1 / reduction_factor``.
+
+        Asynchronous ASHA lets a trial past a rung when it beats the results recorded there *so far*,
+        and never takes that back: the first trials pass on little or no evidence, and with a searcher
+        that improves as it learns (TPE), each rung's later results are the better ones. Every result
+        of a trial re-checks the rungs it passed against all results recorded there now, so an early
+        promotion that later evidence does not support stops at its next evaluation instead of
+        training to the end.
+        """
+        [bracket] = self._brackets
+        for _, recorded in bracket._rungs:
+            if trial_id in recorded and recorded[trial_id] < bracket.cutoff(recorded):
+                return True
+        return False
+
     def on_trial_add(self, tune_controller, trial):
         if not self._replayed:
             self.replay()
@@ -350,6 +366,8 @@ class TokenASHA(ASHAScheduler):
             super().on_trial_result(tune_controller, trial, result)
             return TrialScheduler.CONTINUE
         decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.CONTINUE and self.fell_below_a_rung(trial.trial_id):
+            decision = TrialScheduler.STOP
         if decision == TrialScheduler.STOP and not self.early_stopping:
             return TrialScheduler.CONTINUE
         if decision == TrialScheduler.STOP:
