@@ -41,7 +41,7 @@ SPACE = """\
 stage: pretrain
 recipe: {root}/recipes/tiny/pretrain.yaml
 objective: val_perplexity
-budget: {{max_tokens: {max_tokens}, eval_every_tokens: {rung}, grace_tokens: {rung}, reduction_factor: 4}}
+budget: {{max_tokens: {max_tokens}, eval_every_tokens: {rung}, grace_tokens: {rung}, reduction_factor: {factor}}}
 overrides:
   data.train_files: [{root}/data/sample/pretrain.jsonl]
   data.seq_len: 64
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the random and TPE arms")
     parser.add_argument("--max-tokens", type=int, default=16384, help="each trial's token budget")
     parser.add_argument("--rung-tokens", type=int, default=1024, help="ASHA's first rung (and evaluation interval)")
+    parser.add_argument("--reduction-factor", type=int, default=4, help="ASHA's: 1/factor of a rung's trials go on")
     parser.add_argument(
         "--arms", nargs="+", choices=("random", "asha+tpe"), default=["random", "asha+tpe"],
         help="arms besides the grid, which always runs: the ratios are to it",
@@ -105,12 +106,17 @@ def main() -> None:
         spaces = {}
         for name, lr in (("grid", GRID_LR), ("sampled", SAMPLED_LR)):
             spaces[name] = storage / f"{name}.yaml"
-            spaces[name].write_text(SPACE.format(root=ROOT, max_tokens=args.max_tokens, rung=args.rung_tokens, lr=lr))
+            spaces[name].write_text(
+                SPACE.format(
+                    root=ROOT, max_tokens=args.max_tokens, rung=args.rung_tokens, factor=args.reduction_factor, lr=lr
+                )
+            )
         rows = [run_arm("grid", ARMS["grid"], spaces["grid"], storage, 0)]  # the grid does not depend on the seed
         for seed in args.seeds:
             rows += [run_arm(name, ARMS[name], spaces["sampled"], storage, seed) for name in args.arms]
     grid = rows[0]
-    print(f"\ntiny preset, {GRID_POINTS} trials per arm, {args.max_tokens:,} tokens per whole trial; "
+    asha = f"ASHA's first rung {args.rung_tokens:,} tokens, reduction factor {args.reduction_factor}"
+    print(f"\ntiny preset, {GRID_POINTS} trials per arm, {args.max_tokens:,} tokens per whole trial; {asha}; "
           f"ratios to the grid\n")  # fmt: skip
     header = f"{'arm':10} {'seed':>4} {'trials':>6} {'pruned':>6} {'best val ppl':>12} {'x grid':>7} "
     header += f"{'tokens':>9} {'x grid':>7} {'wall s':>7}  best params"
