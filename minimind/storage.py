@@ -39,11 +39,6 @@ def is_file(path: str | Path) -> bool:
     return fs.get_file_info(inner).type == pafs.FileType.File
 
 
-def exists(path: str | Path) -> bool:
-    fs, inner = filesystem(path)
-    return fs.get_file_info(inner).type != pafs.FileType.NotFound
-
-
 def list_dir(path: str | Path) -> list[str]:
     """Names of the entries directly under ``path``, sorted; none when it does not exist."""
     fs, inner = filesystem(path)

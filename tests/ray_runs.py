@@ -8,6 +8,7 @@ import time
 
 from conftest import ROOT
 
+from minimind import storage
 from minimind.model.checkpoint import load_model
 
 
@@ -33,7 +34,8 @@ def finish(process, timeout=300) -> str:
 
 
 def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The rows of a run's ``metrics.jsonl``; the run local or in object storage."""
+    return [json.loads(line) for line in storage.read_text(storage.join(run_dir, "metrics.jsonl")).splitlines()]
 
 
 def final_weights(run_dir):
@@ -81,5 +83,8 @@ def resumed_at(run_dir) -> list[int]:
 
 
 def trial_records(sweep_dir):
-    """Each trial's ``trial.json`` (status, params, reason) by trial id."""
-    return {p.parent.name: json.loads(p.read_text()) for p in (sweep_dir / "trials").glob("*/trial.json")}
+    """Each trial's ``trial.json`` (status, params, reason) by trial id; the sweep local or in object storage."""
+    from minimind.tune.sweep import TrialFile, trial_ids
+
+    records = {tid: TrialFile(storage.join(sweep_dir, "trials", tid)).read() for tid in trial_ids(str(sweep_dir))}
+    return {tid: record for tid, record in records.items() if record}

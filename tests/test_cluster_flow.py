@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import ROOT, SAMPLE
 from moto.server import ThreadedMotoServer
-from ray_runs import processes_running, train_workers
+from ray_runs import metrics, processes_running, train_workers, trial_records
 
 from minimind import storage
 from minimind.train.checkpointing import checkpoint_step
@@ -103,21 +103,8 @@ def flow(cluster, s3, space: Path, *stages: str, wait: bool = True):
     return out
 
 
-def remote_rows(uri: str) -> list[dict]:
-    return [json.loads(line) for line in storage.read_text(uri).splitlines()]
-
-
 def remote_yaml(uri: str) -> dict:
     return yaml.safe_load(storage.read_text(uri))
-
-
-def remote_trials(sweep: str) -> dict[str, dict]:
-    """Each trial's ``trial.json`` by trial id."""
-    files = [f"{sweep}/trials/{tid}/trial.json" for tid in storage.list_dir(f"{sweep}/trials")]
-    return {
-        json.loads(text)["trial_id"]: json.loads(text)
-        for text in map(storage.read_text, filter(storage.is_file, files))
-    }
 
 
 def kill_driver(cluster, entry_point: str, job) -> None:
@@ -163,7 +150,7 @@ def test_from_a_corpus_in_s3_to_a_tuned_model_by_job_submit_on_two_nodes(ray_clu
     first = flow(ray_cluster, s3, space, "pretrain", wait=False)
     wait_for(lambda: storage.is_file(f"{run}/latest"), first, "a checkpoint in S3")
     kill_driver(ray_cluster, "ray_jobs/pretrain.py", first)
-    interrupted_at = remote_rows(f"{run}/metrics.jsonl")[-1]["step"]
+    interrupted_at = metrics(run)[-1]["step"]
     assert interrupted_at < STEPS, "the first job finished before its driver was killed"
     newest = checkpoint_step(storage.read_text(f"{run}/latest").strip())
 
@@ -171,7 +158,7 @@ def test_from_a_corpus_in_s3_to_a_tuned_model_by_job_submit_on_two_nodes(ray_clu
     out = flow(ray_cluster, s3, space, "pretrain")
     nodes = set(re.findall(r"\[worker\] rank \d/2 on node \S+ \((\w+)\)", out))
     assert len(nodes) == 2, out[-4000:]
-    steps = [row["step"] for row in remote_rows(f"{run}/metrics.jsonl")]
+    steps = [row["step"] for row in metrics(run)]
     # Where the step goes back is where it resumed; a resume exactly at the last logged step shows none.
     resumed = [after - 1 for before, after in zip(steps, steps[1:]) if after <= before] or [interrupted_at]
     assert resumed == [newest] and 5 <= newest <= interrupted_at, (steps, newest)
@@ -184,32 +171,32 @@ def test_from_a_corpus_in_s3_to_a_tuned_model_by_job_submit_on_two_nodes(ray_clu
     sweep = f"s3://{BUCKET}/minimind/sweeps/sweep"
 
     def checkpointed_running_trial():
-        running = [tid for tid, t in remote_trials(sweep).items() if t["status"] == "running"]
+        running = [tid for tid, t in trial_records(sweep).items() if t["status"] == "running"]
         return next((tid for tid in running if storage.is_file(f"{sweep}/trials/{tid}/latest")), None)
 
     first = flow(ray_cluster, s3, space, "sweep", wait=False)
     interrupted = wait_for(checkpointed_running_trial, first, "a trial's checkpoint in S3")
     kill_driver(ray_cluster, "ray_jobs/tune.py", first)
-    assert remote_trials(sweep)[interrupted]["status"] == "running", "the trial ended before the driver was killed"
+    assert trial_records(sweep)[interrupted]["status"] == "running", "the trial ended before the driver was killed"
 
     out = flow(ray_cluster, s3, space, "sweep", "report")
     assert f"[sweep] resuming {sweep}" in out and "[sweep] 2/2 trials done" in out, out[-4000:]
-    trials = remote_trials(sweep)
+    trials = trial_records(sweep)
     assert len(trials) == 2 and all(t["status"] == "finished" for t in trials.values()), trials
     # The interrupted trial continued from its checkpoint in S3, not from scratch: its first logged step ran once.
-    steps = [row["step"] for row in remote_rows(f"{sweep}/trials/{interrupted}/metrics.jsonl")]
+    steps = [row["step"] for row in metrics(f"{sweep}/trials/{interrupted}")]
     assert steps.count(steps[0]) == 1, steps
     report = storage.read_text(f"{sweep}/report.md")
     for trial_id, trial in trials.items():
         pretrain_dir, sft_dir = f"{sweep}/trials/{trial_id}", f"{sweep}/trials/{trial_id}/sft"
-        assert remote_rows(f"{pretrain_dir}/metrics.jsonl")[-1]["tokens"] == 8192
-        assert remote_rows(f"{sft_dir}/metrics.jsonl")[-1]["step"] == 4
+        assert metrics(pretrain_dir)[-1]["tokens"] == 8192
+        assert metrics(sft_dir)[-1]["step"] == 4
         pretrain_config, sft_config = remote_yaml(f"{pretrain_dir}/config.yaml"), remote_yaml(f"{sft_dir}/config.yaml")
         assert pretrain_config["data"]["train_files"] == [f"{prepared}/pretrain"]
         assert sft_config["stage"] == "sft" and sft_config["data"]["train_files"] == [f"{prepared}/sft"]
         assert sft_config["checkpoint"]["init_from"] == pretrain_dir
         assert sft_config["optim"]["lr"] == pytest.approx(trial["params"]["sft/optim.lr"])
-        judged = remote_rows(f"{sft_dir}/metrics.jsonl")[-1]["val_perplexity"]
+        judged = metrics(sft_dir)[-1]["val_perplexity"]
         assert f"\n| {trial_id}" in report and f"{judged:.4g}" in report
 
     # The report's best configs, in S3, run in order: best.yaml (pretrain), then best-sft.yaml from its weights.

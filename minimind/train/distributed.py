@@ -262,11 +262,7 @@ def paths_for_workers(config: TrainConfig) -> TrainConfig:
 
 
 def run_dir_has_checkpoints(run_dir: str) -> bool:
-    import pyarrow.fs
-
-    fs, root = storage.filesystem(run_dir)
-    selector = pyarrow.fs.FileSelector(root, allow_not_found=True)
-    return any(info.base_name.startswith("step_") for info in fs.get_file_info(selector))
+    return any(name.startswith("step_") for name in storage.list_dir(run_dir))
 
 
 def fit(config: TrainConfig):

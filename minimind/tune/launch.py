@@ -11,6 +11,7 @@ Extra ``--dotted.field VALUE`` options apply to every trial (on top of the space
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -120,19 +121,10 @@ def same_sweep(settings: SweepSettings) -> SweepSettings:
     """The sweep already in ``settings.sweep_dir`` when these settings and space are its own: the same command
     run again resumes it, as a Train run does. Anything else there is refused, naming what differs."""
     saved = load_settings(settings.sweep_dir)
+    choices = [field.name for field in dataclasses.fields(SweepSettings) if field.name not in ("name", "storage_path")]
     differs = [
         f"{name}: {getattr(saved, name)!r} there, {getattr(settings, name)!r} now"
-        for name in (
-            "space_file",
-            "cli_overrides",
-            "objective",
-            "num_samples",
-            "seed",
-            "sampler",
-            "early_stopping",
-            "max_concurrent",
-            "optuna_storage",
-        )  # fmt: skip
+        for name in choices
         if getattr(saved, name) != getattr(settings, name)
     ]
     space_copy = storage.join(settings.sweep_dir, SPACE_COPY)

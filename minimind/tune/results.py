@@ -23,6 +23,7 @@ from minimind.tune.sweep import (
     evaluations,
     pruned_trials,
     read_rows,
+    trial_ids,
     wall_seconds_so_far,
 )
 
@@ -33,7 +34,7 @@ def collect_records(plan: SweepPlan) -> list[TrialRecord]:
     """One record per trial that started, in start order."""
     pruned = pruned_trials(plan.sweep_dir)
     records = []
-    trials = [TrialFile(plan.trial_dir(trial_id)).read() for trial_id in storage.list_dir(f"{plan.sweep_dir}/trials")]
+    trials = [TrialFile(plan.trial_dir(trial_id)).read() for trial_id in trial_ids(plan.sweep_dir)]
     for trial in sorted((t for t in trials if t), key=lambda t: t.get("started_at", 0.0)):
         judged = plan.judged_dir(trial["trial_id"])
         curve = read_rows(storage.join(judged, "metrics.jsonl"))

@@ -233,6 +233,11 @@ def evaluations(run_dir: str, objective: Objective) -> list[dict]:
     return [{**row, "objective": value} for row, value in rows if value is not None and TIME_ATTR in row]
 
 
+def trial_ids(sweep_dir: str) -> list[str]:
+    """The trials that have a run directory in the sweep (sorted)."""
+    return storage.list_dir(storage.join(sweep_dir, "trials"))
+
+
 def pruned_trials(sweep_dir: str) -> dict[str, dict]:
     return {row["trial_id"]: row for row in read_rows(storage.join(sweep_dir, PRUNED_FILE))}
 
@@ -330,7 +335,7 @@ class TokenASHA(ASHAScheduler):
         self.pruned = set(pruned_trials(self.plan.sweep_dir))
         [bracket] = self._brackets
         better = min if self.plan.objective.mode == "min" else max
-        for trial_id in storage.list_dir(storage.join(self.plan.sweep_dir, "trials")):
+        for trial_id in trial_ids(self.plan.sweep_dir):
             trial = _RecordedTrial(trial_id)
             for row in evaluations(self.plan.judged_dir(trial_id), self.plan.objective):
                 bracket.on_result(trial, row[TIME_ATTR], self._metric_op * row["objective"])
@@ -613,7 +618,7 @@ def set_aside_lost_trials(sweep_dir: str) -> list[str]:
     from ray.tune import ExperimentAnalysis
 
     known = {trial.trial_id for trial in ExperimentAnalysis(sweep_dir).trials}
-    lost = [trial_id for trial_id in storage.list_dir(storage.join(sweep_dir, "trials")) if trial_id not in known]
+    lost = [trial_id for trial_id in trial_ids(sweep_dir) if trial_id not in known]
     for trial_id in lost:
         storage.move_dir(storage.join(sweep_dir, "trials", trial_id), storage.join(sweep_dir, "lost", trial_id))
     return lost
