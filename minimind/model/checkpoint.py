@@ -29,31 +29,27 @@ TIED_KEY = "lm_head.weight"
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from a checkpoint or run directory (newest checkpoint of the run).
 
-    A URI (``s3://``...) resolves the same way there and comes back as this machine's cached copy of that
-    checkpoint (checkpoints never change once written)."""
-    if storage.is_uri(path):
-        return storage.cached_copy(_remote_checkpoint(str(path)), "checkpoint")
-    path = Path(path)
-    if (path / META_FILE).exists():
+    A URI (``s3://``...) comes back as this machine's cached copy of the checkpoint it stands for
+    (checkpoints never change once written)."""
+    location = checkpoint_location(path)
+    return storage.cached_copy(location, "checkpoint") if storage.is_uri(location) else Path(location)
+
+
+def checkpoint_location(path: str | Path) -> str:
+    """The checkpoint (a local path or a URI, as ``path`` is) that a checkpoint or run directory stands for:
+    itself, the checkpoint the run's ``latest`` names, or, for a run whose last pointer update was cut
+    short, its newest complete checkpoint."""
+    path = str(path).rstrip("/")
+    if storage.is_file(storage.join(path, META_FILE)):
         return path
-    latest = path / "latest"
-    if latest.exists():
-        return path / latest.read_text().strip()
-    # A run whose last pointer update was cut short: its newest complete checkpoint.
-    steps = sorted(p for p in path.glob("step_*") if (p / META_FILE).exists()) if path.is_dir() else []
-    if steps:
-        return steps[-1]
+    latest = storage.join(path, "latest")
+    if storage.is_file(latest):
+        return storage.join(path, storage.read_text(latest).strip())
+    steps = [name for name in storage.list_dir(path) if name.startswith("step_")]
+    complete = [name for name in steps if storage.is_file(storage.join(path, name, META_FILE))]
+    if complete:
+        return storage.join(path, complete[-1])
     raise FileNotFoundError(f"{path} is neither a checkpoint (no {META_FILE}) nor a run directory (no 'latest')")
-
-
-def _remote_checkpoint(uri: str) -> str:
-    """The checkpoint URI that ``uri`` (a checkpoint or a run directory in object storage) stands for."""
-    uri = uri.rstrip("/")
-    if storage.is_file(storage.join(uri, META_FILE)):
-        return uri
-    if storage.is_file(storage.join(uri, "latest")):
-        return storage.join(uri, storage.read_text(storage.join(uri, "latest")).strip())
-    raise FileNotFoundError(f"{uri} is neither a checkpoint (no {META_FILE}) nor a run directory (no 'latest')")
 
 
 def save_model(

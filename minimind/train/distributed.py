@@ -37,7 +37,7 @@ from ray.train.torch import TorchTrainer
 from minimind import storage
 from minimind.config import ConfigError, TrainConfig, build_config, config_to_dict
 from minimind.model import MiniMindLM
-from minimind.model.checkpoint import META_FILE, resolve_checkpoint
+from minimind.model.checkpoint import META_FILE, checkpoint_location, resolve_checkpoint
 from minimind.storage import is_uri
 from minimind.train.checkpointing import checkpoint_name, checkpoint_step, rng_state, write_checkpoint
 from minimind.train.loop import Trainer
@@ -86,18 +86,16 @@ class RayTrainRun:
         pointed = self._pointed_checkpoint() if self.strategy.rank == 0 else None
         pointed = self.strategy.all_gather_object(pointed)[0]
         if pointed is not None and checkpoint_step(Path(pointed).name) > recorded:
-            return contextlib.nullcontext(pointed)
+            return contextlib.nullcontext(str(resolve_checkpoint(pointed)))  # at a URI: this node's copy
         return checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)
 
     def _pointed_checkpoint(self) -> str | None:
-        """The checkpoint the run directory's ``latest`` names, when it is complete on this filesystem."""
-        if is_uri(self.run_dir):
-            return None  # remote storage: Ray's record is the only one read
+        """The checkpoint the run directory's ``latest`` names (a path or a URI), when it is complete."""
         try:
-            directory = resolve_checkpoint(self.run_dir)
+            location = checkpoint_location(self.run_dir)
         except FileNotFoundError:
             return None
-        return str(directory) if (directory / META_FILE).exists() else None
+        return location if storage.is_file(storage.join(location, META_FILE)) else None
 
     def publish(self, trainer: Trainer, metrics: dict | None, save: bool) -> None:
         # total_steps: whoever reads the reports (a sweep's scheduler) can tell the run's last one.
