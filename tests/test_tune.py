@@ -1,7 +1,6 @@
 """Ray Tune + Optuna sweeps: search-space validation, define-by-run sampling, and real sweeps on
 the session's two-node cluster (tiny preset, sample corpus), judged by the files they write."""
 
-import dataclasses
 import json
 import os
 import signal
@@ -14,11 +13,12 @@ from types import SimpleNamespace
 import optuna
 import pytest
 from conftest import ROOT, SAMPLE
+from ray.tune.search import Searcher
 from ray_runs import metrics, train_workers, trial_records
 
 from minimind.config import ConfigError, build_config
 from minimind.tune.space import load_space
-from minimind.tune.sweep import pruned_trials
+from minimind.tune.sweep import asha_decisions, pruned_trials
 
 TINY_SWEEP = """\
 stage: pretrain
@@ -258,10 +258,11 @@ def test_a_killed_sweep_resumes_to_exactly_n_trials_without_training_an_ended_on
     report = (sweep_dir / "report.md").read_text()
     assert "Trials asked for: 3; recorded: 3" in report and all(f"\n| {tid}" in report for tid in trials)
 
-    # Optuna's study knows the three trials as complete and nothing as still running.
+    # Optuna's study knows the three trials as ended (pruned: stopped while waiting at a rung), none running.
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     states = [t.state for t in optuna.load_study(study_name="sweep", storage=storage).trials]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and optuna.trial.TrialState.RUNNING not in states
+    ended = {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert len(states) == 3 and set(states) <= ended and optuna.trial.TrialState.COMPLETE in states, states
 
 
 def test_the_same_sweep_command_again_resumes_it_and_a_different_one_is_refused(tmp_path):
@@ -283,75 +284,145 @@ def test_the_same_sweep_command_again_resumes_it_and_a_different_one_is_refused(
         settings_from_args(command)
 
 
-def test_asha_rungs_are_rebuilt_from_the_trials_records(tmp_path):
-    """A restored sweep's scheduler starts empty; replaying the recorded evaluations restores the
-    rungs exactly, so a new trial is stopped where it would have been without the interruption."""
-    from ray.tune.schedulers import TrialScheduler
+class OneSearcher(Searcher):
+    """A searcher whose suggestions are empty configs: what the limiter wraps in these tests."""
 
+    def suggest(self, trial_id):
+        return {}
+
+
+class SweepState:
+    """What TokenASHA sees of Tune's controller: the trials, whether the searcher made its last one,
+    and the limiter; ``stop_trial`` stops a paused trial as Tune does (the scheduler is told)."""
+
+    def __init__(self, scheduler, max_concurrent: int = 2):
+        from minimind.tune.sweep import SweepLimiter
+
+        self.scheduler, self.trials, self.done = scheduler, {}, False
+        self.limiter = SweepLimiter(OneSearcher(), max_concurrent=max_concurrent)
+        self.search_alg = SimpleNamespace(is_finished=lambda: self.done, searcher=self.limiter)
+
+    def get_trials(self):
+        return list(self.trials.values())
+
+    def stop_trial(self, trial):
+        trial.status = "TERMINATED"
+        self.scheduler.on_trial_remove(self, trial)
+
+    def start(self, trial_id):
+        assert self.limiter.suggest(trial_id) is not None, f"the limiter refused {trial_id}"
+        self.trials[trial_id] = SimpleNamespace(trial_id=trial_id, status="RUNNING")
+        self.scheduler.on_trial_add(self, self.trials[trial_id])
+
+    def result(self, trial_id, tokens, perplexity):
+        decision = self.scheduler.on_trial_result(
+            self, self.trials[trial_id], {"tokens": tokens, "objective": perplexity}
+        )
+        if decision == "PAUSE":
+            self.trials[trial_id].status = "PAUSED"
+        elif decision == "STOP":
+            self.trials[trial_id].status = "TERMINATED"
+        return decision
+
+
+def token_asha(tmp_path, early_stopping=True):
     from minimind.tune.sweep import Objective, SweepPlan, TokenASHA
 
-    plan = SweepPlan(
-        "s", str(tmp_path), load_space(write_space(tmp_path, RESUMABLE_SWEEP)), Objective.parse("val_perplexity")
-    )
-    recorded = {"a": [(1280, 90.0), (2560, 60.0)], "b": [(1280, 80.0), (2560, 70.0)], "c": [(1024, 85.0), (3072, 65.0)]}
-    for tid, rows in recorded.items():
-        (tmp_path / "trials" / tid).mkdir(parents=True)
-        lines = [json.dumps({"step": i, "tokens": t, "val_perplexity": v}) for i, (t, v) in enumerate(rows, 1)]
-        (tmp_path / "trials" / tid / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    (tmp_path / "pruned.jsonl").write_text(json.dumps({"trial_id": "b", "tokens": 2560, "objective": 70.0}) + "\n")
-
-    def scheduler(plan):
-        return TokenASHA(plan, time_attr="tokens", metric="objective", mode="min", max_t=1e18, grace_period=1280,
-                         reduction_factor=2)  # fmt: skip
-
-    def feed(asha, tid, rows):
-        trial = SimpleNamespace(trial_id=tid)
-        asha.on_trial_add(None, trial)
-        return [asha.on_trial_result(None, trial, {"tokens": t, "objective": v}) for t, v in rows]
-
-    # The sweep as it ran (its own directory): the results in the order the rows were written.
-    (tmp_path / "live").mkdir()
-    live = scheduler(dataclasses.replace(plan, sweep_dir=str(tmp_path / "live")))
-    for tid, rows in recorded.items():
-        feed(live, tid, rows)
-    restored = scheduler(plan)
-    restored.on_trial_add(None, SimpleNamespace(trial_id="new"))  # replays the records
-    assert [dict(rung) for _, rung in restored._brackets[0]._rungs] == [dict(r) for _, r in live._brackets[0]._rungs]
-    assert restored.pruned == {"b"} and restored.best_recorded == (60.0, "a")
-    assert feed(restored, "b", [(5120, 1.0)]) == [TrialScheduler.STOP]  # a stopped trial stays stopped
-    assert feed(restored, "d", [(1280, 95.0)]) == [TrialScheduler.STOP]  # worse than the rung's cutoff
-    assert feed(restored, "e", [(1280, 70.0)]) == [TrialScheduler.CONTINUE]
-    # A run's last evaluation is never a stop: the trial finished its budget, it was not pruned.
-    last = {"tokens": 1280, "objective": 99.0, "step": 5, "total_steps": 5}
-    restored.on_trial_add(None, SimpleNamespace(trial_id="f"))
-    assert restored.on_trial_result(None, SimpleNamespace(trial_id="f"), last) == TrialScheduler.CONTINUE
-    assert "f" not in restored.pruned and "f" not in pruned_trials(str(tmp_path))
-
-
-@pytest.mark.parametrize("early_stopping", [True, False])
-def test_a_trial_promoted_on_little_evidence_stops_once_its_rung_holds_better_ones(tmp_path, early_stopping):
-    """Asynchronous ASHA lets the first trial at a rung through on no evidence; once the rung holds
-    results that put it below the cutoff, its next evaluation stops it (unless early stopping is off)."""
-    from ray.tune.schedulers import TrialScheduler
-
-    from minimind.tune.sweep import Objective, SweepPlan, TokenASHA
-
-    space = load_space(write_space(tmp_path, RESUMABLE_SWEEP))
+    space = load_space(write_space(tmp_path, RESUMABLE_SWEEP))  # rungs at 2,560 and 5,120 tokens; factor 2
     plan = SweepPlan("s", str(tmp_path), space, Objective.parse("val_perplexity"))
-    asha = TokenASHA(plan, early_stopping=early_stopping, time_attr="tokens", metric="objective", mode="min",
-                     max_t=1e18, grace_period=1024, reduction_factor=2)  # fmt: skip
+    return TokenASHA(plan, early_stopping=early_stopping)
 
-    def result(trial_id, tokens, perplexity):
-        trial = SimpleNamespace(trial_id=trial_id)
-        asha.on_trial_add(None, trial)
-        return asha.on_trial_result(None, trial, {"tokens": tokens, "objective": perplexity})
 
-    go, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
-    assert [result("first", 1024, 90.0), result("second", 1024, 80.0), result("third", 1024, 70.0)] == [go] * 3
-    # The rung's best half now is 70 and 80: the first trial stops at its next evaluation, the second goes on.
-    assert result("first", 2048, 85.0) == (stop if early_stopping else go)
-    assert result("second", 2048, 75.0) == go
-    assert set(pruned_trials(str(tmp_path))) == ({"first"} if early_stopping else set())
+def test_asha_promotes_a_trial_only_among_a_rungs_best_and_a_waiting_trial_frees_its_slot(tmp_path):
+    """A trial goes past a rung only while it ranks among the best floor(n / factor) of the n results
+    there; otherwise it waits (paused, its slot free for a new trial). Once no trial can reach the
+    rung, the best max(1, floor(n / factor)) go on and the others stop."""
+    asha = token_asha(tmp_path)
+    sweep = SweepState(asha)
+    assert asha.milestones == [2560, 5120]
+    sweep.start("a"), sweep.start("b")
+    assert sweep.limiter.suggest("x") is None  # two at a time
+    assert sweep.result("a", 1280, 99.0) == "CONTINUE"  # before the first rung
+    assert sweep.result("a", 2560, 90.0) == "PAUSE"  # alone at the rung: no evidence to go on
+    sweep.start("c")  # a's slot went to a new trial
+    assert sweep.result("b", 2560, 80.0) == "CONTINUE"  # best of two: among the best half
+    assert sweep.result("c", 2560, 85.0) == "PAUSE"  # second of three: the best half is one
+    sweep.start("d")
+    assert sweep.result("d", 2560, 70.0) == "CONTINUE"  # best of four: the best half is d and b
+    assert sweep.result("b", 3840, 75.0) == "CONTINUE"  # still among rung 1's best half
+    assert asha.choose_trial_to_run(sweep) is None  # a and c wait: not among the best half
+    sweep.done = True  # the searcher made its last trial: no other can reach the first rung
+    asha.on_trial_complete(sweep, sweep.trials["d"], {})
+    assert sweep.trials["a"].status == sweep.trials["c"].status == "TERMINATED"
+    assert set(pruned_trials(str(tmp_path))) == {"a", "c"} and asha.waiting == {}
+    # At the second rung b waits for d; d, the last to arrive, is the worse: the one to go on is b.
+    assert sweep.result("b", 5120, 60.0) == "PAUSE"
+    assert sweep.result("d", 5120, 65.0) == "STOP"
+    assert asha.choose_trial_to_run(sweep) is sweep.trials["b"]  # resumed, in a free slot
+    assert "b" in sweep.limiter.live_trials and asha.waiting == {}
+    decisions = [(row["trial_id"], row["decision"]) for row in asha_decisions(str(tmp_path))]
+    assert decisions[-3:] == [("b", "pause"), ("d", "stop"), ("b", "promote")], decisions
+
+
+def test_a_promoted_trial_stops_once_its_rung_holds_better_ones_unless_early_stopping_is_off(tmp_path):
+    asha = token_asha(tmp_path)
+    sweep = SweepState(asha, max_concurrent=5)
+    for trial_id in "abcd":
+        sweep.start(trial_id)
+    assert [sweep.result(t, 2560, v) for t, v in zip("abcd", (90.0, 80.0, 95.0, 97.0))] == [
+        "PAUSE", "CONTINUE", "PAUSE", "PAUSE"]  # fmt: skip
+    assert asha.choose_trial_to_run(sweep) is sweep.trials["a"]  # with four results the best half is b and a
+    sweep.start("e")
+    assert sweep.result("e", 2560, 10.0) == "CONTINUE"
+    sweep.start("f")
+    assert sweep.result("f", 2560, 20.0) == "CONTINUE"  # the best half of six: e, f, b; a fell out of it
+    assert sweep.result("a", 3840, 50.0) == "PAUSE"  # its promotion suspended: it waits at the rung again
+    sweep.start("g")
+    assert sweep.result("g", 2560, 99.0) == "PAUSE"
+    sweep.start("h")
+    assert sweep.result("h", 2560, 98.0) == "PAUSE"  # eight results: the best half takes a back
+    assert asha.choose_trial_to_run(sweep) is sweep.trials["a"]
+    sweep.trials["a"].status = "RUNNING"
+    sweep.start("i")
+    assert sweep.result("i", 2560, 5.0) == "CONTINUE"  # a is fifth of nine: out again, and the rung is now complete
+    sweep.done = True
+    assert sweep.result("a", 5120, 40.0) == "STOP" and "a" in pruned_trials(str(tmp_path))
+
+    (tmp_path / "relaxed").mkdir()
+    relaxed = SweepState(token_asha(tmp_path / "relaxed", early_stopping=False), max_concurrent=4)
+    for trial_id, perplexity in (("a", 90.0), ("b", 95.0), ("c", 99.0)):
+        relaxed.start(trial_id)
+        assert relaxed.result(trial_id, 2560, perplexity) == "CONTINUE"  # recorded, never held
+    assert [dict(rung) for rung in relaxed.scheduler.rungs] == [{"a": 90.0, "b": 95.0, "c": 99.0}, {}]
+
+
+def test_asha_rungs_and_decisions_are_rebuilt_from_the_trials_records(tmp_path):
+    """A restored sweep's scheduler starts empty; replaying the recorded evaluations and decisions
+    restores the rungs, the promotions and the stops, so a trial is judged as it would have been."""
+    live = token_asha(tmp_path)
+    sweep = SweepState(live, max_concurrent=4)
+    recorded = {"a": [(2560, 90.0)], "b": [(2560, 80.0), (5120, 60.0)], "c": [(2560, 85.0)], "d": [(2560, 70.0)]}
+    for trial_id, rows in recorded.items():
+        sweep.start(trial_id)
+        (tmp_path / "trials" / trial_id).mkdir(parents=True)
+        lines = [json.dumps({"step": i, "tokens": t, "val_perplexity": v}) for i, (t, v) in enumerate(rows, 1)]
+        (tmp_path / "trials" / trial_id / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        for tokens, perplexity in rows:
+            sweep.result(trial_id, tokens, perplexity)
+    sweep.done = True
+    live.on_trial_complete(sweep, sweep.trials["d"], {})
+
+    restored = token_asha(tmp_path)
+    restored.on_trial_add(None, SimpleNamespace(trial_id="b"))  # replays the records
+    assert restored.rungs == live.rungs and restored.passed == live.passed
+    assert restored.pruned == live.pruned == {"a", "c"} and restored.best_recorded == (60.0, "b")
+    again = SweepState(restored)
+    again.trials = {t: SimpleNamespace(trial_id=t, status="PENDING") for t in recorded}
+    assert again.result("a", 3840, 1.0) == "STOP"  # a stopped trial stays stopped
+    assert again.result("d", 3840, 69.0) == "CONTINUE"  # promoted past the first rung before
+    # A run's last evaluation is never a stop: the trial finished its budget.
+    last = {"tokens": 5120, "objective": 99.0, "step": 8, "total_steps": 8}
+    assert restored.on_trial_result(again, again.trials["d"], last) == "CONTINUE" and "d" not in restored.pruned
 
 
 def test_the_searcher_does_not_run_a_config_twice():

@@ -70,9 +70,10 @@ def split_run_dir(run_dir: str) -> tuple[str, str]:
 class RayTrainRun:
     """The loop's checkpoint store inside a Ray Train worker."""
 
-    def __init__(self, strategy, run_dir: str):
+    def __init__(self, strategy, run_dir: str, verdicts=None):
         self.strategy = strategy
         self.run_dir = run_dir
+        self.verdicts = verdicts
 
     def resume_directory(self):
         """The run's newest complete checkpoint: after a re-submit, or after Ray restarted the group.
@@ -98,6 +99,12 @@ class RayTrainRun:
         return location if storage.is_file(storage.join(location, META_FILE)) else None
 
     def publish(self, trainer: Trainer, metrics: dict | None, save: bool) -> None:
+        self._report(trainer, metrics, save)
+        if self.verdicts is not None and self.strategy.rank == 0:
+            self.verdicts.get()  # the sweep judged this report and lets the trial go on (other ranks wait at
+            # the next collective); a paused or stopped trial never gets one, and ends here
+
+    def _report(self, trainer: Trainer, metrics: dict | None, save: bool) -> None:
         # total_steps: whoever reads the reports (a sweep's scheduler) can tell the run's last one.
         metrics = {**(metrics or {"step": trainer.step}), "total_steps": trainer.total_steps}
         if not save:
@@ -143,9 +150,9 @@ def quiet_report_logs() -> None:
         logging.getLogger(reporting.__file__).setLevel(logging.WARNING)
 
 
-def train_worker(raw_config: dict) -> None:
-    """Ray Train's ``train_loop_per_worker``: one worker of the run."""
-    config = build_config(raw_config)
+def train_worker(loop_config: dict) -> None:
+    """Ray Train's ``train_loop_per_worker``: one worker of the run (``loop_config``: see :func:`build_trainer`)."""
+    config = build_config(loop_config["config"])
     quiet_report_logs()
     device = ray.train.torch.get_device()
     if not config.distributed.use_gpu:
@@ -158,7 +165,8 @@ def train_worker(raw_config: dict) -> None:
         f"device {device}",
         flush=True,
     )
-    trainer = Trainer(config, strategy=strategy, run=RayTrainRun(strategy, config.checkpoint.dir), device=device)
+    run = RayTrainRun(strategy, config.checkpoint.dir, verdicts=loop_config.get("verdicts"))
+    trainer = Trainer(config, strategy=strategy, run=run, device=device)
     if strategy.rank == 0 and trainer.data.rejects.total:
         print(f"[data] {trainer.data.rejects.summary()}", flush=True)
     trainer.fit()
@@ -194,10 +202,13 @@ def check_deepspeed(config: TrainConfig) -> None:
             )
 
 
-def build_trainer(config: TrainConfig, callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(config: TrainConfig, callbacks: list | None = None, verdicts=None) -> TorchTrainer:
     """A ``TorchTrainer`` that runs ``config`` with ``distributed.num_workers`` workers.
 
     ``callbacks`` are Ray Train callbacks (a Tune trial passes the one that forwards its metrics).
+    ``verdicts``: a ``ray.util.queue.Queue`` from which rank 0 takes one item after each report
+    before training on; a sweep's callback answers each report there once Tune has judged it, so a
+    trial ASHA pauses or stops trains no further than the evaluation it was judged on.
     """
     if not config.checkpoint.dir:
         raise ValueError("checkpoint.dir: a Ray Train run needs a run directory (storage_path/name)")
@@ -211,7 +222,7 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None) -> TorchTr
     score = config.checkpoint.score_metric
     return TorchTrainer(
         train_worker,
-        train_loop_config=config_to_dict(config),
+        train_loop_config={"config": config_to_dict(config), "verdicts": verdicts},
         scaling_config=ScalingConfig(
             num_workers=dist_config.num_workers,
             use_gpu=dist_config.use_gpu,

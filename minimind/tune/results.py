@@ -1,7 +1,7 @@
 """A sweep's results, read from its directory: trial records, ``best.yaml`` and the report.
 
 Everything here reads files the trials wrote (``trials/<id>/trial.json`` and ``metrics.jsonl``,
-``pruned.jsonl``), not Tune's internal state, so it works for a finished sweep, an interrupted
+``asha.jsonl``), not Tune's internal state, so it works for a finished sweep, an interrupted
 one, and one still running.
 """
 

@@ -7,20 +7,22 @@ Driver side, :func:`build_tuner` assembles a ``Tuner``:
   ``SWEEP/trials/<trial id>``, so a restored trial resumes its own run from its last checkpoint;
 - ``OptunaSearch`` (TPE, seeded) samples the search space define-by-run, the recipe's own values
   enqueued first as the baseline trial, no config twice (:class:`DistinctOptunaSearch`);
-  ``ConcurrencyLimiter`` runs as many trials at once as the cluster has CPUs/GPUs for their workers;
-- ``ASHAScheduler`` stops the worst trials at rungs measured in trained *tokens* (not Tune's
+  a concurrency limiter runs as many trials at once as the cluster has CPUs/GPUs for their workers;
+- :class:`TokenASHA` stops the worst trials at rungs measured in trained *tokens* (not Tune's
   ``training_iteration``, which restarts when a sweep is restored), so trials with different
-  batches are compared at equal amounts of data.
+  batches are compared at equal amounts of data; a trial without the evidence to go past a rung
+  waits there, paused, its slot (:class:`SweepLimiter`) free for another trial.
 
 A pipeline trial (a space with ``then`` stages) runs its stages one after another, each a Train run
 in its own directory starting from the previous one's weights; only the last stage reports to Tune.
 :func:`restore_tuner` finishes an interrupted sweep (``Tuner.restore``; see :class:`TokenASHA` and
 :func:`already_ended` for what Tune itself does not restore).
 
-Worker side, :class:`ObjectiveReport` (a Ray Train callback) forwards each evaluation of rank 0 to
-Tune with the sweep's ``objective`` added. Each trial records what it ran and how it ended in
-``trials/<id>/trial.json`` next to the run's ``metrics.jsonl``; the report is built from those
-files, so it can be written for an interrupted sweep too.
+Trial side, :class:`ObjectiveReport` (a Ray Train callback) forwards each evaluation of rank 0 to
+Tune with the sweep's ``objective`` added, and holds the run at each one until Tune has judged it.
+Each trial records what it ran and how it ended in ``trials/<id>/trial.json`` next to the run's
+``metrics.jsonl``; the report is built from those files, so it can be written for an interrupted
+sweep too.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import ray
+import ray.util.queue
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils import flatten_dict
@@ -57,7 +61,7 @@ METRIC_MODES = {
     "reward_margin": "max",
 }
 TIME_ATTR = "tokens"  # trained tokens, counted by the loop and restored with its checkpoints
-NO_TOKEN_LIMIT = 1e18  # trials end on their own budget; ASHA only stops them early
+NO_TOKEN_LIMIT = 1e18  # rungs of trials that train by epochs (no budget.max_tokens)
 
 
 @dataclass
@@ -168,16 +172,28 @@ class SweepPlan:
 
 
 class ObjectiveReport(TuneReportCallback):
-    """Forwards rank 0's evaluations to Tune with the sweep's objective (others are not results)."""
+    """Forwards rank 0's evaluations to Tune with the sweep's objective (others are not results), and
+    answers every report on ``verdicts`` (see :func:`minimind.train.distributed.build_trainer`): at
+    once for a report Tune does not judge, after Tune's CONTINUE for one it does.
+    """
 
     def __init__(self, objective: Objective):
         super().__init__()
         self.objective = objective
+        self.verdicts = ray.util.queue.Queue(actor_options={"num_cpus": 0})
 
     def after_report(self, run_context, metrics, checkpoint):
         value = self.objective(metrics[0])
         if value is not None:
             super().after_report(run_context, [{**metrics[0], "objective": value}], checkpoint)
+            # Tune takes the next item from this one-slot queue only after a CONTINUE, so an empty
+            # item (which reports nothing) queued behind the result is taken exactly then; after a
+            # PAUSE or STOP it never is, and the run ends with the trial.
+            results = self._training_actor_item_queue
+            results.put({})
+            while not results.empty():
+                time.sleep(0.02)
+        self.verdicts.put("go on")
 
 
 class TrialFailed(RuntimeError):
@@ -238,8 +254,20 @@ def trial_ids(sweep_dir: str) -> list[str]:
     return storage.list_dir(storage.join(sweep_dir, "trials"))
 
 
+def asha_decisions(sweep_dir: str) -> list[dict]:
+    """What :class:`TokenASHA` decided, in order (``SWEEP/asha.jsonl``)."""
+    return read_rows(storage.join(sweep_dir, DECISIONS_FILE))
+
+
 def pruned_trials(sweep_dir: str) -> dict[str, dict]:
-    return {row["trial_id"]: row for row in read_rows(storage.join(sweep_dir, PRUNED_FILE))}
+    """The trials ASHA stopped, each with the tokens and objective it was stopped at."""
+    return {row["trial_id"]: row for row in asha_decisions(sweep_dir) if row["decision"] == "stop"}
+
+
+def paused_since(sweep_dir: str, trial_id: str, since: float) -> bool:
+    """Whether ASHA's last decision on the trial, taken after ``since``, paused it."""
+    decisions = [row for row in asha_decisions(sweep_dir) if row["trial_id"] == trial_id]
+    return bool(decisions) and decisions[-1]["decision"] == "pause" and decisions[-1]["at"] >= since
 
 
 def already_ended(record: dict, trial_id: str, plan: SweepPlan) -> bool:
@@ -282,9 +310,14 @@ def run_trial(params: dict, plan: SweepPlan) -> None:
     try:
         configs = plan.stage_configs(params, run_dir)
         for config in configs:  # a pipeline's earlier stages report nothing to Tune: the last one judges
-            callbacks = [ObjectiveReport(plan.objective)] if config is configs[-1] else []
-            build_trainer(paths_for_workers(config), callbacks=callbacks).fit()
+            if config is configs[-1]:
+                report = ObjectiveReport(plan.objective)
+                build_trainer(paths_for_workers(config), callbacks=[report], verdicts=report.verdicts).fit()
+            else:
+                build_trainer(paths_for_workers(config)).fit()
     except Exception as error:  # the trial fails; the sweep goes on
+        if paused_since(plan.sweep_dir, trial_id, started):
+            return  # ASHA paused it at a rung (Tune removes its resources): it resumes from its checkpoint later
         if trial_id in pruned_trials(plan.sweep_dir):
             # ASHA stopped it: Tune removes the run's resources, which ends fit() with an error.
             trial_file.write({**record, "status": "pruned", "wall_seconds": attempt_start + time.time() - started})
@@ -308,85 +341,267 @@ def wall_seconds_so_far(record: dict, stage_dirs: list[str]) -> float:
 
 # -- driver side --------------------------------------------------------------------------------
 
-PRUNED_FILE = "pruned.jsonl"
+DECISIONS_FILE = "asha.jsonl"
 
 
-class TokenASHA(ASHAScheduler):
-    """ASHA on trained tokens that records the trials it stopped (``pruned.jsonl``) and, in a
-    restored sweep, rebuilds its rungs from the evaluations the trials wrote.
+class TokenASHA(FIFOScheduler):
+    """ASHA (Li et al., 2020) on trained tokens, promoting a trial only on evidence.
 
-    ``Tuner.restore`` brings back the scheduler as it was when the sweep started (no rungs). Before
-    the first trial is added, every recorded trial's evaluations are replayed in order into the
-    rungs, exactly as they were first reported (a trial is recorded at a rung by its first result
-    at or past it), and the stopped trials are read back, so no trial is judged against emptier
-    rungs than before the interruption and a stopped trial stays stopped.
+    Rungs sit at ``grace_tokens * reduction_factor**k`` tokens, below ``budget.max_tokens``. A trial's
+    first evaluation at or past a rung is recorded there, and it goes on only while it ranks among
+    the rung's best ``floor(n / reduction_factor)`` of the ``n`` results recorded there. A trial that
+    does not (yet) waits there, paused (its workers freed for other trials), until enough results
+    have come in to rank it among the best, or until no other trial can still reach the rung: then
+    the best ``max(1, floor(n / reduction_factor))`` go on and the others stop. A waiting trial resumes
+    its own Train run from the checkpoint it wrote at the rung.
+
+    Ray's ``ASHAScheduler`` instead passes a trial that beats the rung's cutoff *so far*: the first
+    trial at a rung always passes, and in a small sweep most early trials train to the end (12
+    trials over 3 seeds: 22-56% of a grid's tokens, against 17-26% here; ``docs/benchmarks.md``).
+    A promotion is also re-checked at each later evaluation: a trial no longer among the best of a
+    rung it passed, once that rung holds more results, waits there again (and stops with the others
+    once the rung is complete); a suspended promotion keeps its place should more results rank it
+    back among the best, which a stop would throw away.
+
+    Every decision is appended to ``SWEEP/asha.jsonl`` (stop, pause, promote). ``Tuner.restore``
+    brings the scheduler back as it was created; before the first trial is added, every recorded
+    trial's evaluations are replayed into the rungs in order and the decisions are read back, so no
+    trial is judged against emptier rungs than before the interruption and a stopped trial stays
+    stopped. (A trial waiting when the sweep was interrupted trains to its next evaluation before
+    waiting again.)
     """
 
-    def __init__(self, plan: SweepPlan, early_stopping: bool = True, **kwargs):
-        super().__init__(brackets=1, **kwargs)
+    def __init__(self, plan: SweepPlan, early_stopping: bool = True):
+        super().__init__()
+        budget = plan.space.budget
         self.plan = plan
-        self.early_stopping = early_stopping  # False: rungs are kept (and reported) but no trial is stopped
+        self.early_stopping = early_stopping  # False: rungs are kept (and reported) but no trial waits or stops
+        self.reduction_factor = budget.reduction_factor
+        grace = budget.grace_tokens or budget.eval_every_tokens or 1.0
+        limit = budget.max_tokens or NO_TOKEN_LIMIT
+        self.milestones = [m for m in (grace * self.reduction_factor**k for k in range(64)) if m < limit]
+        self.rungs: list[dict[str, float]] = [{} for _ in self.milestones]  # trial id -> objective, in arrival order
+        self.passed: dict[str, int] = {}  # trial id -> how many rungs it was promoted past
+        self.waiting: dict[str, int] = {}  # trial id -> the rung it waits at (paused)
         self.pruned: set[str] = set()
         self.best_recorded: tuple[float, str] | None = None
         self._replayed = False
 
-    def replay(self) -> None:
-        self._replayed = True
-        self.pruned = set(pruned_trials(self.plan.sweep_dir))
-        [bracket] = self._brackets
-        better = min if self.plan.objective.mode == "min" else max
-        for trial_id in trial_ids(self.plan.sweep_dir):
-            trial = _RecordedTrial(trial_id)
-            for row in evaluations(self.plan.judged_dir(trial_id), self.plan.objective):
-                bracket.on_result(trial, row[TIME_ATTR], self._metric_op * row["objective"])
-                candidate = (row["objective"], trial_id)
-                self.best_recorded = better(self.best_recorded or candidate, candidate, key=lambda pair: pair[0])
+    # -- the rule -----------------------------------------------------------------------------
 
-    def fell_below_a_rung(self, trial_id: str) -> bool:
-        """Whether a trial that passed a rung is no longer among that rung's best ``1 / reduction_factor``.
+    def record(self, trial_id: str, tokens: float, value: float) -> None:
+        """Record a result at the highest rung it reaches that the trial has no result at yet."""
+        for index in reversed(range(len(self.milestones))):
+            if tokens >= self.milestones[index]:
+                if trial_id not in self.rungs[index]:
+                    self.rungs[index][trial_id] = value
+                return
 
-        Asynchronous ASHA lets a trial past a rung when it beats the results recorded there *so far*,
-        and never takes that back: the first trials pass on little or no evidence, and with a searcher
-        that improves as it learns (TPE), each rung's later results are the better ones. Every result
-        of a trial re-checks the rungs it passed against all results recorded there now, so an early
-        promotion that later evidence does not support stops at its next evaluation instead of
-        training to the end.
-        """
-        [bracket] = self._brackets
-        for _, recorded in bracket._rungs:
-            if trial_id in recorded and recorded[trial_id] < bracket.cutoff(recorded):
-                return True
-        return False
+    def ranked(self, index: int) -> list[str]:
+        sign = 1.0 if self.plan.objective.mode == "min" else -1.0
+        results = self.rungs[index]
+        return sorted(results, key=lambda trial_id: sign * results[trial_id])  # stable: ties by arrival
+
+    def quota(self, index: int, complete: bool) -> int:
+        """How many of a rung's results may go on: a ``1 / reduction_factor`` share, at least one once
+        no other trial can reach the rung."""
+        share = int(len(self.rungs[index]) // self.reduction_factor)
+        return max(1, share) if complete else share
+
+    def among_best(self, trial_id: str, index: int, complete: bool) -> bool:
+        return trial_id in self.ranked(index)[: self.quota(index, complete)]
+
+    def open_rung(self, trial_id: str) -> int | None:
+        """The highest rung the trial has a result at but was not promoted past."""
+        recorded = [index for index, results in enumerate(self.rungs) if trial_id in results]
+        return recorded[-1] if recorded and recorded[-1] >= self.passed.get(trial_id, 0) else None
+
+    def rung_fallen_below(self, trial_id: str, complete: list[bool]) -> int | None:
+        """The lowest rung the trial was promoted past that now ranks it below its best share, if any."""
+        for index in range(self.passed.get(trial_id, 0)):
+            if trial_id in self.rungs[index] and not self.among_best(trial_id, index, complete[index]):
+                return index
+        return None
+
+    def complete_rungs(self, tune_controller) -> list[bool]:
+        """Per rung, whether no trial can still reach it: the searcher made its last trial and every
+        live trial has a result there or beyond (or waits, to be stopped, at a lower one)."""
+        if not tune_controller.search_alg.is_finished():
+            return [False] * len(self.milestones)
+        live = [t.trial_id for t in tune_controller.get_trials() if t.status not in ("TERMINATED", "ERROR")]
+        live = [trial_id for trial_id in live if trial_id not in self.pruned]
+        complete = []
+        for index in range(len(self.milestones)):
+            later = self.rungs[index:]
+            can_arrive = [trial_id for trial_id in live if not any(trial_id in results for results in later)]
+            # A trial waiting at a lower complete rung and not among its best will be stopped there.
+            can_arrive = [
+                trial_id for trial_id in can_arrive
+                if not (trial_id in self.waiting and complete[self.waiting[trial_id]]
+                        and not self.among_best(trial_id, self.waiting[trial_id], True))
+            ]  # fmt: skip
+            complete.append(not can_arrive)
+        return complete
+
+    # -- Tune's hooks -------------------------------------------------------------------------
 
     def on_trial_add(self, tune_controller, trial):
         if not self._replayed:
             self.replay()
-        super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result):
-        if trial.trial_id in self.pruned:
+        trial_id = trial.trial_id
+        if trial_id in self.pruned:
             return TrialScheduler.STOP
-        if "total_steps" in result and result["step"] >= result["total_steps"]:
-            # The run's last evaluation: the trial ends on its own, finished, whatever the rung says.
-            super().on_trial_result(tune_controller, trial, result)
+        if TIME_ATTR not in result or "objective" not in result:
             return TrialScheduler.CONTINUE
-        decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == TrialScheduler.CONTINUE and self.fell_below_a_rung(trial.trial_id):
-            decision = TrialScheduler.STOP
-        if decision == TrialScheduler.STOP and not self.early_stopping:
+        self.record(trial_id, result[TIME_ATTR], result["objective"])
+        if not self.early_stopping or ("total_steps" in result and result["step"] >= result["total_steps"]):
+            # No early stopping, or the run's last evaluation: the trial ends on its own, finished.
+            self.settle(tune_controller)
             return TrialScheduler.CONTINUE
-        if decision == TrialScheduler.STOP:
-            self.pruned.add(trial.trial_id)
-            entry = {"trial_id": trial.trial_id, TIME_ATTR: result.get(TIME_ATTR), "objective": result["objective"]}
-            storage.append_line(storage.join(self.plan.sweep_dir, PRUNED_FILE), json.dumps(entry))
+        if trial_id in self.waiting:  # a result that was on its way when it was paused
+            return TrialScheduler.PAUSE
+        complete = self.complete_rungs(tune_controller)
+        decision = TrialScheduler.CONTINUE
+        if (index := self.rung_fallen_below(trial_id, complete)) is not None:
+            if complete[index]:
+                decision = self.stop(trial_id, result)
+            else:  # suspended, not revoked: it waits at that rung again, and goes on if more results rank it back
+                self.passed[trial_id] = index
+                decision = self.pause(tune_controller, trial_id, index, result)
+        elif (index := self.open_rung(trial_id)) is not None:
+            if self.among_best(trial_id, index, complete[index]):
+                self.promote(trial_id, index)
+            elif complete[index]:
+                decision = self.stop(trial_id, result)
+            else:
+                decision = self.pause(tune_controller, trial_id, index, result)
+        self.settle(tune_controller)
         return decision
 
+    def on_trial_complete(self, tune_controller, trial, result):
+        self.settle(tune_controller)
 
-@dataclass
-class _RecordedTrial:
-    """What ASHA's rungs know of a trial: its id."""
+    def on_trial_error(self, tune_controller, trial):
+        self.settle(tune_controller)
 
-    trial_id: str
+    def on_trial_remove(self, tune_controller, trial):
+        self.waiting.pop(trial.trial_id, None)
+        self.settle(tune_controller)
+
+    def choose_trial_to_run(self, tune_controller):
+        """New trials first (the limiter admitted them), then a waiting trial now among its rung's
+        best, highest rung first, while the limiter has a free slot for it."""
+        trials = tune_controller.get_trials()
+        for trial in trials:
+            if trial.status == Trial.PENDING:
+                return trial
+        limiter: SweepLimiter = tune_controller.search_alg.searcher
+        if not limiter.has_room():
+            return None
+        for trial_id in self.promotable(tune_controller):
+            trial = next((t for t in trials if t.trial_id == trial_id and t.status == Trial.PAUSED), None)
+            if trial is not None:
+                self.promote(trial_id, self.waiting.pop(trial_id))
+                limiter.unpause(trial_id)
+                limiter.promotions_waiting = len(self.promotable(tune_controller))
+                return trial
+        return None
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def promotable(self, tune_controller) -> list[str]:
+        complete = self.complete_rungs(tune_controller)
+        ready = [tid for tid, index in self.waiting.items() if self.among_best(tid, index, complete[index])]
+        return sorted(ready, key=lambda tid: (-self.waiting[tid], self.ranked(self.waiting[tid]).index(tid)))
+
+    def settle(self, tune_controller) -> None:
+        """After any change: stop the waiting trials of complete rungs that are not among the best,
+        and keep a limiter slot for each waiting trial that may now go on."""
+        if tune_controller is None or not self.waiting:
+            return
+        complete = self.complete_rungs(tune_controller)
+        trials = {t.trial_id: t for t in tune_controller.get_trials()}
+        for trial_id, index in list(self.waiting.items()):
+            if trial_id in self.waiting and complete[index] and not self.among_best(trial_id, index, True):
+                del self.waiting[trial_id]  # before stop_trial, whose on_trial_remove settles again
+                self.stop(trial_id, {TIME_ATTR: self.milestones[index], "objective": self.rungs[index][trial_id]})
+                tune_controller.stop_trial(trials[trial_id])
+        tune_controller.search_alg.searcher.promotions_waiting = len(self.promotable(tune_controller))
+
+    def decide(self, decision: str, trial_id: str, **fields) -> None:
+        entry = {"trial_id": trial_id, "decision": decision, **fields, "at": time.time()}
+        storage.append_line(storage.join(self.plan.sweep_dir, DECISIONS_FILE), json.dumps(entry))
+
+    def stop(self, trial_id: str, result: dict) -> str:
+        self.pruned.add(trial_id)
+        self.decide("stop", trial_id, **{TIME_ATTR: result.get(TIME_ATTR), "objective": result["objective"]})
+        return TrialScheduler.STOP
+
+    def promote(self, trial_id: str, index: int) -> None:
+        self.passed[trial_id] = index + 1
+        self.decide("promote", trial_id, rung=self.milestones[index])
+
+    def pause(self, tune_controller, trial_id: str, index: int, result: dict) -> str:
+        self.waiting[trial_id] = index
+        tune_controller.search_alg.searcher.pause(trial_id)
+        self.decide("pause", trial_id, rung=self.milestones[index], **{TIME_ATTR: result[TIME_ATTR]})
+        return TrialScheduler.PAUSE
+
+    def replay(self) -> None:
+        """Rebuild the rungs and decisions of a restored sweep from the trials' records."""
+        self._replayed = True
+        better = min if self.plan.objective.mode == "min" else max
+        for trial_id in trial_ids(self.plan.sweep_dir):
+            for row in evaluations(self.plan.judged_dir(trial_id), self.plan.objective):
+                self.record(trial_id, row[TIME_ATTR], row["objective"])
+                candidate = (row["objective"], trial_id)
+                self.best_recorded = better(self.best_recorded or candidate, candidate, key=lambda pair: pair[0])
+        for row in asha_decisions(self.plan.sweep_dir):
+            if row["decision"] == "stop":
+                self.pruned.add(row["trial_id"])
+            elif row["decision"] == "promote":
+                self.passed[row["trial_id"]] = self.milestones.index(row["rung"]) + 1
+            elif row["decision"] == "pause" and row["trial_id"] in self.passed:  # a promotion suspended
+                self.passed[row["trial_id"]] = min(self.passed[row["trial_id"]], self.milestones.index(row["rung"]))
+
+
+class SweepLimiter(ConcurrencyLimiter):
+    """Ray's ``ConcurrencyLimiter``, not counting trials paused at a rung (their workers are free) and
+    keeping a slot for each waiting trial that may go on, so promotions go before new trials."""
+
+    def __init__(self, searcher, max_concurrent: int):
+        super().__init__(searcher, max_concurrent=max_concurrent)
+        self.paused: set[str] = set()
+        self.promotions_waiting = 0
+
+    def has_room(self) -> bool:
+        return len(self.live_trials) < self.max_concurrent
+
+    def suggest(self, trial_id: str):
+        if len(self.live_trials) + self.promotions_waiting >= self.max_concurrent:
+            return None
+        return super().suggest(trial_id)
+
+    def pause(self, trial_id: str) -> None:
+        if trial_id in self.live_trials:
+            self.live_trials.remove(trial_id)
+            self.num_unfinished_live_trials -= 1
+            self.paused.add(trial_id)
+
+    def unpause(self, trial_id: str) -> None:
+        if trial_id in self.paused:
+            self.paused.remove(trial_id)
+            self.live_trials.add(trial_id)
+            self.num_unfinished_live_trials += 1
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.paused:  # stopped while waiting at a rung
+            self.paused.remove(trial_id)
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 class SweepProgress(tune.Callback):
@@ -418,6 +633,7 @@ class SweepProgress(tune.Callback):
     def _print(self, trials) -> None:
         ended = self.ended | {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
         running = sum(t.status == "RUNNING" and t.trial_id not in ended for t in trials)
+        waiting = len(self.scheduler.waiting)
         failed = len(self.failed | {t.trial_id for t in trials if t.status == "ERROR"})
         pruned = len(self.scheduler.pruned)
         # A restored sweep starts from the best of the results recorded before the interruption.
@@ -427,7 +643,7 @@ class SweepProgress(tune.Callback):
         best = f"best {self.objective.spec} {found[0]:.4g} (trial {found[1]})" if found else "no result yet"
         print(
             f"[sweep] {len(ended)}/{self.num_samples} trials done ({pruned} pruned, {failed} failed), "
-            f"{running} running; {best}",
+            f"{running} running, {waiting} waiting at a rung; {best}",
             flush=True,
         )
 
@@ -487,17 +703,7 @@ def build_tuner(settings: SweepSettings, plan: SweepPlan) -> tune.Tuner:
     objective = plan.objective
     baseline_config = plan.trial_config(plan.space.baseline(), "unused")
     concurrency = settings.max_concurrent or trial_concurrency(baseline_config)
-    budget = plan.space.budget
-    scheduler = TokenASHA(
-        plan,
-        early_stopping=settings.early_stopping,
-        time_attr=TIME_ATTR,
-        metric="objective",
-        mode=objective.mode,
-        max_t=NO_TOKEN_LIMIT,
-        grace_period=budget.grace_tokens or budget.eval_every_tokens or 1.0,
-        reduction_factor=budget.reduction_factor,
-    )
+    scheduler = TokenASHA(plan, early_stopping=settings.early_stopping)
     searcher = DistinctOptunaSearch(
         space=plan.space,
         metric="objective",
@@ -514,7 +720,7 @@ def build_tuner(settings: SweepSettings, plan: SweepPlan) -> tune.Tuner:
     return tune.Tuner(
         trainable(plan),
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
+            search_alg=SweepLimiter(searcher, max_concurrent=concurrency),
             scheduler=scheduler,
             num_samples=settings.num_samples,
             reuse_actors=False,
