@@ -264,12 +264,6 @@ def pruned_trials(sweep_dir: str) -> dict[str, dict]:
     return {row["trial_id"]: row for row in asha_decisions(sweep_dir) if row["decision"] == "stop"}
 
 
-def paused_since(sweep_dir: str, trial_id: str, since: float) -> bool:
-    """Whether ASHA's last decision on the trial, taken after ``since``, paused it."""
-    decisions = [row for row in asha_decisions(sweep_dir) if row["trial_id"] == trial_id]
-    return bool(decisions) and decisions[-1]["decision"] == "pause" and decisions[-1]["at"] >= since
-
-
 def already_ended(record: dict, trial_id: str, plan: SweepPlan) -> bool:
     """A restored trial that had ended before the sweep was interrupted: it is not trained again.
 
@@ -316,9 +310,10 @@ def run_trial(params: dict, plan: SweepPlan) -> None:
             else:
                 build_trainer(paths_for_workers(config)).fit()
     except Exception as error:  # the trial fails; the sweep goes on
-        if paused_since(plan.sweep_dir, trial_id, started):
+        decisions = [row for row in asha_decisions(plan.sweep_dir) if row["trial_id"] == trial_id]
+        if decisions and decisions[-1]["decision"] == "pause" and decisions[-1]["at"] >= started:
             return  # ASHA paused it at a rung (Tune removes its resources): it resumes from its checkpoint later
-        if trial_id in pruned_trials(plan.sweep_dir):
+        if any(row["decision"] == "stop" for row in decisions):
             # ASHA stopped it: Tune removes the run's resources, which ends fit() with an error.
             trial_file.write({**record, "status": "pruned", "wall_seconds": attempt_start + time.time() - started})
             return
@@ -500,35 +495,35 @@ class TokenASHA(FIFOScheduler):
         limiter: SweepLimiter = tune_controller.search_alg.searcher
         if not limiter.has_room():
             return None
-        for trial_id in self.promotable(tune_controller):
+        for trial_id in self.promotable(self.complete_rungs(tune_controller)):
             trial = next((t for t in trials if t.trial_id == trial_id and t.status == Trial.PAUSED), None)
             if trial is not None:
                 self.promote(trial_id, self.waiting.pop(trial_id))
                 limiter.unpause(trial_id)
-                limiter.promotions_waiting = len(self.promotable(tune_controller))
+                self.settle(tune_controller)  # one promotion fewer to keep a slot for
                 return trial
         return None
 
     # -- decisions ----------------------------------------------------------------------------
 
-    def promotable(self, tune_controller) -> list[str]:
-        complete = self.complete_rungs(tune_controller)
+    def promotable(self, complete: list[bool]) -> list[str]:
+        """The waiting trials now among their rung's best, highest rung first, best first."""
         ready = [tid for tid, index in self.waiting.items() if self.among_best(tid, index, complete[index])]
         return sorted(ready, key=lambda tid: (-self.waiting[tid], self.ranked(self.waiting[tid]).index(tid)))
 
     def settle(self, tune_controller) -> None:
         """After any change: stop the waiting trials of complete rungs that are not among the best,
         and keep a limiter slot for each waiting trial that may now go on."""
-        if tune_controller is None or not self.waiting:
+        if tune_controller is None:
             return
-        complete = self.complete_rungs(tune_controller)
+        complete = self.complete_rungs(tune_controller)  # stopping the waiting trials below does not change it
         trials = {t.trial_id: t for t in tune_controller.get_trials()}
         for trial_id, index in list(self.waiting.items()):
             if trial_id in self.waiting and complete[index] and not self.among_best(trial_id, index, True):
                 del self.waiting[trial_id]  # before stop_trial, whose on_trial_remove settles again
                 self.stop(trial_id, {TIME_ATTR: self.milestones[index], "objective": self.rungs[index][trial_id]})
                 tune_controller.stop_trial(trials[trial_id])
-        tune_controller.search_alg.searcher.promotions_waiting = len(self.promotable(tune_controller))
+        tune_controller.search_alg.searcher.promotions_waiting = len(self.promotable(complete))
 
     def decide(self, decision: str, trial_id: str, **fields) -> None:
         entry = {"trial_id": trial_id, "decision": decision, **fields, "at": time.time()}
