@@ -293,7 +293,10 @@ class OneSearcher(Searcher):
 
 class SweepState:
     """What TokenASHA sees of Tune's controller: the trials, whether the searcher made its last one,
-    and the limiter; ``stop_trial`` stops a paused trial as Tune does (the scheduler is told)."""
+    and the limiter; ``stop_trial`` stops a paused trial as Tune does (the scheduler is told).
+
+    For the rule's cases that need results of concurrent trials in a set order: a real sweep fixes
+    the order only when it runs one trial at a time (the real-Tuner test of the rule below)."""
 
     def __init__(self, scheduler, max_concurrent: int = 2):
         from minimind.tune.sweep import SweepLimiter
@@ -333,35 +336,91 @@ def token_asha(tmp_path, early_stopping=True):
     return TokenASHA(plan, early_stopping=early_stopping)
 
 
-def test_asha_promotes_a_trial_only_among_a_rungs_best_and_a_waiting_trial_frees_its_slot(tmp_path):
+class ScriptedTrials(Searcher):
+    """Suggests the named trials in order (config ``{"name": ...}``), then no more."""
+
+    def __init__(self, names: str):
+        super().__init__(metric="objective", mode="min")
+        self.names = list(names)
+
+    def suggest(self, trial_id):
+        return {"name": self.names.pop(0)} if self.names else Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        pass  # the scripts decide nothing from results
+
+
+def test_asha_in_a_real_sweep_promotes_only_a_rungs_best_and_a_waiting_trial_frees_its_slot(ray_cluster, tmp_path):
     """A trial goes past a rung only while it ranks among the best floor(n / factor) of the n results
-    there; otherwise it waits (paused, its slot free for a new trial). Once no trial can reach the
-    rung, the best max(1, floor(n / factor)) go on and the others stop."""
-    asha = token_asha(tmp_path)
-    sweep = SweepState(asha)
-    assert asha.milestones == [2560, 5120]
-    sweep.start("a"), sweep.start("b")
-    assert sweep.limiter.suggest("x") is None  # two at a time
-    assert sweep.result("a", 1280, 99.0) == "CONTINUE"  # before the first rung
-    assert sweep.result("a", 2560, 90.0) == "PAUSE"  # alone at the rung: no evidence to go on
-    sweep.start("c")  # a's slot went to a new trial
-    assert sweep.result("b", 2560, 80.0) == "CONTINUE"  # best of two: among the best half
-    assert sweep.result("c", 2560, 85.0) == "PAUSE"  # second of three: the best half is one
-    sweep.start("d")
-    assert sweep.result("d", 2560, 70.0) == "CONTINUE"  # best of four: the best half is d and b
-    assert sweep.result("b", 3840, 75.0) == "CONTINUE"  # still among rung 1's best half
-    assert asha.choose_trial_to_run(sweep) is None  # a and c wait: not among the best half
-    sweep.done = True  # the searcher made its last trial: no other can reach the first rung
-    asha.on_trial_complete(sweep, sweep.trials["d"], {})
-    assert sweep.trials["a"].status == sweep.trials["c"].status == "TERMINATED"
-    assert set(pruned_trials(str(tmp_path))) == {"a", "c"} and asha.waiting == {}
-    # At the second rung b waits for d; d, the last to arrive, is the worse: the one to go on is b.
-    assert sweep.result("b", 5120, 60.0) == "PAUSE"
-    assert sweep.result("d", 5120, 65.0) == "STOP"
-    assert asha.choose_trial_to_run(sweep) is sweep.trials["b"]  # resumed, in a free slot
-    assert "b" in sweep.limiter.live_trials and asha.waiting == {}
-    decisions = [(row["trial_id"], row["decision"]) for row in asha_decisions(str(tmp_path))]
-    assert decisions[-3:] == [("b", "pause"), ("d", "stop"), ("b", "promote")], decisions
+    there; otherwise it waits, paused, and its slot goes to a new trial. Once no trial can reach the
+    rung, the best max(1, floor(n / factor)) go on from where they waited and the others stop.
+
+    A real Tuner with the sweep's scheduler and limiter, one trial at a time so the order of
+    arrival is fixed; each trial reports scripted evaluations instead of training."""
+    from ray import tune
+
+    from minimind.tune.sweep import Objective, SweepLimiter, SweepPlan, TokenASHA, trial_ids
+
+    space = load_space(write_space(tmp_path, RESUMABLE_SWEEP))  # rungs at 2,560 and 5,120 tokens; factor 2
+    plan = SweepPlan("sweep", str(tmp_path / "sweep"), space, Objective.parse("val_perplexity"))
+    scripts = {  # (tokens, val perplexity) per evaluation, to the budget of 8,192 tokens
+        "a": [(1280, 99.0), (2560, 90.0), (5120, 50.0), (8192, 40.0)],
+        "b": [(1280, 98.0), (2560, 80.0), (5120, 60.0), (8192, 55.0)],
+        "c": [(1280, 97.0), (2560, 85.0), (5120, 50.0), (8192, 40.0)],
+        "d": [(1280, 96.0), (2560, 70.0), (5120, 65.0), (8192, 60.0)],
+    }
+
+    def scripted_trial(config):
+        """Reports the trial's evaluations from where its metrics end, as a Train run goes on from
+        its checkpoint: a trial promoted after waiting at a rung continues past it."""
+        path = os.path.join(plan.trial_dir(tune.get_context().get_trial_id()), "metrics.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        done = len(open(path).readlines()) if os.path.exists(path) else 0
+        for tokens, perplexity in scripts[config["name"]][done:]:
+            with open(path, "a") as rows:
+                rows.write(json.dumps({"name": config["name"], "tokens": tokens, "val_perplexity": perplexity}) + "\n")
+            tune.report({"tokens": tokens, "objective": perplexity})
+
+    tuner = tune.Tuner(
+        tune.with_resources(scripted_trial, {"CPU": 0.01}),
+        tune_config=tune.TuneConfig(
+            search_alg=SweepLimiter(ScriptedTrials("abcd"), max_concurrent=1),
+            scheduler=TokenASHA(plan),
+            num_samples=4,
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(name="sweep", storage_path=str(tmp_path), verbose=0),
+    )
+    results = tuner.fit()
+    assert not results.errors, results.errors
+
+    name = {tid: metrics(tmp_path / "sweep" / "trials" / tid)[0]["name"] for tid in trial_ids(plan.sweep_dir)}
+    decisions = [
+        (name[row["trial_id"]], row["decision"], row.get("rung", row.get("tokens")))
+        for row in asha_decisions(plan.sweep_dir)
+    ]
+    assert decisions == [
+        ("a", "pause", 2560),  # alone at the rung: no evidence to go on; its slot goes to b
+        ("b", "promote", 2560),  # best of two: the best half
+        ("b", "pause", 5120),  # alone at the second rung
+        ("c", "pause", 2560),  # second of three: the best half is b
+        ("d", "promote", 2560),  # best of four: the best half is d and b, and no trial can reach the rung now
+        ("a", "stop", 2560),  # so the others waiting there stop, however well they would have gone on
+        ("c", "stop", 2560),
+        ("d", "stop", 5120),  # behind b at the second rung, which no other trial can reach
+        ("b", "promote", 5120),  # goes on from where it waited
+    ], decisions
+    trained = {name[tid]: [row["tokens"] for row in metrics(tmp_path / "sweep" / "trials" / tid)] for tid in name}
+    assert trained == {"a": [1280, 2560], "b": [1280, 2560, 5120, 8192], "c": [1280, 2560], "d": [1280, 2560, 5120]}
+    assert set(pruned_trials(plan.sweep_dir)) == {tid for tid in name if name[tid] != "b"}
+
+    # A restored sweep's scheduler rebuilds the same rungs and decisions from these records.
+    restored = TokenASHA(plan)
+    restored.on_trial_add(None, None)
+    by_name = lambda rung: {name[tid]: value for tid, value in rung.items()}  # noqa: E731
+    assert [by_name(rung) for rung in restored.rungs] == [{"a": 90.0, "b": 80.0, "c": 85.0, "d": 70.0},
+                                                           {"b": 60.0, "d": 65.0}]  # fmt: skip
+    assert by_name(restored.passed) == {"b": 2, "d": 1} and {name[tid] for tid in restored.pruned} == {"a", "c", "d"}
 
 
 def test_a_promoted_trial_stops_once_its_rung_holds_better_ones_unless_early_stopping_is_off(tmp_path):
