@@ -207,15 +207,16 @@ def wait_until(condition, process, what: str, timeout: float = 240):
 
 
 def ended_and_running(sweep_dir):
-    """(trials finished, a trial running past its first checkpoint) or None while there is none."""
+    """(trials ended: finished or stopped by ASHA, a trial training past its first checkpoint) or None
+    while there is none."""
     trials = trial_records(sweep_dir)
-    finished = {tid for tid, t in trials.items() if t["status"] == "finished"}
+    ended = {tid for tid, t in trials.items() if t["status"] in ("finished", "pruned")}
     running = [
         tid
         for tid, t in trials.items()
         if t["status"] == "running" and (sweep_dir / "trials" / tid / "latest").exists()
     ]
-    return (finished, running[0]) if finished and running else None
+    return (ended, running[0]) if ended and running else None
 
 
 def kill_sweep(process, ray_cluster):
@@ -234,12 +235,12 @@ def test_a_killed_sweep_resumes_to_exactly_n_trials_without_training_an_ended_on
     resume = [sys.executable, "ray_jobs/tune.py", "--resume", str(sweep_dir)]
     run_files = lambda tid: (sweep_dir / "trials" / tid / "metrics.jsonl").read_bytes()  # noqa: E731
 
-    # Killed while a trial runs past its first checkpoint and another has finished (two at a time).
+    # Killed while a trial trains past its first checkpoint and another has ended (two at a time).
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(start, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        finished, interrupted = wait_until(lambda: ended_and_running(sweep_dir), first, "a checkpointed second trial")
+        ended, interrupted = wait_until(lambda: ended_and_running(sweep_dir), first, "a checkpointed second trial")
         kill_sweep(first, ray_cluster)
-    kept = {tid: run_files(tid) for tid in finished}
+    kept = {tid: run_files(tid) for tid in ended}
 
     done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -359,7 +360,7 @@ def test_asha_in_a_real_sweep_promotes_only_a_rungs_best_and_a_waiting_trial_fre
     arrival is fixed; each trial reports scripted evaluations instead of training."""
     from ray import tune
 
-    from minimind.tune.sweep import Objective, SweepLimiter, SweepPlan, TokenASHA, trial_ids
+    from minimind.tune.sweep import Objective, SweepLimiter, SweepPlan, TokenASHA, TrialFile, trial_ids
 
     space = load_space(write_space(tmp_path, RESUMABLE_SWEEP))  # rungs at 2,560 and 5,120 tokens; factor 2
     plan = SweepPlan("sweep", str(tmp_path / "sweep"), space, Objective.parse("val_perplexity"))
@@ -373,13 +374,18 @@ def test_asha_in_a_real_sweep_promotes_only_a_rungs_best_and_a_waiting_trial_fre
     def scripted_trial(config):
         """Reports the trial's evaluations from where its metrics end, as a Train run goes on from
         its checkpoint: a trial promoted after waiting at a rung continues past it."""
-        path = os.path.join(plan.trial_dir(tune.get_context().get_trial_id()), "metrics.jsonl")
+        trial_id = tune.get_context().get_trial_id()
+        path, record = os.path.join(plan.trial_dir(trial_id), "metrics.jsonl"), TrialFile(plan.trial_dir(trial_id))
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        found = record.read()  # as run_trial: the record, marked running (noting what it found)
+        record.write({**found, "trial_id": trial_id, "status": "running", "attempt_started_at": time.time(),
+                      "found": [*found.get("found", []), found.get("status")]})  # fmt: skip
         done = len(open(path).readlines()) if os.path.exists(path) else 0
         for tokens, perplexity in scripts[config["name"]][done:]:
             with open(path, "a") as rows:
                 rows.write(json.dumps({"name": config["name"], "tokens": tokens, "val_perplexity": perplexity}) + "\n")
             tune.report({"tokens": tokens, "objective": perplexity})
+        record.write({**record.read(), "status": "finished"})
 
     tuner = tune.Tuner(
         tune.with_resources(scripted_trial, {"CPU": 0.01}),
@@ -413,6 +419,14 @@ def test_asha_in_a_real_sweep_promotes_only_a_rungs_best_and_a_waiting_trial_fre
     trained = {name[tid]: [row["tokens"] for row in metrics(tmp_path / "sweep" / "trials" / tid)] for tid in name}
     assert trained == {"a": [1280, 2560], "b": [1280, 2560, 5120, 8192], "c": [1280, 2560], "d": [1280, 2560, 5120]}
     assert set(pruned_trials(plan.sweep_dir)) == {tid for tid in name if name[tid] != "b"}
+    # The trials' records say so: b found itself marked waiting when it was resumed; the others pruned.
+    records = {name[tid]: TrialFile(plan.trial_dir(tid)).read() for tid in name}
+    assert {n: (r["status"], r["found"]) for n, r in records.items()} == {
+        "a": ("pruned", [None]),
+        "b": ("finished", [None, "waiting"]),
+        "c": ("pruned", [None]),
+        "d": ("pruned", [None]),
+    }
 
     # A restored sweep's scheduler rebuilds the same rungs and decisions from these records.
     restored = TokenASHA(plan)
@@ -564,3 +578,14 @@ def test_command_line_overrides_reach_the_stage_they_name(tmp_path):
     assert [stage.base["data"]["train_files"] for stage in loaded.then] == [["chat"]]
     with pytest.raises(ConfigError, match=r"--dpo/optim\.lr: the space has no later stage 'dpo'"):
         load_space(space, {"dpo/optim.lr": 1e-4})
+
+
+def test_a_trials_time_is_its_record_once_it_ended_or_waits_and_runs_on_from_its_last_metrics_while_running(tmp_path):
+    from minimind.tune.sweep import wall_seconds_so_far
+
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    written = os.path.getmtime(tmp_path / "metrics.jsonl")
+    running = {"status": "running", "wall_seconds": 30.0, "attempt_started_at": written - 10.0}
+    assert wall_seconds_so_far(running, [str(tmp_path)]) == pytest.approx(40.0)  # 30 before, 10 in this attempt
+    for status in ("finished", "failed", "pruned", "waiting"):  # recorded when it ended or was paused, counted once
+        assert wall_seconds_so_far({**running, "status": status, "wall_seconds": 40.0}, [str(tmp_path)]) == 40.0

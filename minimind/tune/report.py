@@ -26,12 +26,13 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and needs no pyplot backend
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-STATUSES = ("finished", "pruned", "failed", "running", "pending")
+STATUSES = ("finished", "pruned", "failed", "running", "waiting", "pending")
 STATUS_COLORS = {
     "finished": "tab:blue",
     "pruned": "tab:orange",
     "failed": "tab:red",
     "running": "tab:green",
+    "waiting": "tab:olive",
     "pending": "tab:gray",
 }
 KEY_METRICS = ("val_perplexity", "continuation_accuracy")
@@ -131,7 +132,8 @@ def _directed(value: float, mode: str) -> float:
 def _ranked(records: list[TrialRecord], mode: str) -> list[TrialRecord]:
     """Best first: trials with an objective, finished before pruned before the rest (their readings
     are earlier), each group by objective; trials without an objective last, in launch order."""
-    status_rank = {status: rank for rank, status in enumerate(("finished", "pruned", "running", "pending", "failed"))}
+    order = ("finished", "pruned", "running", "waiting", "pending", "failed")
+    status_rank = {status: rank for rank, status in enumerate(order)}
 
     def key(record: TrialRecord):
         value = _objective(record)

@@ -310,12 +310,11 @@ def run_trial(params: dict, plan: SweepPlan) -> None:
             else:
                 build_trainer(paths_for_workers(config)).fit()
     except Exception as error:  # the trial fails; the sweep goes on
+        # ASHA paused it at a rung (it resumes from its checkpoint later) or stopped it: Tune removes
+        # the run's resources, which ends fit() with an error. TokenASHA recorded why in trial.json.
         decisions = [row for row in asha_decisions(plan.sweep_dir) if row["trial_id"] == trial_id]
-        if decisions and decisions[-1]["decision"] == "pause" and decisions[-1]["at"] >= started:
-            return  # ASHA paused it at a rung (Tune removes its resources): it resumes from its checkpoint later
-        if any(row["decision"] == "stop" for row in decisions):
-            # ASHA stopped it: Tune removes the run's resources, which ends fit() with an error.
-            trial_file.write({**record, "status": "pruned", "wall_seconds": attempt_start + time.time() - started})
+        last = decisions[-1] if decisions else {}
+        if last.get("decision") == "stop" or (last.get("decision") == "pause" and last["at"] >= started):
             return
         reason = failure_reason(error)
         trial_file.write({**record, "status": "failed", "reason": reason,
@@ -325,8 +324,9 @@ def run_trial(params: dict, plan: SweepPlan) -> None:
 
 
 def wall_seconds_so_far(record: dict, stage_dirs: list[str]) -> float:
-    """Time a trial has trained: recorded at its end; for one cut short, up to its last metrics line."""
-    if record.get("status") in ("finished", "failed"):
+    """Time a trial has trained: recorded when it ended or waits at a rung; for one running or cut
+    short, up to its last metrics line."""
+    if record.get("status") in ("finished", "failed", "pruned", "waiting"):
         return float(record.get("wall_seconds", 0.0))
     started = record.get("attempt_started_at", record.get("started_at", 0.0))
     written = [storage.modified_time(storage.join(directory, "metrics.jsonl")) for directory in stage_dirs]
@@ -358,7 +358,8 @@ class TokenASHA(FIFOScheduler):
     once the rung is complete); a suspended promotion keeps its place should more results rank it
     back among the best, which a stop would throw away.
 
-    Every decision is appended to ``SWEEP/asha.jsonl`` (stop, pause, promote). ``Tuner.restore``
+    Every decision is appended to ``SWEEP/asha.jsonl`` (stop, pause, promote), and a paused or
+    stopped trial's ``trial.json`` says ``waiting`` or ``pruned``. ``Tuner.restore``
     brings the scheduler back as it was created; before the first trial is added, every recorded
     trial's evaluations are replayed into the rungs in order and the decisions are read back, so no
     trial is judged against emptier rungs than before the interruption and a stopped trial stays
@@ -532,6 +533,7 @@ class TokenASHA(FIFOScheduler):
     def stop(self, trial_id: str, result: dict) -> str:
         self.pruned.add(trial_id)
         self.decide("stop", trial_id, **{TIME_ATTR: result.get(TIME_ATTR), "objective": result["objective"]})
+        self.record_status(trial_id, "pruned")
         return TrialScheduler.STOP
 
     def promote(self, trial_id: str, index: int) -> None:
@@ -542,7 +544,18 @@ class TokenASHA(FIFOScheduler):
         self.waiting[trial_id] = index
         tune_controller.search_alg.searcher.pause(trial_id)
         self.decide("pause", trial_id, rung=self.milestones[index], **{TIME_ATTR: result[TIME_ATTR]})
+        self.record_status(trial_id, "waiting")
         return TrialScheduler.PAUSE
+
+    def record_status(self, trial_id: str, status: str) -> None:
+        """Mark the trial's record ``waiting`` (at a rung) or ``pruned``, with the time it trained so
+        far: its run is being ended (holding at this evaluation), so it writes nothing more until
+        it is resumed."""
+        trial_file = TrialFile(self.plan.trial_dir(trial_id))
+        record = trial_file.read()
+        if record:
+            seconds = wall_seconds_so_far(record, self.plan.stage_dirs(trial_id))
+            trial_file.write({**record, "status": status, "wall_seconds": seconds})
 
     def replay(self) -> None:
         """Rebuild the rungs and decisions of a restored sweep from the trials' records."""
