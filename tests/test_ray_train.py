@@ -28,8 +28,15 @@ from minimind.train.loop import Trainer
 STEPS = 40
 # Tiny preset, a report every step (per-step losses), a checkpoint every 10 steps.
 COMMON = tiny_pretrain_args(STEPS, lr="1e-2", checkpoint_every=10, placement="SPREAD")
-# Dropout makes every rank's random stream part of the state a restart must restore.
-WITH_DROPOUT = [*COMMON, "--model.dropout", "0.1", "--max-failures", "1"]
+# Dropout makes every rank's random stream part of the state a restart must restore. Log, evaluation
+# and checkpoint steps that do not divide each other: at an evaluation-only step only rank 0 has metrics,
+# yet every rank must join Ray's report barrier (a run that got this wrong hung at step 7).
+LOG_EVERY, EVAL_EVERY, CHECKPOINT_EVERY = 3, 7, 10
+WITH_DROPOUT = [
+    *COMMON, "--model.dropout", "0.1", "--max-failures", "1", "--logging.every_steps", str(LOG_EVERY),
+    "--eval.every_steps", str(EVAL_EVERY), "--eval.val_fraction", "0.05", "--eval.max_examples", "8",
+    "--eval.continuation_docs", "2",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +72,16 @@ def test_two_workers_on_two_nodes_match_one_worker_with_the_same_global_batch(ra
         assert a == pytest.approx(b, rel=1e-4), f"step {step}: 2 workers {a}, 1 worker {b}"
     logged = metrics(storage / "two-nodes")[-1]
     assert {"loss", "lr", "grad_norm", "tokens_per_second", "padding_fraction"} <= set(logged)
+
+
+def test_every_rank_reports_at_log_eval_and_checkpoint_steps_that_do_not_divide_each_other(uninterrupted):
+    rows = metrics(uninterrupted)  # the run finished: no rank waited alone at a report
+    log_steps = set(range(LOG_EVERY, STEPS + 1, LOG_EVERY)) | {STEPS}
+    eval_steps = set(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)) | {STEPS}
+    assert [row["step"] for row in rows] == sorted(log_steps | eval_steps)
+    assert {row["step"] for row in rows if "val_loss" in row} == eval_steps
+    assert {row["step"] for row in rows if "loss" in row} == log_steps
+    assert sorted(p.name for p in uninterrupted.glob("step_*")) == ["step_00000030", "step_00000040"]
 
 
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster, storage, uninterrupted):

@@ -289,7 +289,9 @@ class Trainer:
                     elapsed = time.perf_counter() - started
                     eta = (end - self.step) * elapsed / max(1, self.step - first_step)
                     self._emit(metrics, eta, wandb)
-            if self.run is not None and (metrics is not None or save_due):
+            # Whether to publish is decided from the step alone, never from ``metrics``: evaluation
+            # metrics exist on rank 0 only, and a report (Ray's) is a barrier every rank must join.
+            if self.run is not None and (log_due or evaluate or save_due):
                 saved = self.run.publish(self, metrics, save_due)
                 checkpoint_path = saved or checkpoint_path
         if wandb:
