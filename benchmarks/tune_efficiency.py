@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from minimind.tune.launch import plan_from_settings  # noqa: E402
 from minimind.tune.report import best_trial  # noqa: E402
 from minimind.tune.results import collect_records  # noqa: E402
-from minimind.tune.sweep import load_settings  # noqa: E402
+from minimind.tune.settings import load_settings  # noqa: E402
 
 SPACE = """\
 stage: pretrain

@@ -84,7 +84,7 @@ def resumed_at(run_dir) -> list[int]:
 
 def trial_records(sweep_dir):
     """Each trial's ``trial.json`` (status, params, reason) by trial id; the sweep local or in object storage."""
-    from minimind.tune.sweep import TrialFile, trial_ids
+    from minimind.tune.records import TrialFile, trial_ids
 
     records = {tid: TrialFile(storage.join(sweep_dir, "trials", tid)).read() for tid in trial_ids(str(sweep_dir))}
     return {tid: record for tid, record in records.items() if record}

@@ -17,8 +17,8 @@ from ray.tune.search import Searcher
 from ray_runs import metrics, train_workers, trial_records
 
 from minimind.config import ConfigError, build_config
+from minimind.tune.records import asha_decisions, pruned_trials
 from minimind.tune.space import load_space
-from minimind.tune.sweep import asha_decisions, pruned_trials
 
 TINY_SWEEP = """\
 stage: pretrain
@@ -76,7 +76,7 @@ def test_an_invalid_space_is_refused_naming_file_line_and_field(tmp_path, param,
 
 @pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_space_is_valid_and_its_baseline_is_its_recipe(path, monkeypatch):
-    from minimind.tune.sweep import Objective, SweepPlan
+    from minimind.tune.plan import Objective, SweepPlan
 
     monkeypatch.chdir(ROOT)  # spaces name recipes relative to the repository
     space = load_space(path)
@@ -124,7 +124,7 @@ def test_a_conditional_parameter_is_sampled_only_when_its_condition_holds(tmp_pa
 
 
 def test_objective_mixes_are_parsed_and_unknown_metrics_refused():
-    from minimind.tune.sweep import Objective
+    from minimind.tune.plan import Objective
 
     mix = Objective.parse("continuation_accuracy=1, val_loss=-0.5")
     assert mix.mode == "max" and mix({"continuation_accuracy": 0.5, "val_loss": 3.0}) == pytest.approx(-1.0)
@@ -300,7 +300,7 @@ class SweepState:
     the order only when it runs one trial at a time (the real-Tuner test of the rule below)."""
 
     def __init__(self, scheduler, max_concurrent: int = 2):
-        from minimind.tune.sweep import SweepLimiter
+        from minimind.tune.asha import SweepLimiter
 
         self.scheduler, self.trials, self.done = scheduler, {}, False
         self.limiter = SweepLimiter(OneSearcher(), max_concurrent=max_concurrent)
@@ -330,7 +330,8 @@ class SweepState:
 
 
 def token_asha(tmp_path, early_stopping=True):
-    from minimind.tune.sweep import Objective, SweepPlan, TokenASHA
+    from minimind.tune.asha import TokenASHA
+    from minimind.tune.plan import Objective, SweepPlan
 
     space = load_space(write_space(tmp_path, RESUMABLE_SWEEP))  # rungs at 2,560 and 5,120 tokens; factor 2
     plan = SweepPlan("s", str(tmp_path), space, Objective.parse("val_perplexity"))
@@ -360,7 +361,9 @@ def test_asha_in_a_real_sweep_promotes_only_a_rungs_best_and_a_waiting_trial_fre
     arrival is fixed; each trial reports scripted evaluations instead of training."""
     from ray import tune
 
-    from minimind.tune.sweep import Objective, SweepLimiter, SweepPlan, TokenASHA, TrialFile, trial_ids
+    from minimind.tune.asha import SweepLimiter, TokenASHA
+    from minimind.tune.plan import Objective, SweepPlan
+    from minimind.tune.records import TrialFile, trial_ids
 
     space = load_space(write_space(tmp_path, RESUMABLE_SWEEP))  # rungs at 2,560 and 5,120 tokens; factor 2
     plan = SweepPlan("sweep", str(tmp_path / "sweep"), space, Objective.parse("val_perplexity"))
@@ -501,7 +504,7 @@ def test_asha_rungs_and_decisions_are_rebuilt_from_the_trials_records(tmp_path):
 def test_the_searcher_does_not_run_a_config_twice():
     """TPE over a few choices redraws the same config; each repeat is told to Optuna with its
     twin's result (or as pruned while the twin runs) and another config is drawn instead."""
-    from minimind.tune.sweep import DistinctOptunaSearch
+    from minimind.tune.search import DistinctOptunaSearch
 
     def space(trial):
         trial.suggest_categorical("optim.batch_size", [4, 8])
@@ -581,7 +584,7 @@ def test_command_line_overrides_reach_the_stage_they_name(tmp_path):
 
 
 def test_a_trials_time_is_its_record_once_it_ended_or_waits_and_runs_on_from_its_last_metrics_while_running(tmp_path):
-    from minimind.tune.sweep import wall_seconds_so_far
+    from minimind.tune.records import wall_seconds_so_far
 
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     written = os.path.getmtime(tmp_path / "metrics.jsonl")

@@ -19,16 +19,9 @@ from pathlib import Path
 from minimind import storage
 from minimind.config import ConfigError, parse_override_args
 from minimind.storage import is_uri
+from minimind.tune.plan import Objective, SweepPlan
+from minimind.tune.settings import SAMPLERS, SETTINGS_FILE, SweepSettings, load_settings, save_settings
 from minimind.tune.space import load_space
-from minimind.tune.sweep import (
-    SAMPLERS,
-    SETTINGS_FILE,
-    Objective,
-    SweepPlan,
-    SweepSettings,
-    load_settings,
-    save_settings,
-)
 
 SPACE_COPY = "space.yaml"
 
@@ -160,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     from minimind.tune.results import write_sweep_report
-    from minimind.tune.sweep import build_tuner, close_lost_optuna_trials, restore_tuner
+    from minimind.tune.search import close_lost_optuna_trials
+    from minimind.tune.sweep import build_tuner, restore_tuner
 
     if not resume:
         record_sweep(settings)

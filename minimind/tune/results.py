@@ -14,18 +14,10 @@ import yaml
 
 from minimind import storage
 from minimind.config import apply_overrides
+from minimind.tune.plan import TIME_ATTR, SweepPlan
+from minimind.tune.records import TrialFile, evaluations, pruned_trials, read_rows, trial_ids, wall_seconds_so_far
 from minimind.tune.report import SweepSummary, TrialRecord, best_trial, write_report
-from minimind.tune.sweep import (
-    TIME_ATTR,
-    SweepPlan,
-    SweepSettings,
-    TrialFile,
-    evaluations,
-    pruned_trials,
-    read_rows,
-    trial_ids,
-    wall_seconds_so_far,
-)
+from minimind.tune.settings import SweepSettings
 
 BEST_CONFIG = "best.yaml"
 

@@ -1,0 +1,131 @@
+"""What a sweep is: its objective (a metric or a weighted sum of metrics) and its plan, the run
+configs of every trial (the space's base config, a trial's sampled values, the token budget).
+
+Shipped to the trials (``tune.with_parameters``); nothing here talks to Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from minimind.config import ConfigError, TrainConfig, apply_overrides, build_config
+from minimind.tune.space import SearchSpace
+
+# Metrics an objective can use, and which way is better.
+METRIC_MODES = {
+    "val_perplexity": "min",
+    "val_loss": "min",
+    "val_bits_per_byte": "min",
+    "continuation_accuracy": "max",
+    "continuation_loglik": "max",
+    "reward_accuracy": "max",
+    "reward_margin": "max",
+}
+TIME_ATTR = "tokens"  # trained tokens, counted by the loop and restored with its checkpoints
+NO_TOKEN_LIMIT = 1e18  # rungs of trials that train by epochs (no budget.max_tokens)
+
+
+@dataclass
+class Objective:
+    """One metric (its own direction), or a weighted sum of metrics that is maximised.
+
+    ``val_perplexity`` | ``continuation_accuracy`` | ... or ``"continuation_accuracy=1,val_loss=-0.5"``.
+    """
+
+    spec: str
+    weights: dict[str, float]
+    mode: str
+
+    @classmethod
+    def parse(cls, spec: str) -> Objective:
+        spec = spec.strip()
+        if "=" not in spec:
+            if spec not in METRIC_MODES:
+                raise ConfigError(f"objective: unknown metric {spec!r}; choose from {', '.join(METRIC_MODES)}")
+            return cls(spec, {spec: 1.0}, METRIC_MODES[spec])
+        weights = {}
+        for part in spec.split(","):
+            name, _, weight = part.partition("=")
+            name = name.strip()
+            if name not in METRIC_MODES:
+                choices = ", ".join(METRIC_MODES)
+                raise ConfigError(f"objective: unknown metric {name!r} in {spec!r}; choose from {choices}")
+            try:
+                weights[name] = float(weight)
+            except ValueError:
+                raise ConfigError(f"objective: {part!r} needs a numeric weight, as in 'val_loss=-1'") from None
+        return cls(spec, weights, "max")
+
+    def __call__(self, metrics: dict) -> float | None:
+        """The objective of a metrics row, or None when the row has no evaluation."""
+        if not all(name in metrics for name in self.weights):
+            return None
+        value = sum(weight * float(metrics[name]) for name, weight in self.weights.items())
+        return value if math.isfinite(value) else None
+
+    def needs_eval(self) -> bool:
+        return True  # every metric above comes from the held-out evaluation
+
+
+@dataclass
+class SweepPlan:
+    """What every trial of a sweep shares: shipped to the trials with ``tune.with_parameters``."""
+
+    name: str
+    sweep_dir: str
+    space: SearchSpace
+    objective: Objective
+
+    def trial_dir(self, trial_id: str) -> str:
+        return f"{self.sweep_dir}/trials/{trial_id}"
+
+    def stage_dirs(self, trial_id: str) -> list[str]:
+        """Run directories of a trial's stages: the trial's own, then one per later stage inside it."""
+        first = self.trial_dir(trial_id)
+        return [first, *(f"{first}/{later.name}" for later in self.space.then)]
+
+    def judged_dir(self, trial_id: str) -> str:
+        """The run whose evaluations judge the trial: its last stage's."""
+        return self.stage_dirs(trial_id)[-1]
+
+    def stage_configs(self, params: dict[str, Any], run_dir: str) -> list[TrainConfig]:
+        """Run configs of a trial's stages, each later one starting from the previous one's weights."""
+        configs = [self.trial_config(params, run_dir)]
+        for index, later in enumerate(self.space.then, start=1):
+            raw = apply_overrides(later.base, self.space.stage_params(params, index))
+            previous = configs[-1].checkpoint.dir
+            overrides = {"checkpoint.dir": f"{run_dir}/{later.name}", "checkpoint.init_from": previous}
+            configs.append(build_config(raw, overrides))
+        return configs
+
+    def trial_config(self, params: dict[str, Any], run_dir: str | None = None) -> TrainConfig:
+        """The run config of a trial's first stage: the base config, its sampled values, and the token budget."""
+        raw = apply_overrides(self.space.base, self.space.stage_params(params, 0))
+        config = build_config(raw)
+        budget = self.space.budget
+        optim, workers = config.optim, config.distributed.num_workers
+        tokens_per_step = optim.batch_size * optim.grad_accum_steps * workers * config.data.seq_len
+        overrides: dict[str, Any] = {"checkpoint.dir": run_dir}
+        if budget.max_tokens:
+            steps = max(1, math.ceil(budget.max_tokens / tokens_per_step))
+            overrides["optim.max_steps"] = min(steps, config.optim.max_steps or steps)
+        if budget.eval_every_tokens:
+            overrides["eval.every_steps"] = max(1, round(budget.eval_every_tokens / tokens_per_step))
+            # A restored trial continues from about its last evaluation.
+            overrides["checkpoint.every_steps"] = overrides["eval.every_steps"]
+        return build_config(raw, overrides)
+
+    def check(self) -> None:
+        """Refuse a sweep whose trials could not be judged, before anything starts."""
+        baseline = self.stage_configs(self.space.baseline(), "unused")[-1]
+        if self.objective.needs_eval() and not baseline.eval.enabled:
+            raise ConfigError(
+                f"eval: the objective {self.objective.spec!r} needs held-out data; set eval.val_fraction or "
+                f"eval.val_files (in the space's overrides or on the command line)"
+            )
+        if baseline.stage == "dpo" and any(m.startswith(("val_", "continuation_")) for m in self.objective.weights):
+            raise ConfigError(f"objective: DPO trials report reward_accuracy/reward_margin, not {self.objective.spec}")
+        if baseline.stage != "dpo" and any(m.startswith("reward_") for m in self.objective.weights):
+            raise ConfigError(f"objective: only DPO trials report {self.objective.spec}")
