@@ -35,8 +35,11 @@ LOG_EVERY, EVAL_EVERY, CHECKPOINT_EVERY = 3, 7, 10
 WITH_DROPOUT = [
     *COMMON, "--model.dropout", "0.1", "--max-failures", "1", "--logging.every_steps", str(LOG_EVERY),
     "--eval.every_steps", str(EVAL_EVERY), "--eval.val_fraction", "0.05", "--eval.max_examples", "8",
-    "--eval.continuation_docs", "2",
+    "--eval.continuation_docs", "2", "--optim.schedule", "wsd",
 ]  # fmt: skip
+# The reference also branches a cooldown at each stable evaluation (both workers train the branch),
+# which must leave the run as it was: the killed run, without them, ends with the same weights.
+COOLED = [*WITH_DROPOUT, "--eval.cooldown_fraction", "0.25"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def storage(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(ray_cluster, storage):
     """Two workers with dropout, trained straight through: the reference for every restart below."""
-    finish(pretrain(storage, "straight", WITH_DROPOUT))
+    finish(pretrain(storage, "straight", COOLED))
     return storage / "straight"
 
 
@@ -82,6 +85,10 @@ def test_every_rank_reports_at_log_eval_and_checkpoint_steps_that_do_not_divide_
     assert {row["step"] for row in rows if "val_loss" in row} == eval_steps
     assert {row["step"] for row in rows if "loss" in row} == log_steps
     assert sorted(p.name for p in uninterrupted.glob("step_*")) == ["step_00000030", "step_00000040"]
+    # The last 20% (8 steps) of the 40 decay from step 32: the evaluations before it branch round(0.25 * step).
+    branched = {row["step"]: row["cooldown_steps"] for row in rows if "cooldown_steps" in row}
+    assert branched == {7: 2, 14: 4, 21: 5, 28: 7}
+    assert all(row["val_loss"] != row["val_loss_stable"] for row in rows if "cooldown_steps" in row)
 
 
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster, storage, uninterrupted):

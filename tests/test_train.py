@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from minimind.config import ConfigError, build_config, model_config
 from minimind.data.dataset import collate
 from minimind.model.checkpoint import load_model
-from minimind.train.loop import Trainer, learning_rate, train
+from minimind.train.loop import Trainer, train
 from minimind.train.objectives import DPO
+from minimind.train.schedule import learning_rate
 
 
 def weights(model):
@@ -102,6 +103,62 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert learning_rate(110, 110, optim) == pytest.approx(0.1)
+    # Warmup-stable-decay: 110 steps, the last 20% (22) decay; step k of the decay is (k + 1) / 22 into it.
+    for shape, left in (("sqrt", lambda p: 1 - math.sqrt(p)), ("linear", lambda p: 1 - p),
+                        ("cosine", lambda p: 0.5 * (1 + math.cos(math.pi * p)))):  # fmt: skip
+        wsd = tiny_config(optim={"lr": 1.0, "min_lr_ratio": 0.1, "warmup_steps": 10, "schedule": "wsd",
+                                 "decay_shape": shape}).optim  # fmt: skip
+        lrs = [learning_rate(step, 110, wsd) for step in range(110)]
+        assert lrs[0] == pytest.approx(0.1) and lrs[10:88] == [1.0] * 78
+        for step in (88, 98, 109):
+            assert lrs[step] == pytest.approx(0.1 + 0.9 * left((step - 87) / 22)), (shape, step)
+        assert lrs[109] == pytest.approx(0.1)
+        # Until the decay begins the lr does not depend on the run's length.
+        assert [learning_rate(step, 500, wsd) for step in range(88)] == lrs[:88]
+
+
+WSD = {"schedule": "wsd", "decay_fraction": 0.2, "batch_size": 8, "lr": 1e-2, "warmup_steps": 2}
+EVAL = {"val_fraction": 0.05, "max_examples": 8, "continuation_docs": 2, "every_steps": 4}
+
+
+def test_cooldown_evaluations_leave_the_run_as_it_was_and_score_the_shorter_run(tmp_path):
+    # Dropout: the branch draws from the RNG streams the run goes on with, so they must be put back too.
+    common = dict(model={"dropout": 0.1}, logging={"every_steps": 4})
+    cooled = Trainer(tiny_config(optim={**WSD, "max_steps": 12}, eval={**EVAL, "cooldown_fraction": 0.25}, **common))
+    cooled_result = cooled.fit()
+    plain = Trainer(tiny_config(optim={**WSD, "max_steps": 12}, eval=EVAL, **common))
+    plain_rows = {row["step"]: row for row in plain.fit().history if "val_loss" in row}
+    # The same operations in the same order on one CPU: bit for bit, not merely close.
+    assert all(torch.equal(a, b) for a, b in zip(cooled.model.state_dict().values(), plain.model.state_dict().values()))
+    rows = {row["step"]: row for row in cooled_result.history if "val_loss" in row}
+    # Decay of the 12-step run: its last round(0.2 * 12) = 2 steps (10, 11), so steps 4 and 8 are stable
+    # and branch round(0.25 * 4) = 1 and round(0.25 * 8) = 2 steps; step 12 is the run's end, not branched.
+    assert [(step, rows[step].get("cooldown_steps")) for step in sorted(rows)] == [(4, 1), (8, 2), (12, None)]
+    assert rows[8]["val_loss"] != rows[8]["val_loss_stable"]
+    # The branch at step 8 decays over 2 steps, as the 10-step run decays over its last round(0.2 * 10) = 2:
+    # same batches, lrs, optimizer state and dropout draws, so its value is that run's final value exactly.
+    short = Trainer(tiny_config(optim={**WSD, "max_steps": 10}, eval=EVAL, **common)).fit()
+    assert rows[8]["val_loss"] == short.final_eval["val_loss"]
+    assert rows[8]["duration_tokens"] == short.history[-1]["tokens"]
+    # The stable value is the plain run's evaluation at step 8. Packed pretraining blocks have no padding:
+    # 8 x 64 = 512 tokens a step; the run's position counts its own steps, the branches' (1 + 2) apart.
+    assert rows[8]["val_loss_stable"] == plain_rows[8]["val_loss"]
+    assert (rows[8]["tokens"], rows[8]["duration_tokens"], rows[12]["cooldown_tokens"]) == (8 * 512, 10 * 512, 3 * 512)
+
+
+def test_a_wsd_run_extended_before_its_decay_continues_its_stable_phase(tmp_path):
+    sections = dict(logging={"every_steps": 2}, checkpoint={"every_steps": 6})
+    Trainer(tiny_config(tmp_path / "short", optim={**WSD, "max_steps": 10}, **sections)).fit(stop_at_step=6)
+    # Extended to 20 steps while still stable (the 10-step run decays from step 8): as if it had been 20 all along.
+    extended = Trainer(tiny_config(tmp_path / "short", optim={**WSD, "max_steps": 20}, **sections))
+    extended.fit()
+    straight = Trainer(tiny_config(tmp_path / "long", optim={**WSD, "max_steps": 20}, **sections))
+    straight.fit()
+    assert max_diff(weights(extended.model), weights(straight.model)) < 1e-6
+    # Past the decay's start the lr of steps already trained would change: refused, naming the way out.
+    Trainer(tiny_config(tmp_path / "decayed", optim={**WSD, "max_steps": 10}, **sections)).fit()
+    with pytest.raises(ValueError, match=r"step 10 of a 10-step run; this run has 20 steps.*init_from"):
+        Trainer(tiny_config(tmp_path / "decayed", optim={**WSD, "max_steps": 20}, **sections)).fit()
 
 
 def test_metrics_report_padding_throughput_and_mfu(tmp_path):

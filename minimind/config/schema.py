@@ -18,6 +18,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DATA_FORMATS = ("pretrain", "sft", "dpo", "r1")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "wsd")
+DECAY_SHAPES = ("linear", "sqrt", "cosine")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -196,12 +198,22 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay, computed per optimizer step."""
+    """AdamW with linear warmup, then cosine decay or warmup-stable-decay, computed per optimizer step
+    (``minimind.train.schedule``)."""
 
     lr: float = 5e-4
     min_lr_ratio: float = 0.1
-    """Cosine floor as a fraction of ``lr``."""
+    """The schedule's floor (its last step's lr) as a fraction of ``lr``."""
     warmup_steps: int = 0
+    schedule: str = "cosine"
+    """``cosine`` (MiniMind's: decay from the end of the warmup to the last step) or ``wsd``
+    (warmup-stable-decay: ``lr`` held until the last ``decay_fraction`` of the steps, then decayed).
+    WSD's lr does not depend on the run's length until its decay begins: such a run can be extended
+    (resumed with more steps), and evaluated as if it ended early (``eval.cooldown_fraction``)."""
+    decay_fraction: float = 0.2
+    """``wsd``: the share of the steps, at the end, over which the lr decays."""
+    decay_shape: str = "sqrt"
+    """``wsd``: ``sqrt`` (1 - sqrt(progress), Hägele et al. 2024's best), ``linear`` or ``cosine``."""
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.95
@@ -219,6 +231,15 @@ class OptimConfig:
         _require(self.lr > 0, f"{path}.lr", f"must be positive, got {self.lr}")
         _require(0 <= self.min_lr_ratio <= 1, f"{path}.min_lr_ratio", "must be in [0, 1]")
         _require(self.warmup_steps >= 0, f"{path}.warmup_steps", "must be >= 0")
+        _require(self.schedule in SCHEDULES, f"{path}.schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
+        _require(
+            0 < self.decay_fraction <= 1, f"{path}.decay_fraction", f"must be in (0, 1], got {self.decay_fraction}"
+        )
+        _require(
+            self.decay_shape in DECAY_SHAPES,
+            f"{path}.decay_shape",
+            f"must be one of {DECAY_SHAPES}, got {self.decay_shape!r}",
+        )
         _require(self.weight_decay >= 0, f"{path}.weight_decay", "must be >= 0")
         _require(self.batch_size > 0, f"{path}.batch_size", f"must be positive, got {self.batch_size}")
         _require(self.grad_accum_steps > 0, f"{path}.grad_accum_steps", "must be positive")
@@ -394,6 +415,17 @@ class EvalConfig:
     continuation_docs: int = 16
     prefix_tokens: int = 32
     continuation_tokens: int = 16
+    cooldown_fraction: float = 0.0
+    """Cooldown evaluations (``optim.schedule: wsd``; 0: off). At an evaluation in the stable phase,
+    a branch of the model and optimizer trains on the next training batches for this fraction of
+    the steps done so far, its lr decaying as the schedule's decay would, and is evaluated; then it
+    is discarded and the run goes on bit for bit as without it. The row's ``val_*`` metrics are the
+    branch's, the stable model's stand beside them as ``val_*_stable``. With
+    ``decay_fraction / (1 - decay_fraction)`` (0.25 for the default 0.2) a branch at step t is
+    exactly the decay of a run of about t * (1 + fraction) steps, so its value is that shorter
+    run's. The branch's steps cost time and count in ``cooldown_tokens``."""
+    at_steps: list[int] = field(default_factory=list)
+    """Further steps to evaluate at, besides every ``every_steps`` (a sweep's durations use these)."""
 
     @property
     def enabled(self) -> bool:
@@ -405,6 +437,8 @@ class EvalConfig:
         for name in ("max_examples", "batch_size", "prefix_tokens", "continuation_tokens"):
             _require(getattr(self, name) > 0, f"{path}.{name}", "must be positive")
         _require(self.continuation_docs >= 0, f"{path}.continuation_docs", "must be >= 0")
+        _require(self.cooldown_fraction >= 0, f"{path}.cooldown_fraction", "must be >= 0")
+        _require(all(step > 0 for step in self.at_steps), f"{path}.at_steps", "steps must be positive")
 
 
 @dataclass
@@ -463,6 +497,13 @@ class TrainConfig:
             "objective.teacher",
             "the distill stage needs a teacher checkpoint directory",
         )
+        if self.eval.cooldown_fraction:
+            _require(
+                self.optim.schedule == "wsd",
+                "eval.cooldown_fraction",
+                f"cooldown evaluations branch a warmup-stable-decay run; set optim.schedule: wsd "
+                f"(it is {self.optim.schedule!r})",
+            )
         if self.distributed.strategy == "deepspeed":
             self._validate_deepspeed()
         _require(
@@ -488,4 +529,10 @@ class TrainConfig:
             not self.runtime.compile,
             "runtime.compile",
             "torch.compile is not combined with the DeepSpeed engine here; use strategy ddp to compile",
+        )
+        _require(
+            not self.eval.cooldown_fraction,
+            "eval.cooldown_fraction",
+            "cooldown evaluations copy the training state, which the DeepSpeed engine partitions across ranks; "
+            "use strategy ddp for them",
         )

@@ -36,6 +36,7 @@ from minimind.model.checkpoint import (
     resolve_checkpoint,
     save_model,
 )
+from minimind.train.schedule import decay_start
 
 STATE_FILE = "trainer_state.pt"
 
@@ -93,6 +94,8 @@ def write_checkpoint(trainer, directory: Path, rng_states: list[dict]) -> None:
         "grad_accum_steps": config.optim.grad_accum_steps,
         "strategy": strategy.name,
         "tokens": trainer.tokens_trained,
+        "cooldown_tokens": trainer.cooldown_tokens,
+        "total_steps": trainer.total_steps,
         "optimizer": None if strategy.sharded else trainer.optimizer.state_dict(),
         "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
         "rng": rng_states,
@@ -116,6 +119,7 @@ def load_checkpoint(trainer, directory: Path) -> int:
             "resume with the same workers and batch, or start a new run from its weights with "
             f"--checkpoint.init_from {directory}"
         )
+    check_schedule(trainer, state, directory)
     strategy = trainer.strategy
     if state.get("strategy", "ddp") != strategy.name:
         raise ValueError(
@@ -135,12 +139,37 @@ def load_checkpoint(trainer, directory: Path) -> int:
         trainer.scaler.load_state_dict(state["scaler"])
     # Rank 0 carries the run's token count on; the workers' sum stays the total.
     trainer.tokens_trained = int(state.get("tokens", 0))
+    trainer.cooldown_tokens = int(state.get("cooldown_tokens", 0))
     trainer.local_tokens = float(trainer.tokens_trained) if trainer.strategy.rank == 0 else 0.0
     rng = state["rng"][trainer.strategy.rank]
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return int(state["step"])
+
+
+def check_schedule(trainer, state: dict, directory: Path) -> None:
+    """A run resumed with another length (``max_steps``, ``epochs``) continues only where every step
+    trained so far had the lr the new length gives it: before a WSD run's decay (or a cosine run's
+    warmup end). Past that point the lr would jump back up; that is refused."""
+    step, saved_total, total = int(state["step"]), state.get("total_steps"), trainer.total_steps
+    if saved_total is None or saved_total == total:
+        return
+    optim = trainer.config.optim
+    unchanged_until = min(decay_start(saved_total, optim), decay_start(total, optim))
+    if step > unchanged_until:
+        raise ValueError(
+            f"{directory} is step {step} of a {saved_total}-step run; this run has {total} steps, and its "
+            f"{optim.schedule} schedule gives the steps from {unchanged_until} on another lr than the run trained "
+            "with. Only a wsd run whose decay has not begun can be extended: resume with the old length, or start "
+            f"a new run from its weights with --checkpoint.init_from {directory}"
+        )
+    if trainer.strategy.rank == 0:
+        print(
+            f"[schedule] extended from {saved_total} to {total} steps at step {step}; "
+            f"the decay now begins at step {decay_start(total, optim)}",
+            flush=True,
+        )
 
 
 class LocalRun:

@@ -1,7 +1,7 @@
 """The one training loop, for every stage. Plain PyTorch: a Ray Train worker calls it unchanged.
 
-A stage is an objective plus a data format (``build_objective``). The loop owns: AdamW with warmup
-and cosine decay computed from the optimizer step, gradient accumulation normalised by the true
+A stage is an objective plus a data format (``build_objective``). The loop owns: AdamW with the lr schedule
+(``schedule.py``) computed from the optimizer step, gradient accumulation normalised by the true
 number of targets in the step (over all workers), clipping, autocast, checkpoints that resume
 exactly, and metrics every ``logging.every_steps`` steps.
 
@@ -32,25 +32,17 @@ from minimind.model.checkpoint import load_model
 from minimind.model.lora import apply_lora
 from minimind.tokenizer import MiniMindTokenizer, load_tokenizer
 from minimind.train.checkpointing import LocalRun, load_checkpoint
+from minimind.train.cooldown import cooldown_steps, cooled_evaluation
 from minimind.train.metrics import mfu, peak_flops
 from minimind.train.objectives import DPO, Distillation, LanguageModeling, Objective
 from minimind.train.parallel import SingleProcess
 from minimind.train.reporting import RunFiles, WandbLogger, progress_line
 from minimind.train.runtime import autocast, resolve_device, resolve_dtype
+from minimind.train.schedule import learning_rate
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss or gradient norm became NaN or infinite; the run stops at the step that did it."""
-
-
-def learning_rate(step: int, total_steps: int, config) -> float:
-    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``."""
-    peak, floor = config.lr, config.lr * config.min_lr_ratio
-    if step < config.warmup_steps:
-        return peak * (step + 1) / config.warmup_steps
-    decay_steps = max(1, total_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
-    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
 
 
 def build_objective(config: TrainConfig, tokenizer: MiniMindTokenizer, device: torch.device) -> Objective:
@@ -171,6 +163,9 @@ class Trainer:
         # own on the host; they are summed at log and checkpoint steps (rank 0 resumes with the total).
         self.local_tokens = 0.0
         self.tokens_trained = 0
+        # Real tokens trained by cooldown branches (eval.cooldown_fraction), over all workers: compute
+        # spent, not progress (``tokens`` stays the run's position).
+        self.cooldown_tokens = 0
         self._first_bad_step = torch.full((), math.inf, device=self.device)
 
     # -- data position -------------------------------------------------------------------------
@@ -269,7 +264,11 @@ class Trainer:
             self.step += 1
             log_due = self.step % config.logging.every_steps == 0 or self.step == end
             save_due = self.run is not None and (self.step % config.checkpoint.every_steps == 0 or self.step == end)
-            eval_due = self.step == end or bool(config.eval.every_steps and self.step % config.eval.every_steps == 0)
+            eval_due = (
+                self.step == end
+                or bool(config.eval.every_steps and self.step % config.eval.every_steps == 0)
+                or self.step in config.eval.at_steps
+            )
             evaluate = config.eval.enabled and eval_due
             if log_due or save_due or evaluate:
                 self._check_finite()
@@ -279,10 +278,15 @@ class Trainer:
                 metrics = self._summarise(window, window_steps, time.perf_counter() - window_start)
                 window, window_steps, window_start = {}, 0, time.perf_counter()
             if evaluate:
+                evaluation_started = time.perf_counter()
                 full_model = self.strategy.full_model(self.model)  # gathered under ZeRO-3: every rank calls
+                final_eval = self.evaluator(full_model) if self.evaluator else {}
+                if branch_steps := cooldown_steps(self, self.step):  # every rank trains the branch
+                    final_eval = cooled_evaluation(self, branch_steps, final_eval)
                 if self.evaluator:
-                    final_eval = self.evaluator(full_model)
-                    metrics = {**(metrics or {"step": self.step, "tokens": self.tokens_trained}), **final_eval}
+                    row = metrics or {"step": self.step, "tokens": self.tokens_trained}
+                    metrics = {**row, **final_eval, "cooldown_tokens": self.cooldown_tokens}
+                window_start += time.perf_counter() - evaluation_started  # throughput counts training only
             if metrics is not None:
                 history.append(metrics)
                 if self.is_main:

@@ -11,6 +11,7 @@ engine, which takes over backward, clipping and the step.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 
 import torch
@@ -59,6 +60,19 @@ class SingleProcess:
     def full_model(self, model: nn.Module) -> nn.Module | None:
         """The model with its full weights on rank 0 (for eval and saving); every rank calls this."""
         return model
+
+    def snapshot(self, model: nn.Module, optimizer) -> dict:
+        """A copy of what training changes (trainable weights, optimizer state), for :meth:`restore`."""
+        weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        return {"weights": weights, "optimizer": copy.deepcopy(optimizer.state_dict())}
+
+    def restore(self, model: nn.Module, optimizer, snapshot: dict) -> None:
+        """Put back what :meth:`snapshot` copied, bit for bit."""
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name in snapshot["weights"]:
+                    parameter.copy_(snapshot["weights"][name])
+        optimizer.load_state_dict(snapshot["optimizer"])
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """``tensor`` reduced over workers (``sum``, ``min`` or ``max``)."""

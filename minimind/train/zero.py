@@ -156,6 +156,10 @@ class DeepSpeedZero(DataParallel):
         self._plain_copy.load_state_dict(state, strict=False)
         return self._plain_copy
 
+    def snapshot(self, model: nn.Module, optimizer) -> dict:
+        # The engine's state is partitioned across ranks (and nodes): refused in TrainConfig.validate.
+        raise NotImplementedError("cooldown evaluations are not available under DeepSpeed")
+
     def save_sharded(self, directory: Path) -> None:
         """Every rank writes its shards into ``directory/deepspeed``."""
         self.engine.save_checkpoint(str(directory), tag=SHARDS, save_latest=False)

@@ -56,9 +56,13 @@ def collect_records(plan: SweepPlan) -> list[TrialRecord]:
 
 
 def tokens_trained(plan: SweepPlan, trial_id: str) -> int:
-    """Tokens a trial trained, over all its stages."""
-    last_rows = [read_rows(storage.join(directory, "metrics.jsonl"))[-1:] for directory in plan.stage_dirs(trial_id)]
-    return sum(int(rows[0].get(TIME_ATTR, 0)) for rows in last_rows if rows)
+    """Tokens a trial trained, over all its stages, its cooldown branches' included."""
+    total = 0
+    for directory in plan.stage_dirs(trial_id):
+        rows = read_rows(storage.join(directory, "metrics.jsonl"))
+        if rows:
+            total += int(rows[-1].get(TIME_ATTR, 0)) + max(int(row.get("cooldown_tokens", 0)) for row in rows)
+    return total
 
 
 def write_best_configs(plan: SweepPlan, record: TrialRecord) -> list[tuple[str, str]]:

@@ -1,0 +1,84 @@
+"""Cooldown evaluations: what a warmup-stable-decay run would score had it ended here.
+
+Mid-run evaluations of a decaying schedule rank runs wrongly: a higher learning rate looks worse
+while it is high and often ends better (Hägele et al. 2024; Wen et al. 2025). Under WSD the lr of the
+stable phase does not depend on the run's length, so the run *as it would end* can be measured: branch
+the weights and optimizer state, train the branch on the batches that come next with the decay the
+schedule would apply (:func:`~minimind.train.schedule.cooldown_lr`), evaluate it, and put the state
+back. The branch is the decay of a shorter run, and the main run goes on bit for bit as without it
+(its data position, token count, RNG streams and non-finite check are untouched).
+
+Every rank trains the branch (its steps hold the same collectives as training steps); rank 0
+evaluates, as for every evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from minimind.train.schedule import cooldown_lr, decay_start
+
+
+def cooldown_steps(trainer, step: int) -> int:
+    """Length of the cooldown branch evaluated at ``step``: 0 when off, or once the decay has begun
+    (an evaluation there is of the decaying run itself)."""
+    fraction = trainer.config.eval.cooldown_fraction
+    if not fraction or step >= decay_start(trainer.total_steps, trainer.config.optim):
+        return 0
+    return max(1, round(fraction * step))
+
+
+def rng_states(device: torch.device) -> dict:
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def cooled_evaluation(trainer, steps: int, stable: dict) -> dict:
+    """Train a branch ``steps`` steps from ``trainer.step``, evaluate it (rank 0), restore the run.
+
+    ``stable``: rank 0's evaluation of the model as it is. Returns, on rank 0, the branch's metrics
+    under their own names with ``stable``'s beside them as ``<name>_stable``, plus ``cooldown_steps``,
+    ``cooldown_seconds`` and ``duration_tokens`` (the tokens of the run the branch ends: this run's
+    so far plus the branch's); on the other ranks, ``{}``.
+    """
+    started = time.perf_counter()
+    strategy, optim = trainer.strategy, trainer.config.optim
+    saved = strategy.snapshot(trainer.model, trainer.optimizer)
+    saved_rng = rng_states(trainer.device)
+    saved_bad = trainer._first_bad_step.clone()
+    scaler_state = trainer.scaler.state_dict() if trainer.scaler else None
+    real_tokens = 0.0
+    for index in range(steps):
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = cooldown_lr(index, steps, optim)
+        stats = trainer.accumulate_gradients(trainer.step + index)
+        real_tokens += float(stats["real_tokens"])
+        trainer.optimizer_step()
+    branch_tokens = int(strategy.all_reduce(torch.tensor(real_tokens, dtype=torch.float64, device=trainer.device)))
+    trainer.cooldown_tokens += branch_tokens
+    full_model = strategy.full_model(trainer.model)  # every rank calls: gathered under sharding
+    cooled = trainer.evaluator(full_model) if trainer.evaluator else {}
+    strategy.restore(trainer.model, trainer.optimizer, saved)
+    set_rng_states(saved_rng, trainer.device)
+    trainer._first_bad_step = saved_bad
+    if trainer.scaler:
+        trainer.scaler.load_state_dict(scaler_state)
+    if not trainer.evaluator:
+        return {}
+    return {
+        **cooled,
+        **{f"{name}_stable": value for name, value in stable.items()},
+        "cooldown_steps": steps,
+        "cooldown_seconds": time.perf_counter() - started,
+        "duration_tokens": trainer.tokens_trained + branch_tokens,
+    }
