@@ -273,6 +273,12 @@ def test_the_same_sweep_command_again_resumes_it_and_a_different_one_is_refused(
     command = ["--space", str(space), "--num-samples", "3", "--name", "sweep", "--storage-path", str(tmp_path)]
     settings, resume = settings_from_args(command)
     assert not resume
+    # TPE models from the 3rd result on (Optuna's default waits for 10, leaving small sweeps random),
+    # one joint density over all parameters.
+    from minimind.tune.search import optuna_sampler
+
+    sampler = optuna_sampler(settings, None)
+    assert (sampler._n_startup_trials, sampler._multivariate, sampler._group) == (3, True, True)
     record_sweep(settings)
     assert settings_from_args(command) == (settings, True)
     assert settings_from_args(["--resume", str(tmp_path / "sweep")]) == (settings, True)

@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Optuna's TPE (default), random, or the full grid of a space of choices and integer ranges",
     )
     parser.add_argument(
+        "--startup-trials",
+        type=int,
+        help="tpe: trials drawn at random before TPE models the results (default: a fifth of the sweep, at least 3)",
+    )
+    parser.add_argument(
         "--no-early-stopping",
         dest="early_stopping",
         action="store_false",
@@ -92,6 +97,8 @@ def settings_from_args(argv: list[str]) -> tuple[SweepSettings, bool]:
         num_samples = grid_size
     if num_samples < 1:
         raise ConfigError("--num-samples: must be >= 1")
+    if args.startup_trials is not None and args.startup_trials < 1:
+        raise ConfigError("--startup-trials: must be >= 1")
     settings = SweepSettings(
         name=args.name or f"sweep-{Path(args.space).stem}",
         storage_path=absolute(args.storage_path),
@@ -101,6 +108,7 @@ def settings_from_args(argv: list[str]) -> tuple[SweepSettings, bool]:
         num_samples=num_samples,
         seed=args.seed,
         sampler=args.sampler,
+        startup_trials=args.startup_trials,
         early_stopping=args.early_stopping,
         max_concurrent=args.max_concurrent,
         optuna_storage=args.optuna_storage,

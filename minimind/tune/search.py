@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 from ray.tune.search.optuna import OptunaSearch
 
 from minimind.config import ConfigError
 from minimind.tune.plan import SweepPlan
-from minimind.tune.settings import SweepSettings
+from minimind.tune.settings import SweepSettings, default_startup_trials
 
 
 def optuna_sampler(settings: SweepSettings, plan: SweepPlan):
@@ -21,7 +22,15 @@ def optuna_sampler(settings: SweepSettings, plan: SweepPlan):
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=settings.seed)
     # constant_liar: a running trial counts as a poor result, so concurrent trials spread out.
-    return optuna.samplers.TPESampler(seed=settings.seed, constant_liar=True)
+    # multivariate + group: one joint density over parameters that depend on each other (lr with batch),
+    # per set of parameters sampled together (a conditional space's branches). A trial ASHA stopped
+    # reaches Optuna as complete with its last value (Ray's OptunaSearch tells it its last result).
+    startup = settings.startup_trials or default_startup_trials(settings.num_samples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=settings.seed, constant_liar=True, n_startup_trials=startup, multivariate=True, group=True
+        )
 
 
 class DistinctOptunaSearch(OptunaSearch):
