@@ -161,3 +161,32 @@ def test_importance_leaves_out_a_trial_outside_the_space(tmp_path):
     markdown = write_report(tmp_path, summary(), records).read_text()
     assert "importance of each varied parameter over 5 finished trials:" in markdown
     assert (tmp_path / "plots" / "param_importance.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_rank_fidelity_per_rung_against_hand_computed_rho(tmp_path):
+    from minimind.tune.fidelity import spearman
+
+    # No ties: rho = 1 - 6 * sum(d^2) / (n (n^2 - 1)); one swapped pair of 4 is d^2 = 1 + 1: 1 - 12 / 60 = 0.8.
+    assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # Ties take the mean rank: y ranks 1, 2, 3.5, 5, 3.5 against 1..5 (both means 3); deviations -2, -1, 0.5, 2, 0.5
+    # against -2..2 give covariance 4 + 1 + 0 + 2 + 1 = 8 and variances 10 and 9.5: rho = 8 / sqrt(95).
+    assert spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95))
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+    records = sweep_records()
+    finals = {r.trial_id: r.objective for r in records if r.status == "finished"}  # t0..t4: 55, 48, 41.2, 60.3, 44.7
+    order = sorted(finals, key=finals.get)
+    for record in records:
+        if record.trial_id in finals:
+            place = order.index(record.trial_id)
+            # At 400k tokens the final order already (values 100 + place); at 800k exactly reversed.
+            record.evaluations = [(400_000, 100.0 + place), (800_000, 100.0 - place), (1_200_000, record.objective)]
+    write_report(tmp_path, summary(rungs=[400_000, 800_000]), records)
+    text = (tmp_path / "report.md").read_text()
+    assert "| 400K | 5 | 1.00 |" in text and "| 800K | 5 | -1.00 |" in text
+    assert "cannot be fully trusted in this sweep" in text and "800,000-token rung rho is -1.00" in text
+    # Without enough finished trials it says so rather than printing a number.
+    few = [r for r in records if r.trial_id in ("t0", "t1")]
+    write_report(tmp_path / "few", summary(rungs=[400_000]), few)
+    assert "Rank fidelity cannot be measured here: 2 trial(s)" in (tmp_path / "few" / "report.md").read_text()

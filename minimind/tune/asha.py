@@ -12,7 +12,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from minimind import storage
-from minimind.tune.plan import NO_TOKEN_LIMIT, TIME_ATTR, SweepPlan
+from minimind.tune.plan import TIME_ATTR, SweepPlan, rung_milestones
 from minimind.tune.records import DECISIONS_FILE, TrialFile, asha_decisions, evaluations, trial_ids, wall_seconds_so_far
 
 
@@ -50,9 +50,7 @@ class TokenASHA(FIFOScheduler):
         self.plan = plan
         self.early_stopping = early_stopping  # False: rungs are kept (and reported) but no trial waits or stops
         self.reduction_factor = budget.reduction_factor
-        grace = budget.grace_tokens or budget.eval_every_tokens or 1.0
-        limit = budget.max_tokens or NO_TOKEN_LIMIT
-        self.milestones = [m for m in (grace * self.reduction_factor**k for k in range(64)) if m < limit]
+        self.milestones = rung_milestones(budget)
         self.rungs: list[dict[str, float]] = [{} for _ in self.milestones]  # trial id -> objective, in arrival order
         self.passed: dict[str, int] = {}  # trial id -> how many rungs it was promoted past
         self.waiting: dict[str, int] = {}  # trial id -> the rung it waits at (paused)

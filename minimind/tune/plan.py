@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from minimind.config import ConfigError, TrainConfig, apply_overrides, build_config
-from minimind.tune.space import SearchSpace
+from minimind.tune.space import Budget, SearchSpace
 
 # Metrics an objective can use, and which way is better.
 METRIC_MODES = {
@@ -25,6 +25,13 @@ METRIC_MODES = {
 }
 TIME_ATTR = "tokens"  # trained tokens, counted by the loop and restored with its checkpoints
 NO_TOKEN_LIMIT = 1e18  # rungs of trials that train by epochs (no budget.max_tokens)
+
+
+def rung_milestones(budget: Budget) -> list[float]:
+    """ASHA's rungs, in trained tokens: ``grace_tokens * reduction_factor**k`` below ``max_tokens``."""
+    grace = budget.grace_tokens or budget.eval_every_tokens or 1.0
+    limit = budget.max_tokens or NO_TOKEN_LIMIT
+    return [m for m in (grace * budget.reduction_factor**k for k in range(64)) if m < limit]
 
 
 @dataclass

@@ -26,6 +26,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and needs no pyplot backend
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+from minimind.tune.fidelity import fidelity_verdict, rank_fidelity
+
 STATUSES = ("finished", "pruned", "failed", "running", "waiting", "pending")
 STATUS_COLORS = {
     "finished": "tab:blue",
@@ -59,6 +61,8 @@ class TrialRecord:
     reason: str | None = None
     """Why it failed (or was pruned), one line."""
     is_baseline: bool = False
+    evaluations: list[tuple[float, float]] = field(default_factory=list)
+    """(tokens trained, objective) of each evaluation, in order: what it reported to Tune."""
 
 
 @dataclass
@@ -75,6 +79,8 @@ class SweepSummary:
     best_configs: list[tuple[str, str]] = field(default_factory=list)
     """(file in the sweep directory, entry point ``ray_jobs/<it>.py`` that runs it), in run order:
     ``best.yaml``, and for a pipeline ``best-<stage>.yaml`` per later stage."""
+    rungs: list[float] = field(default_factory=list)
+    """ASHA's rungs, in trained tokens (for the rank-fidelity section)."""
 
 
 def best_trial(records: list[TrialRecord], mode: str) -> TrialRecord | None:
@@ -102,6 +108,7 @@ def write_report(
     plots_dir.mkdir(parents=True, exist_ok=True)
     best = best_trial(records, summary.mode)
     blocks = _summary_blocks(summary, records) + _best_blocks(location or str(sweep_dir), summary, records, best)
+    blocks += _fidelity_blocks(summary, records)
     blocks += _plot_blocks(plots_dir, summary, records, best)
     blocks += [("h2", "Trials"), _trial_table(summary, records, best)]
 
@@ -254,6 +261,20 @@ def _gain_sentence(summary: SweepSummary, best: TrialRecord, baseline: TrialReco
     if baseline.status != "finished":
         sentence += f" The baseline was {baseline.status}: its objective is an early reading."
     return sentence
+
+
+def _fidelity_blocks(summary: SweepSummary, records: list[TrialRecord]) -> list[tuple]:
+    """Spearman's rho per rung between the values there and the final ones, and what it says."""
+    finals = {r.trial_id: _objective(r) for r in records if r.status == "finished" and _objective(r) is not None}
+    evaluations = {record.trial_id: record.evaluations for record in records}
+    fidelities = rank_fidelity(evaluations, finals, summary.rungs)
+    blocks: list[tuple] = [("h2", "Rank fidelity"), ("p", fidelity_verdict(fidelities, len(finals)))]
+    if fidelities:
+        rows = [
+            [_fmt_tokens(f.milestone), str(f.trials), "n/a" if f.rho is None else f"{f.rho:.2f}"] for f in fidelities
+        ]
+        blocks.append(("table", ["rung (tokens)", "trials that reached the end", "Spearman rho vs final"], rows))
+    return blocks
 
 
 def _trial_table(summary: SweepSummary, records: list[TrialRecord], best: TrialRecord | None) -> tuple:

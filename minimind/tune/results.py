@@ -14,7 +14,7 @@ import yaml
 
 from minimind import storage
 from minimind.config import apply_overrides
-from minimind.tune.plan import TIME_ATTR, SweepPlan
+from minimind.tune.plan import TIME_ATTR, SweepPlan, rung_milestones
 from minimind.tune.records import TrialFile, evaluations, pruned_trials, read_rows, trial_ids, wall_seconds_so_far
 from minimind.tune.report import SweepSummary, TrialRecord, best_trial, write_report
 from minimind.tune.settings import SweepSettings
@@ -31,6 +31,7 @@ def collect_records(plan: SweepPlan) -> list[TrialRecord]:
         judged = plan.judged_dir(trial["trial_id"])
         curve = read_rows(storage.join(judged, "metrics.jsonl"))
         evaluated = evaluations(judged, plan.objective)
+        readings = [(float(row[TIME_ATTR]), float(row["objective"])) for row in evaluated]
         last_eval = evaluated[-1] if evaluated else {}
         objective = last_eval.pop("objective", None)
         status, reason = trial.get("status", "running"), trial.get("reason")
@@ -50,6 +51,7 @@ def collect_records(plan: SweepPlan) -> list[TrialRecord]:
                 curve=curve,
                 reason=reason,
                 is_baseline=bool(trial.get("baseline")),
+                evaluations=readings,
             )
         )
     return records
@@ -108,6 +110,7 @@ def write_sweep_report(settings: SweepSettings, plan: SweepPlan) -> tuple[str, T
         num_samples=settings.num_samples,
         distributions=plan.space.distributions(),
         best_configs=best_configs,
+        rungs=rung_milestones(plan.space.budget),
     )
     if not storage.is_uri(plan.sweep_dir):
         return str(write_report(Path(plan.sweep_dir), summary, records)), best
