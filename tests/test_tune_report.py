@@ -144,6 +144,13 @@ def test_missing_or_failed_baseline_is_reported(tmp_path):
     records[0].status, records[0].objective, records[0].reason = "failed", None, "CUDA error"
     markdown = write_report(tmp_path / "b", summary(), records).read_text()
     assert "The baseline `t0` has no objective (failed (CUDA error))" in markdown
+    # A baseline stopped early is compared with the best trial where it was stopped, not with the best's end.
+    records = sweep_records()
+    records[0].status, records[0].objective, records[0].evaluations = "pruned", 60.0, [(400_000, 60.0)]
+    records[2].evaluations = [(200_000, 90.0), (400_000, 57.0), (1_200_000, 41.2)]
+    markdown = write_report(tmp_path / "c", summary(), records).read_text()
+    assert "`val_perplexity` 57 vs baseline 60: 5.0% better (3 lower)" in markdown  # (60 - 57) / 60
+    assert "read at the baseline's last evaluation (400K tokens; it was pruned there)" in markdown
 
 
 def test_best_trial_ignores_nan_and_prefers_finished():
@@ -161,6 +168,10 @@ def test_importance_leaves_out_a_trial_outside_the_space(tmp_path):
     markdown = write_report(tmp_path, summary(), records).read_text()
     assert "importance of each varied parameter over 5 finished trials:" in markdown
     assert (tmp_path / "plots" / "param_importance.png").read_bytes().startswith(b"\x89PNG")
+    # Four finished trials are too few to say which parameter matters.
+    few = [record for record in records if record.trial_id != "t1"]
+    markdown = write_report(tmp_path / "few", summary(), few).read_text()
+    assert "parameter importance cannot be estimated yet: it needs at least 5 finished trials" in markdown
 
 
 def test_rank_fidelity_per_rung_against_hand_computed_rho(tmp_path):

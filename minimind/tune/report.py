@@ -26,7 +26,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and needs no pyplot backend
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from minimind.tune.fidelity import fidelity_verdict, rank_fidelity
+from minimind.tune.fidelity import fidelity_verdict, rank_fidelity, value_at
 
 STATUSES = ("finished", "pruned", "failed", "running", "waiting", "pending")
 STATUS_COLORS = {
@@ -39,6 +39,8 @@ STATUS_COLORS = {
 }
 KEY_METRICS = ("val_perplexity", "continuation_accuracy")
 LOSS_CURVE_TRIALS = 3
+IMPORTANCE_MIN_TRIALS = 5
+"""Fewer finished trials than this say nothing about importance (2 gave "warmup_steps 0.87")."""
 
 
 @dataclass
@@ -248,6 +250,17 @@ def _gain_sentence(summary: SweepSummary, best: TrialRecord, baseline: TrialReco
         why = f"failed ({baseline.reason or 'no reason recorded'})" if baseline.status == "failed" else baseline.status
         return f"The baseline `{baseline.trial_id}` has no objective ({why}), so there is no gain to report."
     best_value = _objective(best)
+    at_baseline_end = ""
+    if baseline.status != "finished" and baseline.evaluations and best.evaluations:
+        # Like with like: the best trial's reading where the baseline's last one was (the baseline was stopped).
+        tokens = baseline.evaluations[-1][0]
+        earlier = value_at(best.evaluations, tokens)
+        if earlier is not None and math.isfinite(earlier):
+            at_baseline_end = (
+                f" Both are read at the baseline's last evaluation ({_fmt_tokens(tokens)} tokens; it was "
+                f"{baseline.status} there); at its end the best trial reached {_fmt_value(best_value)}."
+            )
+            best_value = earlier
     difference = best_value - base_value
     absolute = f"{_fmt_value(abs(difference))} {'lower' if difference < 0 else 'higher'}"
     comparison = f"`{summary.objective}` {_fmt_value(best_value)} vs baseline {_fmt_value(base_value)}"
@@ -258,7 +271,9 @@ def _gain_sentence(summary: SweepSummary, best: TrialRecord, baseline: TrialReco
         percent = improvement / abs(base_value) * 100
         relative = f"{abs(percent):.1f}% {'better' if improvement >= 0 else 'worse'}"
         sentence = f"Gain over the baseline `{baseline.trial_id}`: {comparison}: {relative} ({absolute})."
-    if baseline.status != "finished":
+    if at_baseline_end:
+        sentence += at_baseline_end
+    elif baseline.status != "finished":
         sentence += f" The baseline was {baseline.status}: its objective is an early reading."
     return sentence
 
@@ -414,7 +429,9 @@ def _draw_loss_curves(path: Path, summary: SweepSummary, records: list[TrialReco
             continue
         xs, ys = zip(*sorted(points))
         label = record.trial_id + (" (baseline)" if record.is_baseline else "") + (" (best)" if record is best else "")
-        ax.plot(xs, ys, label=label, linestyle="--" if record.is_baseline else "-")
+        # A trial stopped at its first rung has one point, which a line alone would not show.
+        marker = "o" if len(xs) == 1 else None
+        ax.plot(xs, ys, label=label, linestyle="--" if record.is_baseline else "-", marker=marker)
         drawn.append(label)
     if not drawn:
         raise _CannotPlot("none of the best trials or the baseline has a training curve")
@@ -539,10 +556,10 @@ def _param_importances(summary: SweepSummary, records: list[TrialRecord]) -> tup
     ]
     used = [(record, params) for record, params in finished if all(name in params for name in names)]
     names = [name for name in names if len({repr(params[name]) for _, params in used}) > 1]
-    if len(used) < 2:
+    if len(used) < IMPORTANCE_MIN_TRIALS:
         raise _CannotPlot(
-            "parameter importance needs at least two finished trials with parameters in the space; "
-            f"there are {len(used)}"
+            f"parameter importance cannot be estimated yet: it needs at least {IMPORTANCE_MIN_TRIALS} finished "
+            f"trials with parameters in the space, and there are {len(used)}"
         )
     if not names:
         raise _CannotPlot("parameter importance needs a parameter that varies across the finished trials")
