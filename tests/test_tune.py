@@ -88,6 +88,32 @@ def test_every_shipped_space_is_valid_and_its_baseline_is_its_recipe(path, monke
         assert config.optim.lr == recipe.optim.lr and config.optim.batch_size == recipe.optim.batch_size, index
 
 
+def test_durations_come_from_one_trial_whose_cooldown_branches_are_the_shorter_runs(monkeypatch):
+    from minimind.train.loop import Trainer
+    from minimind.tune.plan import Objective, SweepPlan
+
+    monkeypatch.chdir(ROOT)
+    space = load_space(ROOT / "search_spaces" / "tiny_wsd.yaml", {"eval.every_steps": 0, "data.seq_len": 64})
+    plan = SweepPlan("durations", "unused", space, Objective.parse("val_loss"))
+    plan.check()
+    # 16 x 64 = 1,024 tokens a step: the durations are 20 and 40 steps. The cooldown fraction defaults to
+    # 0.2 / 0.8 = 0.25, and the branch from step 16 trains round(0.25 * 16) = 4 steps: it ends at step 20,
+    # the decay of a 20-step run being its last round(0.2 * 20) = 4 steps.
+    config = plan.trial_config({"optim.lr": 1e-2, "optim.batch_size": 16})
+    config.eval.every_steps = 0  # only the duration's evaluation (the budget's every 10 steps would add more)
+    assert (config.optim.max_steps, config.eval.at_steps, config.eval.cooldown_fraction) == (40, [16], 0.25)
+    long_run = Trainer(config).fit()
+    cooled = next(row for row in long_run.history if row.get("cooldown_steps"))
+    assert (cooled["step"], cooled["cooldown_steps"], cooled["duration_tokens"]) == (16, 4, 20 * 1024)
+    short = plan.trial_config({"optim.lr": 1e-2, "optim.batch_size": 16})
+    short.optim.max_steps, short.eval.at_steps, short.eval.every_steps = 20, [], 0
+    # The same batches, lrs and optimizer state in the same order: the 20-step run's value exactly.
+    assert cooled["val_loss"] == Trainer(short).fit().final_eval["val_loss"]
+    with pytest.raises(ConfigError, match="budget.durations_tokens: .*set optim.schedule: wsd"):
+        SweepPlan("x", "unused", load_space(ROOT / "search_spaces" / "tiny_wsd.yaml", {"optim.schedule": "cosine"}),
+                  Objective.parse("val_loss")).check()  # fmt: skip
+
+
 def test_the_sweep_command_refuses_a_bad_space_before_starting_ray(tmp_path):
     path = write_space(tmp_path, "stage: pretrain\nrecipe: recipes/tiny/pretrain.yaml\nparms: {}\n")
     done = subprocess.run(

@@ -122,10 +122,14 @@ class SweepPlan:
             overrides["eval.every_steps"] = max(1, round(budget.eval_every_tokens / tokens_per_step))
             # A restored trial continues from about its last evaluation.
             overrides["checkpoint.every_steps"] = overrides["eval.every_steps"]
+        if budget.durations_tokens:
+            overrides.update(duration_evaluations(config, budget.durations_tokens, tokens_per_step))
         return build_config(raw, overrides)
 
     def check(self) -> None:
         """Refuse a sweep whose trials could not be judged, before anything starts."""
+        if self.space.budget.durations_tokens and self.space.then:
+            raise ConfigError("budget.durations_tokens: durations apply to one-stage sweeps (this one has then:)")
         baseline = self.stage_configs(self.space.baseline(), "unused")[-1]
         if self.objective.needs_eval() and not baseline.eval.enabled:
             raise ConfigError(
@@ -136,3 +140,29 @@ class SweepPlan:
             raise ConfigError(f"objective: DPO trials report reward_accuracy/reward_margin, not {self.objective.spec}")
         if baseline.stage != "dpo" and any(m.startswith("reward_") for m in self.objective.weights):
             raise ConfigError(f"objective: only DPO trials report {self.objective.spec}")
+
+
+def duration_steps(duration_tokens: float, tokens_per_step: float) -> int:
+    return max(1, math.ceil(duration_tokens / tokens_per_step))
+
+
+def duration_evaluations(config: TrainConfig, durations_tokens: list[float], tokens_per_step: float) -> dict:
+    """Overrides that evaluate a trial at each shorter duration: at the stable step ``t`` whose cooldown
+    branch ends at that duration's last step. Unless set, ``eval.cooldown_fraction`` is
+    ``decay_fraction / (1 - decay_fraction)``, so each branch is the decay the shorter run would have."""
+    if config.optim.schedule != "wsd":
+        raise ConfigError(
+            "budget.durations_tokens: a trial is evaluated at shorter durations by cooldown branches of a warmup-"
+            f"stable-decay run; set optim.schedule: wsd in the space's overrides (it is {config.optim.schedule!r})"
+        )
+    fraction = config.eval.cooldown_fraction
+    if not fraction:
+        decay = config.optim.decay_fraction
+        fraction = decay / (1 - decay) if decay < 1 else 1.0
+    at_steps = []
+    for duration in durations_tokens[:-1]:
+        steps = duration_steps(duration, tokens_per_step)
+        guess = round(steps / (1 + fraction))
+        candidates = range(max(1, guess - 2), guess + 3)
+        at_steps.append(min(candidates, key=lambda t: (abs(t + max(1, round(fraction * t)) - steps), t)))
+    return {"eval.cooldown_fraction": fraction, "eval.at_steps": sorted(set(config.eval.at_steps) | set(at_steps))}

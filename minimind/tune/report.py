@@ -65,6 +65,8 @@ class TrialRecord:
     is_baseline: bool = False
     evaluations: list[tuple[float, float]] = field(default_factory=list)
     """(tokens trained, objective) of each evaluation, in order: what it reported to Tune."""
+    durations: list[tuple[float, float]] = field(default_factory=list)
+    """(tokens, objective) of the run as if it had ended there: cooldown branches' and a finished run's end."""
 
 
 @dataclass
@@ -83,6 +85,8 @@ class SweepSummary:
     ``best.yaml``, and for a pipeline ``best-<stage>.yaml`` per later stage."""
     rungs: list[float] = field(default_factory=list)
     """ASHA's rungs, in trained tokens (for the rank-fidelity section)."""
+    durations: list[float] = field(default_factory=list)
+    """A duration sweep's candidate lengths in tokens (``budget.durations_tokens``)."""
 
 
 def best_trial(records: list[TrialRecord], mode: str) -> TrialRecord | None:
@@ -110,6 +114,7 @@ def write_report(
     plots_dir.mkdir(parents=True, exist_ok=True)
     best = best_trial(records, summary.mode)
     blocks = _summary_blocks(summary, records) + _best_blocks(location or str(sweep_dir), summary, records, best)
+    blocks += _duration_blocks(summary, records)
     blocks += _fidelity_blocks(summary, records)
     blocks += _plot_blocks(plots_dir, summary, records, best)
     blocks += [("h2", "Trials"), _trial_table(summary, records, best)]
@@ -276,6 +281,34 @@ def _gain_sentence(summary: SweepSummary, best: TrialRecord, baseline: TrialReco
     elif baseline.status != "finished":
         sentence += f" The baseline was {baseline.status}: its objective is an early reading."
     return sentence
+
+
+DURATION_TOLERANCE = 0.1
+"""A reading stands for a duration within this share of it (a branch ends on a step boundary)."""
+
+
+def reading_at(durations: list[tuple[float, float]], duration: float) -> float | None:
+    """The reading (objective) nearest ``duration`` tokens, if one is within ``DURATION_TOLERANCE``."""
+    near = [(abs(tokens - duration), value) for tokens, value in durations if math.isfinite(value)]
+    near = [(gap, value) for gap, value in near if gap <= DURATION_TOLERANCE * duration]
+    return min(near)[1] if near else None
+
+
+def _duration_blocks(summary: SweepSummary, records: list[TrialRecord]) -> list[tuple]:
+    """Each trial's objective at each candidate duration (cooldown branches, and a finished run's end)."""
+    if not summary.durations:
+        return []
+    header = ["trial", "status", *(f"{_fmt_tokens(d)} tokens" for d in summary.durations)]
+    rows = []
+    for record in _ranked(records, summary.mode):
+        values = [reading_at(record.durations, duration) for duration in summary.durations]
+        if any(value is not None for value in values):
+            rows.append([record.trial_id, record.status, *(_fmt_value(value) for value in values)])
+    text = (
+        f"`{summary.objective}` of each trial had it ended at each length: a shorter length is a cooldown branch "
+        "of the trial's one run (the decay a run of that length would have), the longest its end."
+    )
+    return [("h2", "Objective against duration"), ("p", text), ("table", header, rows)]
 
 
 def _fidelity_blocks(summary: SweepSummary, records: list[TrialRecord]) -> list[tuple]:

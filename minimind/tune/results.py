@@ -14,9 +14,9 @@ import yaml
 
 from minimind import storage
 from minimind.config import apply_overrides
-from minimind.tune.plan import TIME_ATTR, SweepPlan, rung_milestones
+from minimind.tune.plan import TIME_ATTR, SweepPlan, duration_steps, rung_milestones
 from minimind.tune.records import TrialFile, evaluations, pruned_trials, read_rows, trial_ids, wall_seconds_so_far
-from minimind.tune.report import SweepSummary, TrialRecord, best_trial, write_report
+from minimind.tune.report import SweepSummary, TrialRecord, best_trial, reading_at, write_report
 from minimind.tune.settings import SweepSettings
 
 BEST_CONFIG = "best.yaml"
@@ -32,6 +32,11 @@ def collect_records(plan: SweepPlan) -> list[TrialRecord]:
         curve = read_rows(storage.join(judged, "metrics.jsonl"))
         evaluated = evaluations(judged, plan.objective)
         readings = [(float(row[TIME_ATTR]), float(row["objective"])) for row in evaluated]
+        # What the run would have scored, ended at each length: cooled readings, and the end of a finished run.
+        durations = [(float(row["duration_tokens"]), float(row["objective"])) for row in evaluated
+                     if "duration_tokens" in row]  # fmt: skip
+        if evaluated and trial.get("status") == "finished":
+            durations.append((float(evaluated[-1][TIME_ATTR]), float(evaluated[-1]["objective"])))
         last_eval = evaluated[-1] if evaluated else {}
         objective = last_eval.pop("objective", None)
         status, reason = trial.get("status", "running"), trial.get("reason")
@@ -52,6 +57,7 @@ def collect_records(plan: SweepPlan) -> list[TrialRecord]:
                 reason=reason,
                 is_baseline=bool(trial.get("baseline")),
                 evaluations=readings,
+                durations=durations,
             )
         )
     return records
@@ -65,6 +71,24 @@ def tokens_trained(plan: SweepPlan, trial_id: str) -> int:
         if rows:
             total += int(rows[-1].get(TIME_ATTR, 0)) + max(int(row.get("cooldown_tokens", 0)) for row in rows)
     return total
+
+
+def best_duration(plan: SweepPlan, record: TrialRecord) -> tuple[float, int] | None:
+    """A duration sweep's best length for ``record`` (tokens, steps): the best of its readings at the
+    space's durations, ties to the shorter; None for a sweep without durations."""
+    durations = plan.space.budget.durations_tokens
+    if not durations:
+        return None
+    config = plan.trial_config(record.params)
+    optim = config.optim
+    tokens_per_step = optim.batch_size * optim.grad_accum_steps * config.distributed.num_workers * config.data.seq_len
+    sign = 1.0 if plan.objective.mode == "min" else -1.0
+    scored = [(sign * value, duration) for duration in durations
+              if (value := reading_at(record.durations, duration)) is not None]  # fmt: skip
+    if not scored:
+        return None
+    _, duration = min(scored)
+    return duration, duration_steps(duration, tokens_per_step)
 
 
 def write_best_configs(plan: SweepPlan, record: TrialRecord) -> list[tuple[str, str]]:
@@ -82,6 +106,9 @@ def write_best_configs(plan: SweepPlan, record: TrialRecord) -> list[tuple[str, 
         fixed = {"optim.max_steps": config.optim.max_steps, "eval.every_steps": config.eval.every_steps,
                  "checkpoint.every_steps": config.checkpoint.every_steps,
                  "checkpoint.dir": directories[index]}  # fmt: skip
+        chosen = best_duration(plan, record) if index == 0 else None
+        if chosen is not None:  # the best length as a plain WSD run of that length (no branches)
+            fixed.update({"optim.max_steps": chosen[1], "eval.cooldown_fraction": 0.0, "eval.at_steps": []})
         if index:
             fixed["checkpoint.init_from"] = directories[index - 1]
         raw = apply_overrides(raw, fixed)
@@ -111,6 +138,7 @@ def write_sweep_report(settings: SweepSettings, plan: SweepPlan) -> tuple[str, T
         distributions=plan.space.distributions(),
         best_configs=best_configs,
         rungs=rung_milestones(plan.space.budget),
+        durations=plan.space.budget.durations_tokens or [],
     )
     if not storage.is_uri(plan.sweep_dir):
         return str(write_report(Path(plan.sweep_dir), summary, records)), best

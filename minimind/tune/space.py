@@ -63,6 +63,10 @@ class Budget:
     """ASHA stops no trial before this many tokens; None: ``eval_every_tokens``."""
     reduction_factor: float = 3.0
     """ASHA keeps the best 1/reduction_factor of the trials at each rung."""
+    durations_tokens: list[float] | None = None
+    """Candidate training lengths (``optim.schedule: wsd``): every trial trains once to the longest and
+    is evaluated at each shorter one by a cooldown branch that ends there, so lr x duration trains each
+    lr once. ``max_tokens`` is the longest; ``best.yaml`` is a WSD run of the best length."""
 
 
 @dataclass
@@ -349,14 +353,28 @@ def _parse_budget(raw: Any, fail) -> Budget:
     if not isinstance(raw, dict):
         fail("budget", "must be a mapping")
     names = [f.name for f in dataclasses.fields(Budget)]
+
+    def positive(value) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
+
+    raw = dict(raw)
+    durations = raw.pop("durations_tokens", None)
     for key, value in raw.items():
         if key not in names:
             fail(f"budget.{key}", f"unknown key (valid: {', '.join(names)})")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        if value is not None and not positive(value):
             fail(f"budget.{key}", f"must be a positive number, got {value!r}")
     budget = Budget(**{k: (float(v) if v is not None else None) for k, v in raw.items()})
     if budget.reduction_factor <= 1:
         fail("budget.reduction_factor", "must be > 1")
+    if durations is not None:
+        if not isinstance(durations, list) or len(durations) < 2 or not all(positive(d) for d in durations):
+            fail("budget.durations_tokens", f"must list at least two positive token counts, got {durations!r}")
+        budget.durations_tokens = sorted({float(d) for d in durations})
+        longest = budget.durations_tokens[-1]
+        if budget.max_tokens not in (None, longest):
+            fail("budget.max_tokens", f"is {budget.max_tokens:g} but the longest duration is {longest:g}; give one")
+        budget.max_tokens = longest
     return budget
 
 
