@@ -102,7 +102,7 @@ def main() -> None:
     }
     table = {}
     print(f"\n{len(readings['cosine'])} trials, {args.tokens:,} tokens each; rho vs the same schedule's final values")
-    print(f"{'judged by':28s}" + "".join(f"{f'rung {f:.0%}':>22s}" for f in RUNG_FRACTIONS))
+    print(f"{'judged by':28s}" + "".join(f" | {f'rung {f:.0%}':24s}" for f in RUNG_FRACTIONS))
     for label, (schedule, key) in arms.items():
         final = {name: trial["final"] for name, trial in readings[schedule].items()}
         cells, table[label] = [], {}
@@ -111,7 +111,7 @@ def main() -> None:
             rho, regret = fidelity(early, final)
             table[label][f"{fraction:.3f}"] = {"rho": rho, "regret": regret}
             cells.append(f"rho {'n/a' if rho is None else f'{rho:+.2f}'}, regret {regret:5.1%}")
-        print(f"{label:28s}" + "".join(f"{cell:>22s}" for cell in cells))
+        print(f"{label:28s}" + "".join(f" | {cell:24s}" for cell in cells))
     best = {s: min(math.exp(t["final"]) for t in readings[s].values()) for s in readings}
     print(f"best final perplexity: cosine {best['cosine']:.1f}, wsd {best['wsd']:.1f}")
     quarter = table["(b) WSD cooldown"][f"{1 / 4:.3f}"]["rho"]
