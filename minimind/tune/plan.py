@@ -112,18 +112,17 @@ class SweepPlan:
         raw = apply_overrides(self.space.base, self.space.stage_params(params, 0))
         config = build_config(raw)
         budget = self.space.budget
-        optim, workers = config.optim, config.distributed.num_workers
-        tokens_per_step = optim.batch_size * optim.grad_accum_steps * workers * config.data.seq_len
+        step_tokens = tokens_per_step(config)
         overrides: dict[str, Any] = {"checkpoint.dir": run_dir}
         if budget.max_tokens:
-            steps = max(1, math.ceil(budget.max_tokens / tokens_per_step))
+            steps = duration_steps(budget.max_tokens, step_tokens)
             overrides["optim.max_steps"] = min(steps, config.optim.max_steps or steps)
         if budget.eval_every_tokens:
-            overrides["eval.every_steps"] = max(1, round(budget.eval_every_tokens / tokens_per_step))
+            overrides["eval.every_steps"] = max(1, round(budget.eval_every_tokens / step_tokens))
             # A restored trial continues from about its last evaluation.
             overrides["checkpoint.every_steps"] = overrides["eval.every_steps"]
         if budget.durations_tokens:
-            overrides.update(duration_evaluations(config, budget.durations_tokens, tokens_per_step))
+            overrides.update(duration_evaluations(config, budget.durations_tokens, step_tokens))
         return build_config(raw, overrides)
 
     def check(self) -> None:
@@ -142,7 +141,14 @@ class SweepPlan:
             raise ConfigError(f"objective: only DPO trials report {self.objective.spec}")
 
 
+def tokens_per_step(config: TrainConfig) -> int:
+    """Tokens one optimizer step trains over all workers (packed: every position a token)."""
+    optim = config.optim
+    return optim.batch_size * optim.grad_accum_steps * config.distributed.num_workers * config.data.seq_len
+
+
 def duration_steps(duration_tokens: float, tokens_per_step: float) -> int:
+    """Optimizer steps that train at least ``duration_tokens``."""
     return max(1, math.ceil(duration_tokens / tokens_per_step))
 
 

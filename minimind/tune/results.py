@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 
 from minimind import storage
-from minimind.config import apply_overrides
-from minimind.tune.plan import TIME_ATTR, SweepPlan, duration_steps, rung_milestones
+from minimind.config import TrainConfig, apply_overrides
+from minimind.tune.plan import TIME_ATTR, SweepPlan, duration_steps, rung_milestones, tokens_per_step
 from minimind.tune.records import TrialFile, evaluations, pruned_trials, read_rows, trial_ids, wall_seconds_so_far
 from minimind.tune.report import SweepSummary, TrialRecord, best_trial, reading_at, write_report
 from minimind.tune.settings import SweepSettings
@@ -73,22 +73,19 @@ def tokens_trained(plan: SweepPlan, trial_id: str) -> int:
     return total
 
 
-def best_duration(plan: SweepPlan, record: TrialRecord) -> tuple[float, int] | None:
-    """A duration sweep's best length for ``record`` (tokens, steps): the best of its readings at the
-    space's durations, ties to the shorter; None for a sweep without durations."""
+def best_duration_steps(plan: SweepPlan, record: TrialRecord, config: TrainConfig) -> int | None:
+    """A duration sweep's best length for ``record`` (whose first-stage config is ``config``), in steps:
+    the best of its readings at the space's durations, ties to the shorter; None without durations."""
     durations = plan.space.budget.durations_tokens
     if not durations:
         return None
-    config = plan.trial_config(record.params)
-    optim = config.optim
-    tokens_per_step = optim.batch_size * optim.grad_accum_steps * config.distributed.num_workers * config.data.seq_len
     sign = 1.0 if plan.objective.mode == "min" else -1.0
     scored = [(sign * value, duration) for duration in durations
               if (value := reading_at(record.durations, duration)) is not None]  # fmt: skip
     if not scored:
         return None
     _, duration = min(scored)
-    return duration, duration_steps(duration, tokens_per_step)
+    return duration_steps(duration, tokens_per_step(config))
 
 
 def write_best_configs(plan: SweepPlan, record: TrialRecord) -> list[tuple[str, str]]:
@@ -106,9 +103,9 @@ def write_best_configs(plan: SweepPlan, record: TrialRecord) -> list[tuple[str, 
         fixed = {"optim.max_steps": config.optim.max_steps, "eval.every_steps": config.eval.every_steps,
                  "checkpoint.every_steps": config.checkpoint.every_steps,
                  "checkpoint.dir": directories[index]}  # fmt: skip
-        chosen = best_duration(plan, record) if index == 0 else None
-        if chosen is not None:  # the best length as a plain WSD run of that length (no branches)
-            fixed.update({"optim.max_steps": chosen[1], "eval.cooldown_fraction": 0.0, "eval.at_steps": []})
+        steps = best_duration_steps(plan, record, config) if index == 0 else None
+        if steps is not None:  # the best length as a plain WSD run of that length (no branches)
+            fixed.update({"optim.max_steps": steps, "eval.cooldown_fraction": 0.0, "eval.at_steps": []})
         if index:
             fixed["checkpoint.init_from"] = directories[index - 1]
         raw = apply_overrides(raw, fixed)
