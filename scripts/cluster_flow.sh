@@ -5,7 +5,7 @@
 #   STORAGE=/mnt/shared/minimind bash scripts/cluster_flow.sh          # the bundled sample corpus, tiny preset
 #   STORAGE=/mnt/shared/minimind DATA=/mnt/shared/pretrain_hq.jsonl SFT_DATA=/mnt/shared/sft_512.jsonl \
 #     SEQ_LEN=512 RECIPE=recipes/minimind-26m/pretrain.yaml SPACE=search_spaces/pipeline.yaml TRIALS=16 \
-#     WORKERS=8 TRAIN_FLAGS=--use-gpu BEST_FLAGS="--optim.max_steps 20000" bash scripts/cluster_flow.sh
+#     WORKERS=8 USE_GPU=1 BEST_FLAGS="--optim.max_steps 20000" bash scripts/cluster_flow.sh
 #
 # Stages (all by default, or those named as arguments, in this order):
 #   prepare   jsonl -> validated, tokenized Parquet shards: STORAGE/prepared/{pretrain,sft}
@@ -29,7 +29,10 @@ RECIPE="${RECIPE:-recipes/tiny/pretrain.yaml}"
 SPACE="${SPACE:-search_spaces/tiny_pipeline.yaml}"
 TRIALS="${TRIALS:-2}"
 WORKERS="${WORKERS:-2}"
-TRAIN_FLAGS="${TRAIN_FLAGS:-}"      # e.g. --use-gpu, --strategy deepspeed --zero-stage 2
+USE_GPU="${USE_GPU:-}"              # 1: every stage on GPUs (the runs, the sweep's trials and their later stages)
+TRIAL_WORKERS="${TRIAL_WORKERS:-1}" # workers per sweep trial (small models: one each, as many trials at once)
+TRAIN_FLAGS="${TRAIN_FLAGS:-}"      # more run flags, e.g. --strategy deepspeed --zero-stage 2
+SWEEP_FLAGS="${SWEEP_FLAGS:-}"      # more sweep flags, e.g. --max-concurrent 4 --distributed.gpus_per_worker 0.5
 BEST_FLAGS="${BEST_FLAGS:-}"
 PYTHON="${PYTHON:-python}"
 RUNTIME_ENV="${RUNTIME_ENV:-}"      # JSON for --runtime-env-json, e.g. '{"env_vars": {"AWS_ENDPOINT_URL": "..."}}'
@@ -39,9 +42,15 @@ STAGES=("$@")
 submit() { ray job submit --working-dir . ${RUNTIME_ENV:+--runtime-env-json "$RUNTIME_ENV"} -- "$PYTHON" "$@"; }
 prepared="$STORAGE/prepared"
 sweep="$STORAGE/sweeps/sweep"
-sft_data=()  # a pipeline space fine-tunes each trial on the prepared SFT corpus
-if grep -q "^then:" "$SPACE"; then sft_data=(--sft/data.train_files "[$prepared/sft]" --sft/eval.val_files "[$prepared/sft]"); fi
-# shellcheck disable=SC2086  # TRAIN_FLAGS holds several flags
+gpu_run=(); gpu_trial=()
+if [ -n "$USE_GPU" ]; then gpu_run=(--use-gpu); gpu_trial=(--distributed.use_gpu true); fi
+trial=(--distributed.num_workers "$TRIAL_WORKERS" "${gpu_trial[@]}")
+if grep -q "^then:" "$SPACE"; then  # a pipeline space fine-tunes each trial on the prepared SFT corpus, alike
+  trial+=(--sft/data.train_files "[$prepared/sft]" --sft/eval.val_files "[$prepared/sft]"
+          --sft/distributed.num_workers "$TRIAL_WORKERS")
+  if [ -n "$USE_GPU" ]; then trial+=(--sft/distributed.use_gpu true); fi
+fi
+# shellcheck disable=SC2086  # TRAIN_FLAGS, BEST_FLAGS and SWEEP_FLAGS hold several flags
 for stage in "${STAGES[@]}"; do
   echo "== $stage ($(date +%T))"
   case "$stage" in
@@ -51,19 +60,19 @@ for stage in "${STAGES[@]}"; do
         submit ray_jobs/prepare.py "$SFT_DATA" --out "$prepared/sft" --seq-len "$((SEQ_LEN * 2))" --val-fraction 0.02
       fi ;;
     pretrain)
-      submit ray_jobs/pretrain.py --config "$RECIPE" --num-workers "$WORKERS" $TRAIN_FLAGS \
+      submit ray_jobs/pretrain.py --config "$RECIPE" --num-workers "$WORKERS" "${gpu_run[@]}" $TRAIN_FLAGS \
         --storage-path "$STORAGE/runs" --name pretrain \
         --data.train_files "[$prepared/pretrain]" --eval.val_files "[$prepared/pretrain]" ;;
     sweep)
       submit ray_jobs/tune.py --space "$SPACE" --num-samples "$TRIALS" --storage-path "$STORAGE/sweeps" --name sweep \
-        --data.train_files "[$prepared/pretrain]" --eval.val_files "[$prepared/pretrain]" "${sft_data[@]}" ;;
+        --data.train_files "[$prepared/pretrain]" --eval.val_files "[$prepared/pretrain]" "${trial[@]}" $SWEEP_FLAGS ;;
     report)
       submit ray_jobs/report.py "$sweep" ;;
     best)
-      submit ray_jobs/pretrain.py --config "$sweep/best.yaml" --num-workers "$WORKERS" $TRAIN_FLAGS $BEST_FLAGS \
+      submit ray_jobs/pretrain.py --config "$sweep/best.yaml" --num-workers "$WORKERS" "${gpu_run[@]}" $TRAIN_FLAGS $BEST_FLAGS \
         --storage-path "$STORAGE/runs" ;;
     sft)
-      submit ray_jobs/sft.py --config "$sweep/best-sft.yaml" --num-workers "$WORKERS" $TRAIN_FLAGS \
+      submit ray_jobs/sft.py --config "$sweep/best-sft.yaml" --num-workers "$WORKERS" "${gpu_run[@]}" $TRAIN_FLAGS \
         --storage-path "$STORAGE/runs" --init-from sweep-best ;;
     *) echo "unknown stage $stage (prepare pretrain sweep report best sft)" >&2; exit 2 ;;
   esac

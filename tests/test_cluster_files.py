@@ -6,11 +6,15 @@ import subprocess
 import sys
 
 import pytest
-import tomllib
 import yaml
 from conftest import ROOT
 
 from minimind.cluster import ClusterFileError, check_cluster_file
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+    import tomli as tomllib
 
 RAY_UP_FILES = [ROOT / "cluster.yaml", ROOT / "clusters" / "gcp.yaml", ROOT / "clusters" / "onprem.yaml"]
 RAYJOB = ROOT / "clusters" / "kuberay-rayjob.yaml"

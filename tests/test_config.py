@@ -48,6 +48,14 @@ def test_round_trip_through_yaml(tmp_path):
         ({"model.preset": "gpt4"}, "model.preset: unknown preset 'gpt4'"),
         ({"stage": "dpo"}, "checkpoint.init_from: DPO needs a starting checkpoint"),
         ({"data.seq_len": 4096, "model.max_seq_len": 1024}, "data.seq_len: 4096 exceeds model.max_seq_len=1024"),
+        (
+            {"distributed.use_gpu": True, "distributed.num_workers": 2, "distributed.gpus_per_worker": 0.5},
+            "distributed.gpus_per_worker: 0.5 GPU per worker: with 2 workers under ddp",
+        ),
+        (
+            {"distributed.use_gpu": True, "distributed.strategy": "deepspeed", "distributed.gpus_per_worker": 0.25},
+            "distributed.gpus_per_worker: 0.25 GPU per worker",
+        ),
         ({"optim.schedule": "linear"}, "optim.schedule: must be one of ('cosine', 'wsd')"),
         ({"optim.schedule": "wsd", "optim.decay_fraction": 0}, "optim.decay_fraction: must be in (0, 1]"),
         ({"eval.cooldown_fraction": 0.25}, "eval.cooldown_fraction: cooldown evaluations branch a warmup-stable"),

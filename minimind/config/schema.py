@@ -364,7 +364,9 @@ class DistributedConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
-    """GPUs per worker when ``use_gpu``."""
+    """GPUs per worker when ``use_gpu``. A fraction lets several single-worker trials of a sweep share a
+    GPU; several DDP ranks (or a DeepSpeed engine, which picks its device by local rank) need one whole
+    GPU each: NCCL refuses two ranks on one GPU ("Duplicate GPU detected")."""
     placement_strategy: str = "PACK"
     """Ray placement of the workers: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one per node)."""
     max_failures: int = 0
@@ -385,6 +387,14 @@ class DistributedConfig:
             self.zero_stage in ZERO_STAGES, f"{path}.zero_stage", f"must be one of {ZERO_STAGES}, got {self.zero_stage}"
         )
         deepspeed = self.strategy == "deepspeed"
+        _require(
+            not self.use_gpu
+            or (self.num_workers == 1 and not deepspeed)
+            or (self.gpus_per_worker >= 1 and float(self.gpus_per_worker).is_integer()),
+            f"{path}.gpus_per_worker",
+            f"{self.gpus_per_worker:g} GPU per worker: with {self.num_workers} workers under {self.strategy} every "
+            "worker needs whole GPUs of its own (NCCL refuses two ranks on one GPU); fractions suit one-worker trials",
+        )
         _require(
             not self.offload_optimizer or (deepspeed and self.zero_stage >= 2),
             f"{path}.offload_optimizer",

@@ -50,11 +50,22 @@ def checkpoint_step(name: str) -> int:
     return int(name.removeprefix("step_"))
 
 
-def rng_state() -> dict:
-    return {
-        "cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+def rng_state(device: torch.device) -> dict:
+    """This worker's random streams: the CPU's and its own GPU's (not every visible GPU's, whose
+    indices mean other devices on another node or after a restart)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    own = state.get("cuda")
+    if isinstance(own, list):  # written before one device per worker: [device 0, device 1, ...]
+        own = own[device.index or 0] if own and device.type == "cuda" else None
+    if own is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(own, device)
 
 
 def write_checkpoint(trainer, directory: Path, rng_states: list[dict]) -> None:
@@ -141,10 +152,7 @@ def load_checkpoint(trainer, directory: Path) -> int:
     trainer.tokens_trained = int(state.get("tokens", 0))
     trainer.cooldown_tokens = int(state.get("cooldown_tokens", 0))
     trainer.local_tokens = float(trainer.tokens_trained) if trainer.strategy.rank == 0 else 0.0
-    rng = state["rng"][trainer.strategy.rank]
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    set_rng_state(state["rng"][trainer.strategy.rank], trainer.device)
     return int(state["step"])
 
 
@@ -197,7 +205,7 @@ class LocalRun:
         temporary = self.run_dir / f".tmp-{name}"
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
-        write_checkpoint(trainer, temporary, [rng_state()])
+        write_checkpoint(trainer, temporary, [rng_state(trainer.device)])
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
         trainer.files.write_latest(name)

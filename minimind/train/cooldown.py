@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from minimind.train.checkpointing import rng_state, set_rng_state
 from minimind.train.schedule import cooldown_lr, decay_start
 
 
@@ -28,19 +29,6 @@ def cooldown_steps(trainer, step: int) -> int:
     if not fraction or step >= decay_start(trainer.total_steps, trainer.config.optim):
         return 0
     return max(1, round(fraction * step))
-
-
-def rng_states(device: torch.device) -> dict:
-    states = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def set_rng_states(states: dict, device: torch.device) -> None:
-    torch.set_rng_state(states["cpu"])
-    if "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def cooled_evaluation(trainer, steps: int, stable: dict) -> dict:
@@ -54,7 +42,7 @@ def cooled_evaluation(trainer, steps: int, stable: dict) -> dict:
     started = time.perf_counter()
     strategy, optim = trainer.strategy, trainer.config.optim
     saved = strategy.snapshot(trainer.model, trainer.optimizer)
-    saved_rng = rng_states(trainer.device)
+    saved_rng = rng_state(trainer.device)
     saved_bad = trainer._first_bad_step.clone()
     scaler_state = trainer.scaler.state_dict() if trainer.scaler else None
     real_tokens = 0.0
@@ -69,7 +57,7 @@ def cooled_evaluation(trainer, steps: int, stable: dict) -> dict:
     full_model = strategy.full_model(trainer.model)  # every rank calls: gathered under sharding
     cooled = trainer.evaluator(full_model) if trainer.evaluator else {}
     strategy.restore(trainer.model, trainer.optimizer, saved)
-    set_rng_states(saved_rng, trainer.device)
+    set_rng_state(saved_rng, trainer.device)
     trainer._first_bad_step = saved_bad
     if trainer.scaler:
         trainer.scaler.load_state_dict(scaler_state)

@@ -111,7 +111,7 @@ class RayTrainRun:
             ray.train.report(metrics)
             return
         name = checkpoint_name(trainer.step)
-        rng_states = self.strategy.all_gather_object(rng_state())  # every rank's dropout stream
+        rng_states = self.strategy.all_gather_object(rng_state(trainer.device))  # every rank's dropout stream
         if self.strategy.rank != 0 and not self.strategy.sharded:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return

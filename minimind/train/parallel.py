@@ -101,8 +101,14 @@ class DataParallel(SingleProcess):
 
     def parallelize(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # No buffer broadcast: the model's only buffers are the RoPE tables, computed alike on every rank,
+        # which DDP would otherwise re-send every forward. Gradients as views into the buckets: no copy.
         wrapped = DistributedDataParallel(
-            model, device_ids=device_ids, find_unused_parameters=self.find_unused_parameters
+            model,
+            device_ids=device_ids,
+            find_unused_parameters=self.find_unused_parameters,
+            broadcast_buffers=False,
+            gradient_as_bucket_view=True,
         )
         return wrapped, optimizer
 

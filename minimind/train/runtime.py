@@ -18,11 +18,12 @@ def resolve_device(runtime: RuntimeConfig) -> torch.device:
 
 
 def resolve_dtype(runtime: RuntimeConfig, device: torch.device) -> torch.dtype:
-    """auto: bf16 on GPUs that support it (no loss scaling needed), fp32 elsewhere."""
+    """auto: bf16 on GPUs that compute in it (compute capability >= 8.0; no loss scaling needed), fp16
+    (with the loop's GradScaler) on older GPUs, which only emulate bf16; fp32 on CPU."""
     if runtime.dtype != "auto":
         return DTYPES[runtime.dtype]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     return torch.float32
 
 
