@@ -99,11 +99,13 @@ def test_durations_come_from_one_trial_whose_cooldown_branches_are_the_shorter_r
     # 16 x 64 = 1,024 tokens a step: the durations are 20 and 40 steps. The cooldown fraction defaults to
     # 0.2 / 0.8 = 0.25, and the branch from step 16 trains round(0.25 * 16) = 4 steps: it ends at step 20,
     # the decay of a 20-step run being its last round(0.2 * 20) = 4 steps.
+    # ASHA's rungs, at 10,240 and 20,480 tokens, are reached at steps 10 and 20: evaluated and saved there.
     config = plan.trial_config({"optim.lr": 1e-2, "optim.batch_size": 16})
-    config.eval.every_steps = 0  # only the duration's evaluation (the budget's every 10 steps would add more)
-    assert (config.optim.max_steps, config.eval.at_steps, config.eval.cooldown_fraction) == (40, [16], 0.25)
+    config.eval.every_steps = 0  # only the duration's and the rungs' evaluations (the budget's every 10 steps)
+    assert (config.optim.max_steps, config.eval.at_steps, config.eval.cooldown_fraction) == (40, [10, 16, 20], 0.25)
+    assert config.checkpoint.at_steps == [10, 20]
     long_run = Trainer(config).fit()
-    cooled = next(row for row in long_run.history if row.get("cooldown_steps"))
+    cooled = next(row for row in long_run.history if row["step"] == 16)
     assert (cooled["step"], cooled["cooldown_steps"], cooled["duration_tokens"]) == (16, 4, 20 * 1024)
     short = plan.trial_config({"optim.lr": 1e-2, "optim.batch_size": 16})
     short.optim.max_steps, short.eval.at_steps, short.eval.every_steps = 20, [], 0

@@ -312,6 +312,8 @@ class CheckpointConfig:
     """Run directory for checkpoints, ``metrics.jsonl`` and ``config.yaml``; ``None`` saves nothing.
     Under Ray Train it is ``storage_path/name`` (local, NFS, ``s3://`` or ``gs://``)."""
     every_steps: int = 500
+    at_steps: list[int] = field(default_factory=list)
+    """Further steps to save at (a sweep's rungs: a trial paused there resumes from that step)."""
     keep_last: int = 2
     """Checkpoints kept (the newest is always kept; with ``score_metric``, the best others)."""
     score_metric: str | None = None
@@ -325,6 +327,7 @@ class CheckpointConfig:
 
     def validate(self, path: str = "checkpoint") -> None:
         _require(self.every_steps > 0, f"{path}.every_steps", "must be positive")
+        _require(all(step > 0 for step in self.at_steps), f"{path}.at_steps", "steps must be positive")
         _require(self.keep_last > 0, f"{path}.keep_last", "must be positive")
         _require(self.score_mode in ("min", "max"), f"{path}.score_mode", "must be min or max")
 

@@ -263,7 +263,11 @@ class Trainer:
             window_steps += 1
             self.step += 1
             log_due = self.step % config.logging.every_steps == 0 or self.step == end
-            save_due = self.run is not None and (self.step % config.checkpoint.every_steps == 0 or self.step == end)
+            save_due = self.run is not None and (
+                self.step % config.checkpoint.every_steps == 0
+                or self.step == end
+                or self.step in config.checkpoint.at_steps
+            )
             eval_due = (
                 self.step == end
                 or bool(config.eval.every_steps and self.step % config.eval.every_steps == 0)
@@ -284,7 +288,11 @@ class Trainer:
                 if branch_steps := cooldown_steps(self, self.step):  # every rank trains the branch
                     final_eval = cooled_evaluation(self, branch_steps, final_eval)
                 if self.evaluator:
-                    row = metrics or {"step": self.step, "tokens": self.tokens_trained}
+                    row = metrics or {
+                        "step": self.step,
+                        "tokens": self.tokens_trained,
+                        "budget_tokens": self.budget_tokens,
+                    }
                     metrics = {**row, **final_eval, "cooldown_tokens": self.cooldown_tokens}
                 window_start += time.perf_counter() - evaluation_started  # throughput counts training only
             if metrics is not None:
@@ -316,6 +324,13 @@ class Trainer:
         local = torch.tensor(self.local_tokens, dtype=torch.float64, device=self.device)
         self.tokens_trained = int(self.strategy.all_reduce(local).item())
 
+    @property
+    def budget_tokens(self) -> int:
+        """Tokens the steps so far hold, padding included: what a sweep's budget and rungs count (known
+        from the step alone, unlike ``tokens``, the real tokens, which padding leaves short of it)."""
+        optim, world = self.config.optim, self.strategy.world_size
+        return self.step * optim.batch_size * optim.grad_accum_steps * world * self.config.data.seq_len
+
     def _summarise(self, window: dict, steps: int, seconds: float) -> dict:
         """Metrics of the window, summed over workers: the one host-device synchronisation per log."""
         names = sorted(key for key in window if key not in LATEST)
@@ -330,6 +345,7 @@ class Trainer:
             "lr": window["lr"],
             "grad_norm": float(window["grad_norm"]),
             "tokens": self.tokens_trained,
+            "budget_tokens": self.budget_tokens,
             "tokens_per_second": tokens_per_second,
             "padding_fraction": 1.0 - totals["real_tokens"] / totals["total_tokens"] if totals["total_tokens"] else 0.0,
         }

@@ -13,13 +13,23 @@ from ray.tune.search import ConcurrencyLimiter
 
 from minimind import storage
 from minimind.tune.plan import TIME_ATTR, SweepPlan, rung_milestones
-from minimind.tune.records import DECISIONS_FILE, TrialFile, asha_decisions, evaluations, trial_ids, wall_seconds_so_far
+from minimind.tune.records import (
+    DECISIONS_FILE,
+    TrialFile,
+    asha_decisions,
+    evaluations,
+    rung_position,
+    trial_ids,
+    wall_seconds_so_far,
+)
 
 
 class TokenASHA(FIFOScheduler):
     """ASHA (Li et al., 2020) on trained tokens, promoting a trial only on evidence.
 
-    Rungs sit at ``grace_tokens * reduction_factor**k`` tokens, below ``budget.max_tokens``. A trial's
+    Rungs sit at ``grace_tokens * reduction_factor**k`` tokens, below ``budget.max_tokens``, counted
+    as the budget is (``budget_tokens``: the tokens a trial's steps hold), and every trial is evaluated
+    at the step where it reaches each (``SweepPlan.trial_config``). A trial's
     first evaluation at or past a rung is recorded there, and it goes on only while it ranks among
     the rung's best ``floor(n / reduction_factor)`` of the ``n`` results recorded there. A trial that
     does not (yet) waits there, paused (its workers freed for other trials), until enough results
@@ -60,10 +70,11 @@ class TokenASHA(FIFOScheduler):
 
     # -- the rule -----------------------------------------------------------------------------
 
-    def record(self, trial_id: str, tokens: float, value: float) -> None:
-        """Record a result at the highest rung it reaches that the trial has no result at yet."""
+    def record(self, trial_id: str, position: float, value: float) -> None:
+        """Record a result at the highest rung its position (:func:`rung_position`) reaches that the
+        trial has no result at yet."""
         for index in reversed(range(len(self.milestones))):
-            if tokens >= self.milestones[index]:
+            if position >= self.milestones[index]:
                 if trial_id not in self.rungs[index]:
                     self.rungs[index][trial_id] = value
                 return
@@ -126,7 +137,7 @@ class TokenASHA(FIFOScheduler):
             return TrialScheduler.STOP
         if TIME_ATTR not in result or "objective" not in result:
             return TrialScheduler.CONTINUE
-        self.record(trial_id, result[TIME_ATTR], result["objective"])
+        self.record(trial_id, rung_position(result), result["objective"])
         if not self.early_stopping or ("total_steps" in result and result["step"] >= result["total_steps"]):
             # No early stopping, or the run's last evaluation: the trial ends on its own, finished.
             self.settle(tune_controller)
@@ -238,7 +249,7 @@ class TokenASHA(FIFOScheduler):
         better = min if self.plan.objective.mode == "min" else max
         for trial_id in trial_ids(self.plan.sweep_dir):
             for row in evaluations(self.plan.judged_dir(trial_id), self.plan.objective):
-                self.record(trial_id, row[TIME_ATTR], row["objective"])
+                self.record(trial_id, rung_position(row), row["objective"])
                 candidate = (row["objective"], trial_id)
                 self.best_recorded = better(self.best_recorded or candidate, candidate, key=lambda pair: pair[0])
         for row in asha_decisions(self.plan.sweep_dir):

@@ -24,12 +24,20 @@ METRIC_MODES = {
     "reward_margin": "max",
 }
 TIME_ATTR = "tokens"  # trained tokens, counted by the loop and restored with its checkpoints
+RUNG_ATTR = "budget_tokens"
+"""Where a trial is against its budget and ASHA's rungs: the tokens its steps hold, padding included
+(``step * tokens_per_step``), so a rung's evaluation step is known in advance; real ``tokens`` fall
+short of it by the padding (in packed pretraining, one short block per epoch)."""
 NO_TOKEN_LIMIT = 1e18  # rungs of trials that train by epochs (no budget.max_tokens)
 
 
 def rung_milestones(budget: Budget) -> list[float]:
-    """ASHA's rungs, in trained tokens: ``grace_tokens * reduction_factor**k`` below ``max_tokens``."""
-    grace = budget.grace_tokens or budget.eval_every_tokens or 1.0
+    """ASHA's rungs, in trained tokens: ``grace_tokens * reduction_factor**k`` below ``max_tokens``
+    (none when the budget names neither ``grace_tokens`` nor ``eval_every_tokens``: trials are judged
+    at their ends only)."""
+    grace = budget.grace_tokens or budget.eval_every_tokens
+    if not grace:
+        return []
     limit = budget.max_tokens or NO_TOKEN_LIMIT
     return [m for m in (grace * budget.reduction_factor**k for k in range(64)) if m < limit]
 
@@ -123,6 +131,12 @@ class SweepPlan:
             overrides["checkpoint.every_steps"] = overrides["eval.every_steps"]
         if budget.durations_tokens:
             overrides.update(duration_evaluations(config, budget.durations_tokens, step_tokens))
+        # Evaluated and saved where each rung is reached (its cooldown branch too, under WSD), so ASHA
+        # judges every trial at the same budget and a trial paused there resumes from that step.
+        last = overrides.get("optim.max_steps") or config.optim.max_steps
+        at_rungs = [steps for steps in rung_steps(budget, step_tokens) if not last or steps < last]
+        overrides["eval.at_steps"] = sorted(set(overrides.get("eval.at_steps", config.eval.at_steps)) | set(at_rungs))
+        overrides["checkpoint.at_steps"] = sorted(set(config.checkpoint.at_steps) | set(at_rungs))
         return build_config(raw, overrides)
 
     def check(self) -> None:
@@ -145,6 +159,14 @@ def tokens_per_step(config: TrainConfig) -> int:
     """Tokens one optimizer step trains over all workers (packed: every position a token)."""
     optim = config.optim
     return optim.batch_size * optim.grad_accum_steps * config.distributed.num_workers * config.data.seq_len
+
+
+def rung_steps(budget: Budget, tokens_per_step: float) -> list[int]:
+    """The steps at which a trial of ``tokens_per_step`` reaches each of ASHA's rungs (with
+    ``budget.max_tokens``; a trial that trains by epochs is judged at its own evaluations)."""
+    if not budget.max_tokens:
+        return []
+    return [duration_steps(milestone, tokens_per_step) for milestone in rung_milestones(budget)]
 
 
 def duration_steps(duration_tokens: float, tokens_per_step: float) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from minimind import storage
-from minimind.tune.plan import TIME_ATTR, Objective
+from minimind.tune.plan import RUNG_ATTR, TIME_ATTR, Objective
 
 DECISIONS_FILE = "asha.jsonl"
 
@@ -43,6 +43,12 @@ def evaluations(run_dir: str, objective: Objective) -> list[dict]:
     """A trial's evaluation rows, each with its ``objective``: what it reported to Tune."""
     rows = [(row, objective(row)) for row in read_rows(storage.join(run_dir, "metrics.jsonl"))]
     return [{**row, "objective": value} for row, value in rows if value is not None and TIME_ATTR in row]
+
+
+def rung_position(row: dict) -> float:
+    """Where an evaluation row stands against the rungs (:data:`~minimind.tune.plan.RUNG_ATTR`; rows
+    written before it was reported: their real tokens)."""
+    return float(row.get(RUNG_ATTR, row[TIME_ATTR]))
 
 
 def trial_ids(sweep_dir: str) -> list[str]:

@@ -15,7 +15,15 @@ import yaml
 from minimind import storage
 from minimind.config import TrainConfig, apply_overrides
 from minimind.tune.plan import TIME_ATTR, SweepPlan, duration_steps, rung_milestones, tokens_per_step
-from minimind.tune.records import TrialFile, evaluations, pruned_trials, read_rows, trial_ids, wall_seconds_so_far
+from minimind.tune.records import (
+    TrialFile,
+    evaluations,
+    pruned_trials,
+    read_rows,
+    rung_position,
+    trial_ids,
+    wall_seconds_so_far,
+)
 from minimind.tune.report import SweepSummary, TrialRecord, best_trial, reading_at, write_report
 from minimind.tune.settings import SweepSettings
 
@@ -31,7 +39,7 @@ def collect_records(plan: SweepPlan) -> list[TrialRecord]:
         judged = plan.judged_dir(trial["trial_id"])
         curve = read_rows(storage.join(judged, "metrics.jsonl"))
         evaluated = evaluations(judged, plan.objective)
-        readings = [(float(row[TIME_ATTR]), float(row["objective"])) for row in evaluated]
+        readings = [(rung_position(row), float(row["objective"])) for row in evaluated]
         # What the run would have scored, ended at each length: cooled readings, and the end of a finished run.
         durations = [(float(row["duration_tokens"]), float(row["objective"])) for row in evaluated
                      if "duration_tokens" in row]  # fmt: skip
