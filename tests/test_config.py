@@ -57,6 +57,12 @@ def test_round_trip_through_yaml(tmp_path):
             "distributed.gpus_per_worker: 0.25 GPU per worker",
         ),
         ({"optim.schedule": "linear"}, "optim.schedule: must be one of ('cosine', 'wsd')"),
+        ({"model.parametrization": "ntk"}, "model.parametrization: must be one of ('standard', 'mup')"),
+        ({"model.mup_base_width": 128}, "model.mup_base_width: a base width applies to parametrization: mup"),
+        (
+            {"model.parametrization": "mup", "model.mup_base_width": 100},
+            "model.mup_base_width: 100 cannot be the width of a base model with num_heads=8",
+        ),
         ({"optim.schedule": "wsd", "optim.decay_fraction": 0}, "optim.decay_fraction: must be in (0, 1]"),
         ({"eval.cooldown_fraction": 0.25}, "eval.cooldown_fraction: cooldown evaluations branch a warmup-stable"),
         (

@@ -1,5 +1,7 @@
 import pytest
 import torch
+from conftest import SAMPLE
+from test_minimind_parity import MINIMIND3, OURS_SMALL, SMALL, reference
 
 from minimind.config import model_config
 from minimind.model import MiniMindLM
@@ -125,3 +127,41 @@ def test_fused_experts_split_back_into_one_tensor_per_expert():
     fused[f"{prefix}.down_proj"] = stack("down_proj")
     split = split_fused_experts(fused)
     assert split.keys() == state.keys() and all(torch.equal(split[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize(
+    "fields, architecture, reference_module",
+    [({}, "LlamaForCausalLM", "minimind2"), (MINIMIND3, "Qwen3ForCausalLM", "minimind3")],
+    ids=["minimind2", "minimind-3"],
+)
+def test_a_trained_mup_model_exports_as_a_standard_one_that_transformers_and_minimind_compute_alike(
+    fields, architecture, reference_module, tokenizer, tmp_path
+):
+    """μP's output multiplier and attention scale fold into the final norm and the queries (q_norm
+    under QK-norm): the exports are standard models with the μP model's logits, after training (where
+    the norms and queries are no longer at their init)."""
+    from minimind.config import build_config
+    from minimind.model.minimind_format import export_minimind_pth
+    from minimind.train.loop import Trainer
+
+    model_fields = {"preset": "custom", **OURS_SMALL, **fields, "parametrization": "mup", "mup_base_width": 32}
+    raw = {"model": model_fields, "data": {"train_files": [str(SAMPLE / "pretrain.jsonl")], "seq_len": 64},
+           "optim": {"lr": 2e-2, "batch_size": 4, "max_steps": 12, "warmup_steps": 2}}  # fmt: skip
+    trainer = Trainer(build_config(raw))
+    trainer.fit()
+    model = trainer.model.eval()
+    assert not torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))  # trained
+    ids = torch.randint(0, 6400, (2, 40))
+    with torch.no_grad():
+        ours = model(ids)[0]
+        hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(model, tokenizer, tmp_path / "hf")).eval()
+        assert type(hf).__name__ == architecture
+        # fp32 on both sides: the folded multipliers and the kernels' summation order differ (~1e-6).
+        assert (hf(ids).logits - ours).abs().max().item() < 1e-4
+        back = import_hf(tmp_path / "hf")
+        assert back.config.parametrization == "standard"
+        assert (back(ids)[0] - ours).abs().max().item() < 1e-4
+        ref = reference(reference_module)
+        theirs = ref.MiniMindForCausalLM(ref.MiniMindConfig(**SMALL)).eval()
+        theirs.load_state_dict(torch.load(export_minimind_pth(model, tmp_path / "mup.pth", "float32")), strict=True)
+        assert (theirs(ids).logits - ours).abs().max().item() < 1e-4

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -124,3 +125,65 @@ def test_streamed_text_joins_to_the_decoded_reply(tokenizer):
     )
     assert "".join(pieces) == tokenizer.decode(ids)
     assert len(pieces) > 1 and all(pieces)
+
+
+COORDINATE_WIDTHS = (64, 128, 256, 512)
+WATCHED = ("model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.layers.1.mlp",
+           "model.layers.1")  # fmt: skip
+
+
+def coordinate_sizes(parametrization: str, width: int, ids: torch.Tensor) -> dict[str, float]:
+    """Mean |activation| of each watched layer (and of the logits) after 10 Adam steps on ``ids``, the
+    optimizer built and scheduled as training builds it (μP's per-group lr scales included)."""
+    from minimind.config import build_config
+    from minimind.train.loop import build_optimizer
+    from minimind.train.schedule import set_learning_rate
+
+    torch.manual_seed(0)
+    fields = {"preset": "custom", "hidden_size": width, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+              "max_seq_len": 64, "parametrization": parametrization}  # fmt: skip
+    if parametrization == "mup":
+        fields["mup_base_width"] = COORDINATE_WIDTHS[0]
+    config = build_config({"model": fields, "optim": {"lr": 3e-3, "weight_decay": 0.0}, "data": {"seq_len": 64}})
+    model = MiniMindLM(config.model)
+    optimizer = build_optimizer(model, config, torch.device("cpu"))
+    set_learning_rate(optimizer, config.optim.lr)
+    for _ in range(10):
+        logits = model(ids[:, :-1])[0]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    sizes = {}
+    modules = dict(model.named_modules())
+    for name in WATCHED:
+        output = lambda module, inputs, out, name=name: sizes.__setitem__(  # noqa: E731
+            name, (out[0] if isinstance(out, tuple) else out).abs().mean().item()
+        )
+        modules[name].register_forward_hook(output)
+    with torch.no_grad():
+        sizes["logits"] = model(ids[:, :-1])[0].abs().mean().item()
+    return sizes
+
+
+def test_mup_keeps_activations_the_same_size_across_widths_where_standard_grows_with_width(tokenizer):
+    """The coordinate check of μP (Yang et al. 2022, fig. 5; microsoft/mup's coord_check): after a few
+    Adam steps at one lr, each layer's mean |activation| at widths 64 to 512.
+
+    Standard: an Adam step moves every weight by about lr, so a layer's output moves by about
+    lr * fan_in once updates align: it grows with width (here 40-130x over 8x width in the blocks,
+    products of grown terms growing faster; the logits 3x, the loss saturating them). μP scales the
+    hidden matrices' lr by 1/m and the logits by 1/m: the sizes stay Theta(1) (here within 0.7-1.35x)."""
+    from conftest import SAMPLE
+
+    text = "".join(json.loads(line)["text"] for line in (SAMPLE / "pretrain.jsonl").read_text().splitlines()[:20])
+    ids = torch.tensor(tokenizer.encode(text)[: 8 * 65]).view(8, 65)
+    for parametrization in ("standard", "mup"):
+        sizes = {width: coordinate_sizes(parametrization, width, ids) for width in COORDINATE_WIDTHS}
+        for layer in (*WATCHED, "logits"):
+            across = [sizes[width][layer] for width in COORDINATE_WIDTHS]
+            growth = across[-1] / across[0]
+            if parametrization == "mup":
+                assert max(across) / min(across) < 2.0, (layer, across)
+            else:
+                assert growth > (2.0 if layer == "logits" else 8.0), (layer, across)

@@ -20,6 +20,7 @@ DATA_FORMATS = ("pretrain", "sft", "dpo", "r1")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "wsd")
 DECAY_SHAPES = ("linear", "sqrt", "cosine")
+PARAMETRIZATIONS = ("standard", "mup")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -94,6 +95,12 @@ class ModelConfig:
     """RMSNorm on each head's queries and keys before RoPE (minimind-3, as Qwen3)."""
     dropout: float = 0.0
     moe: MoEConfig = field(default_factory=MoEConfig)
+    parametrization: str = "standard"
+    """``standard`` (MiniMind's) or ``mup``: μP, under which the lr, init and schedule tuned at
+    ``mup_base_width`` hold at other widths (``minimind/model/mup.py`` lists its changes)."""
+    mup_base_width: int | None = None
+    """``mup``: the hidden size hyperparameters are tuned at (μP equals standard there); None: this
+    model's own ``hidden_size``. It needs as many heads as this model: a multiple of ``num_heads``."""
 
     @property
     def head_dim(self) -> int:
@@ -123,6 +130,23 @@ class ModelConfig:
             "must be positive",
         )
         _require(0.0 <= self.dropout < 1.0, f"{path}.dropout", "must be in [0, 1)")
+        _require(
+            self.parametrization in PARAMETRIZATIONS,
+            f"{path}.parametrization",
+            f"must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}",
+        )
+        if self.mup_base_width is not None:
+            _require(
+                self.parametrization == "mup",
+                f"{path}.mup_base_width",
+                f"a base width applies to parametrization: mup (this model is {self.parametrization})",
+            )
+            _require(
+                self.mup_base_width > 0 and self.mup_base_width % self.num_heads == 0,
+                f"{path}.mup_base_width",
+                f"{self.mup_base_width} cannot be the width of a base model with num_heads={self.num_heads}: it must "
+                f"be a positive multiple of {self.num_heads}",
+            )
         self.moe.validate(f"{path}.moe")
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from minimind.model.checkpoint import TIED_KEY, attach_adapter, load_model, model_config_from_dict
 from minimind.model.lora import LoRALinear
 from minimind.model.minimind import MiniMindLM
+from minimind.model.mup import standard_state_dict
 
 # model_type -> architecture: Llama has no QK-norm, Qwen3 has it (and otherwise the same layers);
 # Qwen3-MoE is Qwen3 with routed experts (top-k, softmax router, no shared expert): minimind-3-moe.
@@ -89,7 +90,7 @@ def export_hf(model: MiniMindLM, tokenizer, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     weights = {
         name: tensor.detach().float().contiguous().cpu()
-        for name, tensor in model.state_dict().items()
+        for name, tensor in standard_state_dict(model).items()  # μP's multipliers folded in
         if name != TIED_KEY
     }
     save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimind.config import ModelConfig
+from minimind.model import mup
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -59,6 +60,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
+        self.scale = mup.attention_scale(config)  # None: 1/sqrt(head_dim)
 
     def forward(
         self,
@@ -85,13 +87,15 @@ class Attention(nn.Module):
         v_full = v.repeat_interleave(repeats, dim=1) if repeats > 1 else v
         dropout = self.dropout if self.training else 0.0
         if attn_mask is None and cache is None:
-            out = F.scaled_dot_product_attention(q, k_full, v_full, dropout_p=dropout, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k_full, v_full, dropout_p=dropout, is_causal=True, scale=self.scale)
         else:
             if attn_mask is None:
                 # New queries sit at the end of the cached sequence: query i sees keys <= past + i.
                 past = k.shape[2] - length
                 attn_mask = torch.ones(length, k.shape[2], dtype=torch.bool, device=x.device).tril(past)
-            out = F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=attn_mask, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(
+                q, k_full, v_full, attn_mask=attn_mask, dropout_p=dropout, scale=self.scale
+            )
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(out), new_cache
 
@@ -204,6 +208,11 @@ class MiniMindLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+        self.output_multiplier = mup.output_multiplier(config)
+        if config.parametrization == "mup":  # the same draws, rescaled: std 0.02 * mup's factor
+            with torch.no_grad():
+                for name, parameter in self.named_parameters():
+                    parameter.mul_(mup.init_std_multiplier(name, config))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -250,6 +259,8 @@ class MiniMindLM(nn.Module):
             if layer_aux is not None:
                 aux_loss = aux_loss + layer_aux
         logits = self.lm_head(self.model.norm(x))
+        if self.output_multiplier != 1.0:
+            logits = logits * self.output_multiplier
         return logits, aux_loss, new_cache
 
 

@@ -21,6 +21,7 @@ from minimind.config import ModelConfig
 from minimind.model.checkpoint import TIED_KEY, model_config_from_dict
 from minimind.model.lora import LoRALinear
 from minimind.model.minimind import MiniMindLM
+from minimind.model.mup import standard_state_dict
 
 EMBEDDING_KEY = "model.embed_tokens.weight"
 PTH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -38,7 +39,9 @@ def export_minimind_pth(model: MiniMindLM, path: str | Path, dtype: str = "float
     """Write ``model`` as MiniMind's trainers do, so its scripts load it (``load_state_dict``, strict)."""
     if any(isinstance(module, LoRALinear) for module in model.modules()):
         raise ValueError("merge LoRA adapters before export (load_model(..., merge=True))")
-    state = {name: tensor.detach().to(PTH_DTYPES[dtype]).cpu() for name, tensor in model.state_dict().items()}
+    state = {  # μP's multipliers folded in: MiniMind's model is a standard one
+        name: tensor.detach().to(PTH_DTYPES[dtype]).cpu() for name, tensor in standard_state_dict(model).items()
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)

@@ -19,7 +19,7 @@ import time
 import torch
 
 from minimind.train.checkpointing import rng_state, set_rng_state
-from minimind.train.schedule import cooldown_lr, decay_start
+from minimind.train.schedule import cooldown_lr, decay_start, set_learning_rate
 
 
 def cooldown_steps(trainer, step: int) -> int:
@@ -47,8 +47,7 @@ def cooled_evaluation(trainer, steps: int, stable: dict) -> dict:
     scaler_state = trainer.scaler.state_dict() if trainer.scaler else None
     real_tokens = 0.0
     for index in range(steps):
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = cooldown_lr(index, steps, optim)
+        set_learning_rate(trainer.optimizer, cooldown_lr(index, steps, optim))
         stats = trainer.accumulate_gradients(trainer.step + index)
         real_tokens += float(stats["real_tokens"])
         trainer.optimizer_step()

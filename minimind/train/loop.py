@@ -27,7 +27,7 @@ from torch import nn
 from minimind.config import TrainConfig
 from minimind.data.dataset import TrainingData, build_training_data, collate
 from minimind.eval.evaluator import Evaluator
-from minimind.model import MiniMindLM, flops_per_token
+from minimind.model import MiniMindLM, flops_per_token, mup
 from minimind.model.checkpoint import load_model
 from minimind.model.lora import apply_lora
 from minimind.tokenizer import MiniMindTokenizer, load_tokenizer
@@ -38,7 +38,7 @@ from minimind.train.objectives import DPO, Distillation, LanguageModeling, Objec
 from minimind.train.parallel import SingleProcess
 from minimind.train.reporting import RunFiles, WandbLogger, progress_line
 from minimind.train.runtime import autocast, resolve_device, resolve_dtype
-from minimind.train.schedule import learning_rate
+from minimind.train.schedule import learning_rate, set_learning_rate
 
 
 class NonFiniteLoss(RuntimeError):
@@ -77,14 +77,19 @@ def build_model(config: TrainConfig, device: torch.device) -> MiniMindLM:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not norms); fused kernels on CUDA."""
-    decay, no_decay = [], []
-    for _, parameter in model.named_parameters():
+    """AdamW; weight decay on matrices only (not norms); fused kernels on CUDA. Under μP each group
+    also carries its ``lr_scale`` (``minimind/model/mup.py``), which the schedule multiplies in."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            key = (parameter.dim() >= 2, mup.lr_multiplier(name, config.model))
+            groups.setdefault(key, []).append(parameter)
+    param_groups = [
+        {"params": params, "weight_decay": config.optim.weight_decay if decay else 0.0, "lr_scale": lr_scale}
+        for (decay, lr_scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))
+    ]
     return torch.optim.AdamW(
-        groups, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2), fused=device.type == "cuda"
+        param_groups, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2), fused=device.type == "cuda"
     )
 
 
@@ -222,8 +227,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         lr = learning_rate(step, self.total_steps, self.config.optim)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr)
         stats = self.accumulate_gradients(step)
         self.local_tokens += float(stats["real_tokens"])  # a CPU tensor: no device sync
         grad_norm = self.optimizer_step()

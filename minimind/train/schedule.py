@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from minimind.config.schema import DECAY_SHAPES
 
 
@@ -64,3 +66,9 @@ def cooldown_lr(index: int, length: int, optim) -> float:
     """The lr of step ``index`` (0-based) of a decay ``length`` steps long that starts from ``lr``."""
     peak, floor = optim.lr, optim.lr * optim.min_lr_ratio
     return floor + (peak - floor) * decay_factor((index + 1) / length, optim.decay_shape)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr: ``lr`` times the group's ``lr_scale`` (μP's per-parameter factor; 1 otherwise)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -115,7 +115,10 @@ class DeepSpeedZero(DataParallel):
             # building DeepSpeed's C++ op (about a minute on 2 cores).
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+            groups = [
+                {"params": g["params"], "weight_decay": g["weight_decay"], "lr_scale": g["lr_scale"]}
+                for g in optimizer.param_groups
+            ]
             optimizer = DeepSpeedCPUAdam(
                 groups, lr=self.config.optim.lr, betas=optimizer.defaults["betas"], adamw_mode=True
             )
