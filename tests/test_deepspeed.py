@@ -36,11 +36,15 @@ pytest.importorskip("deepspeed")
 
 STEPS = 12
 # Tiny preset, one worker per node, a report every step (per-step losses), a checkpoint every 5 steps.
-COMMON = tiny_pretrain_args(STEPS, lr="1e-3", checkpoint_every=5, placement="STRICT_SPREAD")
+# Under μP at twice its base width: the hidden matrices' param groups train at half the lr, which the
+# ZeRO optimizers must keep from the client optimizer's groups (a lost lr scale doubles their lr).
+MUP = ["--model.parametrization", "mup", "--model.mup_base_width", "32"]
+STANDARD = tiny_pretrain_args(STEPS, lr="1e-3", checkpoint_every=5, placement="STRICT_SPREAD")
+COMMON = [*STANDARD, *MUP]
 
 
-def zero_args(stage: int, *extra: str) -> list[str]:
-    return [*COMMON, "--strategy", "deepspeed", "--zero-stage", str(stage), *extra]
+def zero_args(stage: int, *extra: str, base: list[str] = COMMON) -> list[str]:
+    return [*base, "--strategy", "deepspeed", "--zero-stage", str(stage), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +204,7 @@ def test_offload_beyond_the_clusters_memory_fails_before_any_worker_starts(ray_c
     # About 4.4e11 parameters: 7 TB of offloaded optimizer state, more than any node here.
     huge = ["--model.preset", "custom", "--model.hidden_size", "16384", "--model.num_layers", "128",
             "--model.num_heads", "128", "--model.num_kv_heads", "8", "--model.vocab_size", "6400"]  # fmt: skip
-    process = pretrain(storage, "too-big", [*zero_args(3, "--offload-optimizer"), *huge])
+    process = pretrain(storage, "too-big", [*zero_args(3, "--offload-optimizer", base=STANDARD), *huge])
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 2, out[-3000:]
     assert re.search(r"config error: distributed\.offload_optimizer: [\d,]+ parameters need [\d.]+ GiB", out), out
