@@ -17,7 +17,16 @@ def _cmd_info(args: argparse.Namespace, overrides: dict) -> None:
 
     from minimind.model import MiniMindLM, flops_per_token
 
-    config = _model_fields("info", args.preset, overrides)
+    if bool(args.preset) == bool(args.config):
+        raise SystemExit("minimind info: name a PRESET or give --config RECIPE (the model and cost of its run)")
+    run = None
+    if args.config:
+        from minimind.config import load_config
+
+        run = load_config(args.config, overrides)
+        config = run.model
+    else:
+        config = _model_fields("info", args.preset, overrides)
     with torch.device("meta"):
         model = MiniMindLM(config)
     total = model.num_parameters()
@@ -34,7 +43,25 @@ def _cmd_info(args: argparse.Namespace, overrides: dict) -> None:
         f"{config.num_heads} q / {config.num_kv_heads} kv heads{', QK-norm' if config.qk_norm else ''}, "
         f"ffn {config.ffn_size}, vocab {config.vocab_size}"
     )
-    print(f"  training FLOPs/token at seq 512: {flops_per_token(config, active, 512):.3e}")
+    seq_len = run.data.seq_len if run else 512
+    print(f"  training FLOPs/token at seq {seq_len}: {flops_per_token(config, active, seq_len):.3e} (6N + attention)")
+    if run is not None:
+        _print_run_cost(run)
+
+
+INFO_MFU = 0.4
+INFO_GPUS = ("H100", "A100", "L40S")
+
+
+def _print_run_cost(config) -> None:
+    """A recipe's run: its length, training FLOPs and what they take on a GPU at a stated utilisation."""
+    from minimind.train.compute import run_cost, tokens_per_step
+    from minimind.train.metrics import PEAK_BF16_TFLOPS
+
+    cost = run_cost(config)
+    print(f"  run: {cost.steps:,} steps x {tokens_per_step(config):,} tokens = {cost.tokens:,} tokens ({cost.how})")
+    hours = [f"{cost.flops / (PEAK_BF16_TFLOPS[gpu] * 1e12 * INFO_MFU) / 3600:.3g} h on one {gpu}" for gpu in INFO_GPUS]
+    print(f"  training FLOPs: {cost.flops:.3e}; at {INFO_MFU:.0%} MFU (bf16 dense peaks): {', '.join(hours)}")
 
 
 def _cmd_train(args: argparse.Namespace, overrides: dict) -> None:
@@ -199,8 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minimind", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    info = commands.add_parser("info", help="parameter count and shape of a model preset")
-    info.add_argument("preset")
+    info = commands.add_parser(
+        "info", help="parameters, shape and FLOPs of a model preset, or of a recipe's model and run (--config)"
+    )
+    info.add_argument("preset", nargs="?", help="a preset name (or give --config)")
+    info.add_argument("--config", help="a recipe: its model, and its run's tokens, FLOPs and GPU-hours")
     info.set_defaults(run=_cmd_info)
 
     train = commands.add_parser("train", help="run one training stage; extra --dotted.path VALUE override the config")
@@ -283,11 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _info_overrides(argv: list[str]) -> list[str]:
+    """``info --config R --a.b V ...``'s overrides: what follows ``info`` but ``--config R``."""
+    tokens = argv[argv.index("info") + 1 :]
+    if "--config" in tokens:
+        at = tokens.index("--config")
+        return tokens[:at] + tokens[at + 2 :]
+    return [token for token in tokens if not token.startswith("--config=")]
+
+
 def main(argv: list[str] | None = None) -> None:
     from minimind.config import ConfigError, parse_override_args
 
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
+    if args.command == "info" and args.config and args.preset:  # the preset slot took an override's value
+        rest, args.preset = _info_overrides(argv), None
     try:
         takes_overrides = ("train", "info", "import-minimind")
         overrides = parse_override_args(rest) if args.command in takes_overrides else {}

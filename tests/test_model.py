@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 from minimind.config import model_config
 from minimind.model import MiniMindLM, count_parameters
@@ -187,3 +188,17 @@ def test_mup_keeps_activations_the_same_size_across_widths_where_standard_grows_
                 assert max(across) / min(across) < 2.0, (layer, across)
             else:
                 assert growth > (2.0 if layer == "logits" else 8.0), (layer, across)
+
+
+def test_info_prints_a_recipes_run_and_its_flops_counted_by_hand():
+    # The tiny preset by hand: embedding 6,400 x 64 (tied: counted once); per layer q, o 64 x 64, k, v
+    # 64 x 32 (2 KV heads of 16), SwiGLU 3 x 64 x 192, two norms of 64; the final norm: 508,224 weights.
+    # 6N + 12 * layers * width * seq = 6 * 508,224 + 12 * 2 * 64 * 128 per token; 10 steps of 16 x 128.
+    parameters = 6400 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192 + 2 * 64) + 64
+    flops = 10 * 16 * 128 * (6 * parameters + 12 * 2 * 64 * 128)
+    command = [sys.executable, "-m", "minimind.cli", "info", "--config", "recipes/tiny/pretrain.yaml",
+               "--optim.max_steps", "10"]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert f"tiny: {parameters:,} parameters" in out
+    assert "run: 10 steps x 2,048 tokens = 20,480 tokens (optim.max_steps 10)" in out
+    assert f"training FLOPs: {flops:.3e}" in out

@@ -114,6 +114,10 @@ def test_durations_come_from_one_trial_whose_cooldown_branches_are_the_shorter_r
     with pytest.raises(ConfigError, match="budget.durations_tokens: .*set optim.schedule: wsd"):
         SweepPlan("x", "unused", load_space(ROOT / "search_spaces" / "tiny_wsd.yaml", {"optim.schedule": "cosine"}),
                   Objective.parse("val_loss")).check()  # fmt: skip
+    # A branch ending at the 10-step duration would start at step 8, inside a 9-step warmup: no such run.
+    with pytest.raises(ConfigError, match="budget.durations_tokens: 20480 tokens .* start at step 8, inside the warm"):
+        SweepPlan("x", "unused", load_space(ROOT / "search_spaces" / "tiny_wsd.yaml", {"optim.warmup_steps": 9}),
+                  Objective.parse("val_loss")).check()  # fmt: skip
 
 
 def test_the_sweep_command_refuses_a_bad_space_before_starting_ray(tmp_path):
@@ -626,3 +630,99 @@ def test_a_trials_time_is_its_record_once_it_ended_or_waits_and_runs_on_from_its
     assert wall_seconds_so_far(running, [str(tmp_path)]) == pytest.approx(40.0)  # 30 before, 10 in this attempt
     for status in ("finished", "failed", "pruned", "waiting"):  # recorded when it ended or was paused, counted once
         assert wall_seconds_so_far({**running, "status": status, "wall_seconds": 40.0}, [str(tmp_path)]) == 40.0
+
+
+TARGET_RECIPE = """\
+stage: pretrain
+model: {preset: tiny, hidden_size: 128, parametrization: mup, mup_base_width: 64}
+data: {train_files: [data/sample/pretrain.jsonl], seq_len: 64}
+optim: {lr: 1.0e-2, batch_size: 16, grad_accum_steps: 2, max_steps: 3, warmup_steps: 1}
+eval: {val_fraction: 0.1, max_examples: 8, continuation_docs: 0}
+"""
+TARGET_SWEEP = """\
+stage: pretrain
+target: {target}
+budget: {{max_tokens: 4096, grace_tokens: 1024, reduction_factor: 2}}
+overrides:
+  optim.batch_size: 8
+  optim.grad_accum_steps: 1
+  optim.schedule: wsd
+  eval.cooldown_fraction: 0.25
+{extra}params:
+  optim.lr: {{loguniform: [1.0e-3, 3.0e-2]}}
+  optim.decay_fraction: {{choice: [0.2, 0.5]}}
+"""
+
+
+def tiny_flops_per_token(width: int, seq_len: int) -> int:
+    """6N + 12*L*d*T for the tiny preset (2 layers, 4 heads, 2 KV heads, vocabulary 6,400) at ``width``,
+    counted by hand: the embedding (tied with the readout) once; per layer q and o (d x d), k and v
+    (d x 2 heads x d/4), SwiGLU's three d x ffn (MiniMind's ffn: 64 * ceil(floor(8d/3) / 64)) and two
+    norms; the final norm."""
+    ffn = 64 * -(-(8 * width // 3) // 64)
+    per_layer = 2 * width * width + 2 * width * (2 * width // 4) + 3 * width * ffn + 2 * width
+    parameters = 6400 * width + 2 * per_layer + width
+    return 6 * parameters + 12 * 2 * width * seq_len
+
+
+def test_a_proxy_sweep_runs_the_base_width_and_writes_the_target_recipe_with_the_lr_scaled_to_its_batch(tmp_path):
+    from minimind.config import load_config
+    from minimind.train.loop import Trainer
+    from minimind.tune.plan import Objective, SweepPlan
+    from minimind.tune.report import TrialRecord
+    from minimind.tune.results import transfer_lines, write_best_configs
+
+    recipe = tmp_path / "target.yaml"
+    recipe.write_text(f"{TARGET_RECIPE}checkpoint: {{dir: {tmp_path}/unused}}\n".replace("data/", f"{ROOT}/data/"))
+    space = load_space(write_space(tmp_path, TARGET_SWEEP.format(target=recipe, extra="")))
+    plan = SweepPlan("proxy", str(tmp_path / "sweep"), space, Objective.parse("val_perplexity"))
+    plan.check()
+    # The trials run the target's model at its base width, with the space's overrides.
+    proxy = plan.trial_config({"optim.lr": 4e-3, "optim.decay_fraction": 0.5})
+    assert (proxy.model.hidden_size, proxy.model.mup_base_width, proxy.model.num_layers) == (64, 64, 2)
+    assert (proxy.optim.batch_size, proxy.optim.grad_accum_steps, proxy.optim.schedule) == (8, 1, "wsd")
+
+    best = TrialRecord("t1", {"optim.lr": 4e-3, "optim.decay_fraction": 0.5}, "finished", 50.0, {}, 10_000, 1.0)
+    (tmp_path / "sweep").mkdir()
+    assert ("best-target.yaml", "pretrain") in write_best_configs(plan, best)
+    written = tmp_path / "sweep" / "best-target.yaml"
+    target = load_config(written)
+    # 16 x 2 x 64 = 2,048 target tokens a step against the proxy's 8 x 64 = 512: lr x sqrt(4) = x 2. The
+    # tuned schedule comes along; the target keeps its batch, length, warmup and width; no cooldown branches.
+    assert target.optim.lr == pytest.approx(8e-3, rel=1e-12)
+    assert (target.optim.schedule, target.optim.decay_fraction, target.eval.cooldown_fraction) == ("wsd", 0.5, 0.0)
+    assert (target.optim.batch_size, target.optim.grad_accum_steps, target.optim.max_steps) == (16, 2, 3)
+    assert (target.optim.warmup_steps, target.model.hidden_size, target.model.mup_base_width) == (1, 128, 64)
+    assert "sqrt(2,048 / 512 tokens per step)" in written.read_text()
+    # The report's cost, by hand: 10,000 proxy tokens against 3 steps x 2,048 tokens of the target.
+    lines = transfer_lines(plan, [best], best)
+    proxy_flops = 10_000 * tiny_flops_per_token(64, 64)
+    target_flops = 3 * 2048 * tiny_flops_per_token(128, 64)
+    assert f"{proxy_flops:.3g} FLOPs" in lines[-2] and f"{target_flops:.3g} FLOPs" in lines[-1]
+    assert f"the sweep cost {proxy_flops / target_flops:.1%} of one target run" in lines[-1]
+    # best-target.yaml is a run config as it is.
+    target.checkpoint.dir = None
+    assert Trainer(target).fit().steps == 3
+
+
+MUP_TARGET_MODEL = "model: {preset: tiny, hidden_size: 128, parametrization: mup, mup_base_width: 64}"
+
+
+@pytest.mark.parametrize(
+    "model, extra, message",
+    [
+        ("model: {preset: tiny, hidden_size: 128}", "", r"target: model\.parametrization: a target is tuned"),
+        ("model: {preset: tiny, hidden_size: 128, parametrization: mup}", "",
+         r"target: model\.mup_base_width: the target's \(None\) must be set"),
+        (MUP_TARGET_MODEL, "  model.num_kv_heads: 4\n",
+         r"target: model\.num_kv_heads: the proxy has 4 and the target 2"),
+        (MUP_TARGET_MODEL, "  model.mup_base_width: 32\n",
+         r"target: model\.mup_base_width: the proxy \(mup, base 32\)"),
+    ],
+)  # fmt: skip
+def test_a_target_no_proxy_transfers_to_is_refused_naming_the_field(tmp_path, model, extra, message):
+    text = TARGET_RECIPE.replace(MUP_TARGET_MODEL, model).replace("data/", f"{ROOT}/data/")
+    (tmp_path / "target.yaml").write_text(text)
+    path = write_space(tmp_path, TARGET_SWEEP.format(target=tmp_path / "target.yaml", extra=extra))
+    with pytest.raises(ConfigError, match=rf"^{path}:2: {message}"):
+        load_space(path)

@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[sweep] best trial {best.trial_id}: {plan.objective.spec} {best.objective:.4g} with {best.params}; "
               f"run it with: python ray_jobs/{plan.space.stage}.py --config {plan.sweep_dir}/best.yaml",
               flush=True)  # fmt: skip
+        if plan.space.target is not None:
+            print(f"[sweep] the target's recipe: python ray_jobs/{plan.space.stage}.py --config "
+                  f"{plan.sweep_dir}/best-target.yaml", flush=True)  # fmt: skip
 
 
 def report_main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from minimind.config import ConfigError, TrainConfig, apply_overrides, build_config
+from minimind.train.compute import tokens_per_step
 from minimind.tune.space import Budget, SearchSpace
 
 # Metrics an objective can use, and which way is better.
@@ -155,12 +156,6 @@ class SweepPlan:
             raise ConfigError(f"objective: only DPO trials report {self.objective.spec}")
 
 
-def tokens_per_step(config: TrainConfig) -> int:
-    """Tokens one optimizer step trains over all workers (packed: every position a token)."""
-    optim = config.optim
-    return optim.batch_size * optim.grad_accum_steps * config.distributed.num_workers * config.data.seq_len
-
-
 def rung_steps(budget: Budget, tokens_per_step: float) -> list[int]:
     """The steps at which a trial of ``tokens_per_step`` reaches each of ASHA's rungs (with
     ``budget.max_tokens``; a trial that trains by epochs is judged at its own evaluations)."""
@@ -192,5 +187,13 @@ def duration_evaluations(config: TrainConfig, durations_tokens: list[float], tok
         steps = duration_steps(duration, tokens_per_step)
         guess = round(steps / (1 + fraction))
         candidates = range(max(1, guess - 2), guess + 3)
-        at_steps.append(min(candidates, key=lambda t: (abs(t + max(1, round(fraction * t)) - steps), t)))
+        start = min(candidates, key=lambda t: (abs(t + max(1, round(fraction * t)) - steps), t))
+        if start < config.optim.warmup_steps:
+            raise ConfigError(
+                f"budget.durations_tokens: {duration:g} tokens are {steps} steps of {tokens_per_step:,} tokens; the "
+                f"cooldown branch ending there would start at step {start}, inside the warmup "
+                f"(optim.warmup_steps {config.optim.warmup_steps}), and a run that short has no stable phase to "
+                "branch from: drop that duration or shorten the warmup"
+            )
+        at_steps.append(start)
     return {"eval.cooldown_fraction": fraction, "eval.at_steps": sorted(set(config.eval.at_steps) | set(at_steps))}

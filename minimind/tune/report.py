@@ -87,6 +87,9 @@ class SweepSummary:
     """ASHA's rungs, in trained tokens (for the rank-fidelity section)."""
     durations: list[float] = field(default_factory=list)
     """A duration sweep's candidate lengths in tokens (``budget.durations_tokens``)."""
+    transfer: list[str] = field(default_factory=list)
+    """A proxy sweep's account of its target: how ``best-target.yaml`` was made and what the sweep cost
+    against one target run (``minimind/tune/transfer.py``); empty without a target."""
 
 
 def best_trial(records: list[TrialRecord], mode: str) -> TrialRecord | None:
@@ -114,6 +117,7 @@ def write_report(
     plots_dir.mkdir(parents=True, exist_ok=True)
     best = best_trial(records, summary.mode)
     blocks = _summary_blocks(summary, records) + _best_blocks(location or str(sweep_dir), summary, records, best)
+    blocks += _transfer_blocks(summary)
     blocks += _duration_blocks(summary, records)
     blocks += _fidelity_blocks(summary, records)
     blocks += _plot_blocks(plots_dir, summary, records, best)
@@ -240,6 +244,8 @@ def _best_blocks(
     for order, (file_name, entry_point) in enumerate(summary.best_configs):
         command = f"`python ray_jobs/{entry_point}.py --config {location}/{file_name}`"
         lead = "Best config" if order == 0 else "then"
+        if file_name == "best-target.yaml":  # not a next stage: the same stage at the target's size
+            lead = "The target's recipe"
         blocks.append(("p", f"{lead}: `{file_name}` — run it with {command}"))
     return blocks
 
@@ -292,6 +298,14 @@ def reading_at(durations: list[tuple[float, float]], duration: float) -> float |
     near = [(abs(tokens - duration), value) for tokens, value in durations if math.isfinite(value)]
     near = [(gap, value) for gap, value in near if gap <= DURATION_TOLERANCE * duration]
     return min(near)[1] if near else None
+
+
+def _transfer_blocks(summary: SweepSummary) -> list[tuple]:
+    """A proxy sweep's target: how its recipe was made and the sweep's cost against one target run."""
+    if not summary.transfer:
+        return []
+    text = "The trials trained a μP proxy; `best-target.yaml` is the target recipe with the best trial's values:"
+    return [("h2", "Transfer to the target"), ("p", text), ("ul", summary.transfer)]
 
 
 def _duration_blocks(summary: SweepSummary, records: list[TrialRecord]) -> list[tuple]:

@@ -14,7 +14,8 @@ import yaml
 
 from minimind import storage
 from minimind.config import TrainConfig, apply_overrides
-from minimind.tune.plan import TIME_ATTR, SweepPlan, duration_steps, rung_milestones, tokens_per_step
+from minimind.train.compute import tokens_per_step
+from minimind.tune.plan import TIME_ATTR, SweepPlan, duration_steps, rung_milestones
 from minimind.tune.records import (
     TrialFile,
     evaluations,
@@ -26,8 +27,10 @@ from minimind.tune.records import (
 )
 from minimind.tune.report import SweepSummary, TrialRecord, best_trial, reading_at, write_report
 from minimind.tune.settings import SweepSettings
+from minimind.tune.transfer import TransferredRecipe, transfer, transfer_cost
 
 BEST_CONFIG = "best.yaml"
+BEST_TARGET_CONFIG = "best-target.yaml"
 
 
 def collect_records(plan: SweepPlan) -> list[TrialRecord]:
@@ -124,7 +127,59 @@ def write_best_configs(plan: SweepPlan, record: TrialRecord) -> list[tuple[str, 
         )
         storage.write_text(path, header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
         written.append((file_name, entry_points[index]))
+    if plan.space.target is not None:
+        written.append((write_target_config(plan, record, configs[0]), plan.space.stage))
     return written
+
+
+def target_recipe(plan: SweepPlan, record: TrialRecord, proxy: TrainConfig) -> TransferredRecipe:
+    """The target recipe with ``record``'s tuned values (``proxy``: its run config)."""
+    target = plan.space.target
+    return transfer(target, proxy, {**target.proxy_overrides, **plan.space.stage_params(record.params, 0)})
+
+
+def write_target_config(plan: SweepPlan, record: TrialRecord, proxy: TrainConfig) -> str:
+    """``best-target.yaml``: the target recipe with the best proxy trial's values; returns its name."""
+    recipe = target_recipe(plan, record, proxy)
+    raw = apply_overrides(recipe.raw, {"checkpoint.dir": f"runs/{plan.name}-target"})
+    path = storage.join(plan.sweep_dir, BEST_TARGET_CONFIG)
+    header = [
+        f"# The target {plan.space.target.recipe} with best trial {record.trial_id} of sweep {plan.name} "
+        f"({plan.objective.spec} = {record.objective:.6g} on its proxy, width {proxy.model.hidden_size}; "
+        f"μP base width {proxy.model.mup_base_width})",
+        *(f"# {note}" for note in recipe.notes),
+        f"# Run it: python ray_jobs/{plan.space.stage}.py --config {path}",
+    ]
+    storage.write_text(path, "\n".join(header) + "\n" + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+    return BEST_TARGET_CONFIG
+
+
+def transfer_lines(plan: SweepPlan, records: list[TrialRecord], best: TrialRecord | None) -> list[str]:
+    """What a proxy sweep says of its target: how best-target.yaml was made, and the sweep's cost
+    against one target run in training FLOPs (empty for a sweep without a target)."""
+    target = plan.space.target
+    if target is None:
+        return []
+    lines = []
+    if best is not None:
+        lines += target_recipe(plan, best, plan.trial_config(best.params)).notes
+    cost = transfer_cost(target, [(plan.trial_config(record.params), record.tokens) for record in records])
+    trained = sum(record.tokens for record in records)
+    lines.append(
+        f"the sweep trained {trained:,} proxy tokens at {cost.proxy_flops_per_token:.3g} FLOPs each: "
+        f"{cost.sweep_flops:.3g} FLOPs (6N + attention, the tied embedding once)"
+    )
+    if cost.fraction is None:
+        lines.append(
+            f"one target run's length is {cost.how}; at {cost.target_flops_per_token:.3g} FLOPs per target token "
+            f"the sweep cost as much as {cost.sweep_flops / cost.target_flops_per_token:,.0f} target tokens"
+        )
+    else:
+        lines.append(
+            f"one target run: {cost.target_tokens:,.0f} tokens ({cost.how}) at {cost.target_flops_per_token:.3g} "
+            f"FLOPs each, {cost.target_flops:.3g} FLOPs: the sweep cost {cost.fraction:.1%} of one target run"
+        )
+    return lines
 
 
 def write_sweep_report(settings: SweepSettings, plan: SweepPlan) -> tuple[str, TrialRecord | None]:
@@ -144,6 +199,7 @@ def write_sweep_report(settings: SweepSettings, plan: SweepPlan) -> tuple[str, T
         best_configs=best_configs,
         rungs=rung_milestones(plan.space.budget),
         durations=plan.space.budget.durations_tokens or [],
+        transfer=transfer_lines(plan, records, best),
     )
     if not storage.is_uri(plan.sweep_dir):
         return str(write_report(Path(plan.sweep_dir), summary, records)), best

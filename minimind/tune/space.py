@@ -23,6 +23,14 @@ the last stage's evaluation. A later stage's parameters are named ``<stage>/<fie
         overrides: {optim.max_steps: 2000, eval.val_fraction: 0.02}
         params: {optim.lr: {loguniform: [1.0e-5, 1.0e-3]}}     # "sft/optim.lr"
 
+A *proxy* sweep names the run it tunes for as ``target:`` (a μP recipe; ``minimind/tune/transfer.py``):
+trials run the target's model at its base width (``model.mup_base_width``) unless the space's recipe
+or overrides give the proxy's, and the sweep also writes ``best-target.yaml``:
+
+    stage: pretrain
+    target: {recipe: recipes/minimind-26m-mup/pretrain.yaml, tokens: 4.0e8}   # or just the recipe's path
+    overrides: {data.seq_len: 128}                # the proxy's runs (the recipe defaults to the target's)
+
 A parameter is ``loguniform``/``uniform`` (a float range; an integer field samples integers),
 ``int`` (optionally ``step``/``log``) or ``choice``. ``when`` makes it conditional (Optuna's
 define-by-run): it is sampled only when the named fields, as sampled before it or as the recipe
@@ -45,9 +53,17 @@ import yaml
 from minimind import storage
 from minimind.config import ConfigError, TrainConfig, apply_overrides, build_config, load_yaml
 from minimind.train.launch import ENTRY_POINTS
+from minimind.tune.transfer import (
+    TARGET_KEYS,
+    WIDTH_FIELDS,
+    Target,
+    check_target,
+    check_transfer,
+    proxy_width_overrides,
+)
 
 KINDS = ("loguniform", "uniform", "int", "choice")
-TOP_LEVEL = ("stage", "recipe", "objective", "budget", "overrides", "params", "points", "then")
+TOP_LEVEL = ("stage", "recipe", "target", "objective", "budget", "overrides", "params", "points", "then")
 LATER_STAGE_KEYS = ("stage", "recipe", "overrides", "params")
 
 
@@ -151,6 +167,8 @@ class SearchSpace:
     budget: Budget = field(default_factory=Budget)
     points: list[dict[str, Any]] = field(default_factory=list)
     then: list[LaterStage] = field(default_factory=list)
+    target: Target | None = None
+    """The run a proxy sweep tunes for (``target:``); None: the trials' own recipe is the goal."""
 
     def __call__(self, trial) -> None:
         """Optuna define-by-run: sample each parameter whose ``when`` holds, in file order."""
@@ -225,7 +243,15 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
         if key not in TOP_LEVEL:
             fail(key, f"unknown key (valid: {', '.join(TOP_LEVEL)})")
     cli_overrides = cli_overrides or {}
+    target = None
+    if "target" in raw:
+        target, raw = _parse_target(raw, root, lines, _stage_overrides(cli_overrides, None), fail)
     stage, recipe, base = _parse_stage(raw, "", lines, _stage_overrides(cli_overrides, None), fail)
+    if target is not None:
+        try:
+            check_transfer(build_config(base), build_config(target.base))
+        except ConfigError as error:
+            fail("target", str(error))
     budget = _parse_budget(raw.get("budget") or {}, fail)
     params_raw = raw.get("params")
     if not isinstance(params_raw, dict) or not params_raw:
@@ -281,8 +307,15 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
                 fail(f"params.{param.name}.when", f"{name!r} is sampled after this parameter; list it first",
                      param.line)  # fmt: skip
 
+    if target is not None:
+        if later_stages:
+            fail("target", "a target applies to one-stage sweeps (this one has then:)")
+        for param in params:
+            if param.name.startswith("model.") and param.name.split(".", 1)[1] in WIDTH_FIELDS:
+                fail(f"params.{param.name}", "a target sweep tunes at the proxy's width; the target keeps its own",
+                     param.line)  # fmt: skip
     space = SearchSpace(path, stage, recipe, base, params, raw.get("objective") or "val_perplexity", budget,
-                        then=later_stages)  # fmt: skip
+                        then=later_stages, target=target)  # fmt: skip
     for name, value in space.baseline().items():
         param = next(p for p in params if p.name == name)
         if not param.contains(value):
@@ -338,6 +371,38 @@ def _parse_stage(raw: dict, where: str, lines: dict[str, int], cli_overrides, fa
     except ConfigError as error:
         fail(f"{where}recipe", f"{recipe} with the overrides is not a valid run config: {error}", lines.get("recipe"))
     return stage, recipe, base
+
+
+def _parse_target(raw: dict, root, lines: dict[str, int], cli_overrides: dict, fail) -> tuple[Target, dict]:
+    """The space's ``target`` (a recipe path, or {recipe, overrides, tokens}) and the space with the
+    proxy's recipe and width filled in where it leaves them to the target."""
+    entry = raw["target"]
+    if isinstance(entry, str):
+        entry = {"recipe": entry}
+    if not isinstance(entry, dict):
+        fail("target", "must be a recipe path or a mapping with recipe (and overrides, tokens)")
+    target_lines = _key_lines(_child(root, "target")) or {"": lines["target"]}
+    target_fail = _at_lines(fail, "target", target_lines, lines["target"])
+    for key in entry:
+        if key not in TARGET_KEYS:
+            target_fail(key, f"unknown key (valid: {', '.join(TARGET_KEYS)})")
+    tokens = entry.get("tokens")
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, (int, float)) or tokens <= 0):
+        target_fail("tokens", f"must be a positive number of tokens, got {tokens!r}")
+    stage_entry = {"stage": raw.get("stage"), "recipe": entry.get("recipe"), "overrides": entry.get("overrides")}
+    _, recipe, base = _parse_stage(stage_entry, "", {**target_lines, "stage": lines.get("stage")}, {}, target_fail)
+    raw = dict(raw)
+    overrides = raw.get("overrides") or {}
+    if raw.get("recipe") is None and isinstance(overrides, dict):
+        raw["recipe"] = recipe
+        try:
+            check_target(build_config(base))
+            width = proxy_width_overrides(build_config(base))
+        except ConfigError as error:
+            fail("target", str(error))
+        raw["overrides"] = {**{k: v for k, v in width.items() if k not in overrides}, **overrides}
+    proxy_overrides = {**(overrides if isinstance(overrides, dict) else {}), **cli_overrides}
+    return Target(recipe, base, float(tokens) if tokens is not None else None, proxy_overrides), raw
 
 
 def _at_lines(fail, where: str, lines: dict[str, int], default: int):
