@@ -67,8 +67,10 @@ def _print_run_cost(config) -> None:
 def _cmd_train(args: argparse.Namespace, overrides: dict) -> None:
     from minimind.config import load_config
     from minimind.train.loop import train
+    from minimind.train.runtime import check_gpu_request
 
     config = load_config(args.config, overrides)
+    check_gpu_request(config)  # a GPU run that sees no CUDA stops here, not after training on the CPU
     result = train(config)
     print(f"[done] {result.steps} steps; {result.rejects}; checkpoint: {result.checkpoint}")
 
@@ -87,8 +89,9 @@ def _cmd_generate(args: argparse.Namespace, overrides: dict) -> None:
     from minimind.eval.samples import CHAT_PROMPTS, CONTINUATION_PROMPTS, generate_samples
     from minimind.model.checkpoint import load_model
     from minimind.tokenizer import load_tokenizer
+    from minimind.train.runtime import inference_device
 
-    model = load_model(args.checkpoint, args.device, merge=True)
+    model = load_model(args.checkpoint, inference_device(args.device), merge=True)
     tokenizer = load_tokenizer(args.tokenizer)
     prompts = args.prompt or list(CHAT_PROMPTS if args.chat else CONTINUATION_PROMPTS)
     started: list[int] = []
@@ -213,7 +216,9 @@ def _cmd_check_cluster(args: argparse.Namespace, overrides: dict) -> None:
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     parser.add_argument("--tokenizer", default=None, help="default: the export's own, else the bundled one")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device", default="auto", help="auto (a GPU when this process sees one, else the CPU), cpu, cuda or cuda:N"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=0.85, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.85)
@@ -324,6 +329,7 @@ def _info_overrides(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     from minimind.config import ConfigError, parse_override_args
+    from minimind.cuda import DeviceError
 
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -338,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args, overrides)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except DeviceError as error:
+        print(f"device error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

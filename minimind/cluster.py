@@ -10,7 +10,12 @@ relies on:
   2.49) and installs ``ray[default,train,tune,data]`` at that version and the project;
 - token auth on every node (``RAY_AUTH_MODE=token`` in each start command, the token file mounted);
 - the dashboard never reachable from outside: no non-loopback ``--dashboard-host``, and on AWS no inbound
-  rule but SSH open to the world.
+  rule but SSH open to the world;
+- torch pinned in ``setup_commands``, and no GPU node type booting an image whose NVIDIA driver is known to be
+  older than that torch's CUDA needs (a GCP image family names its driver, ``...-nvidia-570``; an AWS node
+  without ``ImageId`` boots Ray's default, an Ubuntu 18.04 Deep Learning AMI). An image whose driver cannot be told
+  from its name (an ``ami-...`` id, your own machines) passes: the training processes check the driver at start;
+- EFA on the AWS instance types that have it, when a type scales to several nodes (NCCL would use TCP).
 
 A KubeRay ``RayJob`` (``ray.io/v1``) is checked for the fields KubeRay needs and this project relies on: an
 entrypoint running a ``ray_jobs/`` script, cluster shutdown after the job, the Ray version and image, token
@@ -29,9 +34,17 @@ from typing import Any
 import ray
 import yaml
 
+from minimind.cuda import driver_needed, torch_cuda_major
+
 AUTH_TOKEN_PATH = "~/.ray/auth_token"
 RAY_LIBRARIES = "ray[default,train,tune,data]"
 LOOPBACK = ("127.0.0.1", "localhost")
+AWS_DEFAULT_AMI = "Ray's default AMI (AWS Deep Learning AMI Ubuntu 18.04 V71.0)"
+AWS_DEFAULT_AMI_DRIVER_BELOW = 580  # that AMI predates NVIDIA's 580 drivers (2025)
+AWS_BASE_OSS_DLAMI = re.compile(r"/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-\d+\.\d+/")
+AWS_BASE_OSS_DLAMI_DRIVER = 580  # the family's releases since late 2025
+GCP_IMAGE_DRIVER = re.compile(r"-nvidia-(\d{3})(?:-|$)")  # Deep Learning VM families name their driver branch
+EFA_INSTANCE = re.compile(r"^(p4d|p4de|p5|p5e|p5en|p6-b200)\.")  # GPU types whose NCCL needs EFA between nodes
 
 
 class ClusterFileError(ValueError):
@@ -102,6 +115,7 @@ def _check_ray_up(raw: dict, fail) -> dict:
         host = re.search(r"--dashboard-host[= ](\S+)", commands)
         if host and host.group(1) not in LOOPBACK:
             fail(key, f"--dashboard-host {host.group(1)} exposes the dashboard; keep it on 127.0.0.1")
+    _check_gpu_stack(raw, fail)
     for index, rule in enumerate((raw.get("provider") or {}).get("security_group", {}).get("IpPermissions", [])):
         world = any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", [])) or any(
             r.get("CidrIpv6") == "::/0" for r in rule.get("Ipv6Ranges", [])
@@ -109,6 +123,81 @@ def _check_ray_up(raw: dict, fail) -> dict:
         if world and (rule.get("FromPort"), rule.get("ToPort")) != (22, 22):
             fail(f"provider.security_group.IpPermissions.{index}", "opens more than SSH to the internet")
     return prepared
+
+
+def _torch_pin(commands: list) -> tuple[str, str | None] | None:
+    """``(version, index_url)`` of the ``torch==`` a list of pip commands installs; None when unpinned."""
+    for command in commands:
+        pinned = re.search(r"\btorch==([0-9][\w.+]*)", str(command))
+        if pinned:
+            index = re.search(r"--index-url[= ](\S+)", str(command))
+            return pinned.group(1), index.group(1) if index else None
+    return None
+
+
+def _image_driver(provider: str, name: str, node_config: dict) -> tuple[str, str, int | None, int | None] | None:
+    """``(key, image, driver, driver_below)`` of a node type's boot image: its known driver branch, or a bound
+    the driver is known to be below; None when the image says nothing about its driver."""
+    where = f"available_node_types.{name}.node_config"
+    if provider == "aws":
+        image = node_config.get("ImageId")
+        if not image:
+            return where, AWS_DEFAULT_AMI, None, AWS_DEFAULT_AMI_DRIVER_BELOW
+        if AWS_BASE_OSS_DLAMI.search(str(image)):
+            return f"{where}.ImageId", str(image), AWS_BASE_OSS_DLAMI_DRIVER, None
+        return None
+    if provider == "gcp":
+        for index, disk in enumerate(node_config.get("disks") or []):
+            image = str(((disk or {}).get("initializeParams") or {}).get("sourceImage", ""))
+            found = GCP_IMAGE_DRIVER.search(image.rsplit("/", 1)[-1])
+            if found:
+                return f"{where}.disks.{index}.initializeParams.sourceImage", image, int(found.group(1)), None
+    return None
+
+
+def _check_gpu_stack(raw: dict, fail) -> None:
+    """torch pinned, and no GPU node booting an image whose driver is known to be too old for torch's CUDA;
+    EFA on multi-node AWS types that have it."""
+    pin = _torch_pin(raw.get("setup_commands") or [])
+    if pin is None:
+        fail(
+            "setup_commands",
+            'pin torch (pip install "torch==X"): unpinned, PyPI\'s newest build decides the CUDA, and so the NVIDIA '
+            "driver, the nodes need",
+        )
+    version, index_url = pin
+    cuda = torch_cuda_major(version, index_url)
+    needed = driver_needed(cuda)
+    provider = (raw.get("provider") or {}).get("type", "")
+    for name, node_type in (raw.get("available_node_types") or {}).items():
+        if not isinstance(node_type, dict) or (node_type.get("resources") or {}).get("GPU", 1) == 0:
+            continue  # a CPU node type's driver does not matter
+        node_config = node_type.get("node_config") or {}
+        image = _image_driver(provider, name, node_config)
+        if needed and image:
+            key, label, driver, below = image
+            if (driver is not None and driver < needed) or (below is not None and below <= needed):
+                has = f"NVIDIA driver {driver}" if driver is not None else f"an NVIDIA driver older than {below}"
+                fail(
+                    key,
+                    f"{label} has {has}, and torch {version} ({index_url or 'PyPI'}) is a CUDA {cuda} build that needs "
+                    f"driver >= {needed}; boot an image with driver >= {needed} (see the file's GPU stack comment)",
+                )
+        instance = str(node_config.get("InstanceType", ""))
+        if provider == "aws" and EFA_INSTANCE.match(instance) and int(node_type.get("max_workers", 0) or 0) >= 2:
+            interfaces = node_config.get("NetworkInterfaces") or []
+            plain = [
+                i for i, nic in enumerate(interfaces) if (nic or {}).get("InterfaceType") not in ("efa", "efa-only")
+            ]
+            if not interfaces or plain:
+                key = f"available_node_types.{name}.node_config" + (
+                    f".NetworkInterfaces.{plain[0]}.InterfaceType" if plain else ""
+                )
+                fail(
+                    key,
+                    f"{instance} nodes (up to {node_type['max_workers']}) need EFA network interfaces "
+                    "(InterfaceType: efa), or NCCL between them falls back to TCP sockets; see cluster.yaml's gpu-8",
+                )
 
 
 def _check_rayjob(raw: dict, fail) -> None:
@@ -134,6 +223,14 @@ def _check_rayjob(raw: dict, fail) -> None:
         fail("spec.entrypoint", "must run one of this project's ray_jobs/ scripts")
     if need("spec.shutdownAfterJobFinishes", bool) is not True:
         fail("spec.shutdownAfterJobFinishes", "must be true: the cluster goes away when the job ends")
+    runtime_env = raw.get("spec", {}).get("runtimeEnvYAML")
+    if isinstance(runtime_env, str):
+        try:
+            packages = (yaml.safe_load(runtime_env) or {}).get("pip") or []
+        except yaml.YAMLError as error:
+            fail("spec.runtimeEnvYAML", f"not valid YAML: {error}")
+        if any(re.match(r"torch\b", str(p)) for p in packages) and _torch_pin(packages) is None:
+            fail("spec.runtimeEnvYAML", "pin torch (torch==X): its CUDA decides the NVIDIA driver the nodes need")
     cluster = need("spec.rayClusterSpec", dict)
     if str(need("spec.rayClusterSpec.rayVersion", str)) != version:
         fail("spec.rayClusterSpec.rayVersion", f"must be the pinned Ray version {version}")

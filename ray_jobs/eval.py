@@ -6,15 +6,19 @@
 Writes eval.json and eval.md to --out: perplexity and bits per byte (or, for DPO pairs with
 --reference, reward accuracy and margin), the continuation score, chat-format adherence for chat
 formats, and samples for MiniMind's prompts. Connects to RAY_ADDRESS when set, else starts Ray locally.
+Scoring actors run on CPUs unless --use-gpu; the driver's part runs on --device (auto: a GPU when present).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 
 import ray
 
+from minimind.config import ConfigError
+from minimind.cuda import DeviceError
 from minimind.data.formats import FORMATS, RecordError, encode_record, iter_jsonl
 from minimind.data.formats.pretrain import pack_documents
 from minimind.data.pipeline import Manifest, is_prepared
@@ -25,6 +29,7 @@ from minimind.eval.report import write_report
 from minimind.eval.samples import CHAT_PROMPTS, CONTINUATION_PROMPTS, generate_samples
 from minimind.model.hf import load_for_inference
 from minimind.tokenizer import load_tokenizer
+from minimind.train.runtime import inference_device
 
 
 def leading_documents(files: list[str], fmt: str, tokenizer, seq_len: int, count: int) -> list[list[int]]:
@@ -62,7 +67,24 @@ def main() -> None:
     parser.add_argument("--adapter", default=None, help="LoRA checkpoint to apply")
     parser.add_argument("--reference", default=None, help="DPO: the reference model for implicit rewards")
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--actors", type=int, default=4, help="scoring actors (capped at the cluster's CPUs - 1)")
+    parser.add_argument(
+        "--actors", type=int, default=4, help="scoring actors (CPU actors: capped at the cluster's CPUs - 1)"
+    )
+    parser.add_argument(
+        "--use-gpu",
+        action="store_true",
+        help="each scoring actor asks Ray for a GPU (--gpus-per-actor) and scores on it; refused on a cluster "
+        "that has and can get no GPU",
+    )
+    parser.add_argument(
+        "--gpus-per-actor", type=float, default=1.0, help="with --use-gpu: GPU share per actor (0.25: four per GPU)"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where the driver runs the continuation score, chat adherence and samples: auto (a GPU when this "
+        "process sees one), cpu, cuda or cuda:N",
+    )
     parser.add_argument("--continuation-docs", type=int, default=16)
     parser.add_argument("--prefix-tokens", type=int, default=32)
     parser.add_argument("--continuation-tokens", type=int, default=16)
@@ -72,14 +94,28 @@ def main() -> None:
     if args.format == "dpo" and not args.reference:
         parser.error("--format dpo needs --reference (the model the implicit reward compares against)")
 
-    ray.init(ignore_reinit_error=True)
-    job = ScoringJob(
-        args.checkpoint, args.format, args.seq_len, args.tokenizer, args.adapter, args.reference, args.beta
-    )
-    metrics = score_files(args.data, job, args.actors)
+    if args.use_gpu and args.gpus_per_actor <= 0:
+        parser.error("--gpus-per-actor must be positive")
+    try:
+        device = inference_device(args.device)  # before any scoring: a GPU asked for here must be usable
+        ray.init(ignore_reinit_error=True)
+        job = ScoringJob(
+            args.checkpoint,
+            args.format,
+            args.seq_len,
+            args.tokenizer,
+            args.adapter,
+            args.reference,
+            args.beta,
+            device="cuda" if args.use_gpu else "cpu",
+        )
+        metrics = score_files(args.data, job, args.actors, gpus_per_actor=args.gpus_per_actor if args.use_gpu else None)
+    except (ConfigError, DeviceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     tokenizer = load_tokenizer(args.tokenizer)
-    model = load_for_inference(args.checkpoint, "cpu", args.adapter)
+    model = load_for_inference(args.checkpoint, device, args.adapter)
     if args.format != "dpo" and args.continuation_docs:
         documents = leading_documents(args.data, args.format, tokenizer, args.seq_len, args.continuation_docs * 4)
         metrics.update(

@@ -13,13 +13,26 @@ STAMP="$VENV/.minimind-installed"
 WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 # pip warns once per package about configured-but-absent local indexes; keep real errors visible.
 pip_install() { "$VENV/bin/python" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+# The torch the project pins (minimind/cuda.py; the cluster files install the same). PyPI's build of it is for
+# CUDA 13 and needs NVIDIA driver >= 580 (nvidia-smi shows the driver).
+TORCH="torch==${MINIMIND_TORCH:-2.13.0}"
+CPU_INDEX="${MINIMIND_CPU_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-      pip_install torch          # CUDA build for GPU machines
+      driver="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1)"
+      if [ "${driver%%.*}" -lt 580 ] 2>/dev/null; then
+        echo "setup_env: NVIDIA driver $driver is older than 580, which $TORCH (CUDA 13) needs: update the" \
+          "driver, or set MINIMIND_TORCH to a build for your driver's CUDA" >&2
+      fi
+      pip_install "$TORCH"       # the CUDA build, for GPU machines
+    elif "$VENV/bin/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=10)" \
+        "$CPU_INDEX" 2>/dev/null && pip_install "$TORCH" --index-url "$CPU_INDEX"; then
+      :                          # no GPU: PyTorch's CPU build (PyPI's would pull multi-GB CUDA wheels)
     else
-      # No GPU: the CPU build. An unpinned torch would pull multi-GB CUDA wheels.
-      pip_install "torch==${MINIMIND_CPU_TORCH:-2.13.0}"
+      # PyTorch's index unreachable (only PyPI or a mirror is): the pinned version from the configured index.
+      echo "setup_env: no CPU build from $CPU_INDEX (unreachable?); installing $TORCH from the configured index" >&2
+      pip_install "$TORCH"
     fi
   fi
   pip_install -e "$ROOT[test]"

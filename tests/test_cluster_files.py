@@ -1,6 +1,7 @@
 """Every shipped cluster file passes Ray's own autoscaler checks (prepare_config, validate_config) and this
 project's, offline; broken variants are refused naming the file, the line and the key."""
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -10,6 +11,10 @@ import yaml
 from conftest import ROOT
 
 from minimind.cluster import ClusterFileError, check_cluster_file
+from minimind.config import ConfigError
+from minimind.cuda import PINNED_TORCH, torch_cuda_major
+from minimind.eval.distributed import actor_pool_size
+from minimind.tune.capacity import choose_concurrency, limits_from_cluster_config
 
 try:
     import tomllib
@@ -51,7 +56,8 @@ def test_the_rayjob_has_what_kuberay_needs():
 def test_nodes_install_what_the_project_pins():
     """The cluster files and the RayJob's runtime environment install the torch that scripts/setup_env.sh
     pins and every dependency pyproject.toml declares (Ray itself comes with Ray's image)."""
-    pinned_torch = re.search(r"MINIMIND_CPU_TORCH:-([\d.]+)", (ROOT / "scripts" / "setup_env.sh").read_text())[1]
+    pinned_torch = re.search(r"MINIMIND_TORCH:-([\d.]+)", (ROOT / "scripts" / "setup_env.sh").read_text())[1]
+    assert pinned_torch == PINNED_TORCH
     for path in RAY_UP_FILES:
         assert f'"torch=={pinned_torch}"' in " ".join(yaml.safe_load(path.read_text())["setup_commands"])
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -129,6 +135,27 @@ RAY_UP_BREAKS = {
         "more than SSH",
     ),
     "token-not-mounted": ("  ~/.ray/auth_token: ~/.ray/auth_token\n", "", "file_mounts", "file_mounts:", "auth token"),
+    "rays-default-ami": (  # no ImageId: Ray's 2023 Deep Learning AMI, whose driver cannot run torch 2.13's CUDA 13
+        "g6.2xlarge  # 1 x L4 24 GB\n      ImageId: resolve:ssm:",
+        "g6.2xlarge  # 1 x L4 24 GB\n      ImageIdUnused: resolve:ssm:",
+        "available_node_types.gpu-1.node_config",
+        "    node_config:\n      InstanceType: g6",
+        "driver older than 580, and torch 2.13.0 (PyPI) is a CUDA 13 build that needs driver >= 580",
+    ),
+    "p4d-without-efa": (
+        "{NetworkCardIndex: 0, DeviceIndex: 0, InterfaceType: efa",
+        "{NetworkCardIndex: 0, DeviceIndex: 0, InterfaceType: interface",
+        "available_node_types.gpu-8.node_config.NetworkInterfaces.0.InterfaceType",
+        "- {NetworkCardIndex: 0",
+        "NCCL between them falls back to TCP sockets",
+    ),
+    "unpinned-torch": (
+        'pip install --quiet "torch==2.13.0"',
+        "pip install --quiet torch",
+        "setup_commands",
+        "setup_commands:\n  # torch",  # the top-level list (gpu-8 has worker_setup_commands above it)
+        "pin torch",
+    ),
 }
 
 RAYJOB_BREAKS = {
@@ -198,3 +225,65 @@ def test_the_command_checks_files_and_fails_on_a_broken_one(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1
     assert "cluster.yaml: ok" in result.stdout and "head_node_type" in result.stderr
+
+
+def test_an_image_whose_driver_is_too_old_for_the_pinned_torch_is_refused(tmp_path):
+    """The GCP file as it was (a Deep Learning VM family with driver 570) cannot run torch 2.13's CUDA 13; the same
+    image with a torch built for CUDA 12 can. The head is a CPU node: only GPU node types are judged."""
+    text = (ROOT / "clusters" / "gcp.yaml").read_text()
+    old_family = text.replace("common-cu129-ubuntu-2204-nvidia-580", "common-cu128-ubuntu-2204-nvidia-570")
+    path = tmp_path / "gcp.yaml"
+    path.write_text(old_family)
+    gpu_1_image = [number for number, line in enumerate(old_family.splitlines(), 1) if "sourceImage:" in line][1]
+    key = "available_node_types.gpu-1.node_config.disks.0.initializeParams.sourceImage"
+    with pytest.raises(ClusterFileError, match="has NVIDIA driver 570, and torch 2.13.0 .* needs driver >= 580"):
+        check_cluster_file(path)
+    with pytest.raises(ClusterFileError) as error:
+        check_cluster_file(path)
+    assert str(error.value).startswith(f"{path}:{gpu_1_image}: {key}:"), str(error.value)
+    cu128 = '"torch==2.13.0" --index-url https://download.pytorch.org/whl/cu128'
+    path.write_text(old_family.replace('"torch==2.13.0"', cu128))
+    check_cluster_file(path)
+    assert [torch_cuda_major(*pin) for pin in [("2.13.0", None), ("2.13.0", "https://download.pytorch.org/whl/cu128"),
+            ("2.13.0+cpu", None)]] == [13, 12, 0]  # fmt: skip
+
+
+def one_gpu_trials(path):
+    return limits_from_cluster_config(yaml.safe_load(path.read_text()), path.name)
+
+
+def test_a_sweep_on_an_autoscaling_cluster_counts_what_it_can_scale_to():
+    """cluster.yaml starts with its CPU head alone; the autoscaler can add 8 one-GPU and 2 eight-GPU nodes."""
+    limits = one_gpu_trials(ROOT / "cluster.yaml")
+    head_only = [{"CPU": 8.0, "GPU": 0.0}]
+    gpu_trial = {"CPU": 1.0, "GPU": 1.0}
+    assert limits.autoscaling
+    assert choose_concurrency(head_only, limits, gpu_trial, 1)[0] == 8 * 1 + 2 * 8
+    assert choose_concurrency(head_only, limits, {"CPU": 1.0, "GPU": 0.25}, 1)[0] == 4 * 24  # four per GPU
+    assert choose_concurrency(head_only, limits, {"CPU": 4.0, "GPU": 1.0}, 8)[0] == 2 + 1  # whole gpu-8s, gpu-1s
+    # The global max_workers bounds the nodes of all types together; the best-filled types come first.
+    assert choose_concurrency(head_only, dataclasses.replace(limits, max_workers=3), gpu_trial, 1)[0] == 8 + 8 + 1
+    # Without readable limits: what the nodes up now fit, except on KubeRay, where the flag is required.
+    assert choose_concurrency([{"CPU": 2.0}, {"CPU": 2.0}], None, {"CPU": 1.0}, 1)[0] == 4
+    with pytest.raises(ConfigError, match="--max-concurrent: this is a KubeRay cluster"):
+        choose_concurrency(head_only, None, gpu_trial, 1, kuberay=True)
+    unbounded = dataclasses.replace(limits, max_workers=None)
+    unbounded.groups[1].max_count = None
+    with pytest.raises(ConfigError, match="--max-concurrent: cluster.yaml lets the cluster scale without a limit"):
+        choose_concurrency(head_only, unbounded, gpu_trial, 1)
+    unstated = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    del unstated["available_node_types"]["gpu-1"]["resources"]  # Ray would detect them when a node starts
+    with pytest.raises(ConfigError, match="or add nodes whose resources it does not state"):
+        choose_concurrency(head_only, limits_from_cluster_config(unstated, "cluster.yaml"), gpu_trial, 1)
+
+
+def test_eval_on_gpus_is_refused_where_there_is_none_and_sized_by_what_can_scale():
+    cpu_nodes = [{"CPU": 2.0}, {"CPU": 2.0}]
+    assert actor_pool_size(8, cpu_nodes) == 3  # CPU actors leave a CPU for the read tasks
+    with pytest.raises(ConfigError, match="--use-gpu: no node of this Ray cluster has 1 GPU"):
+        actor_pool_size(4, cpu_nodes, None, gpus_per_actor=1.0)
+    limits = one_gpu_trials(ROOT / "cluster.yaml")
+    assert actor_pool_size(4, [{"CPU": 8.0, "GPU": 0.0}], limits, gpus_per_actor=1.0) == 4
+    no_gpus = dataclasses.replace(limits, groups=limits.groups[:1])
+    with pytest.raises(ConfigError, match="nor can its autoscaler add one"):
+        actor_pool_size(4, [{"CPU": 8.0, "GPU": 0.0}], no_gpus, gpus_per_actor=1.0)

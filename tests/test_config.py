@@ -56,6 +56,10 @@ def test_round_trip_through_yaml(tmp_path):
             {"distributed.use_gpu": True, "distributed.strategy": "deepspeed", "distributed.gpus_per_worker": 0.25},
             "distributed.gpus_per_worker: 0.25 GPU per worker",
         ),
+        (
+            {"distributed.use_gpu": True, "distributed.strategy": "deepspeed", "distributed.offload_optimizer": True},
+            "distributed.cpus_per_worker: 1 with offload_optimizer on GPU workers: DeepSpeed's CPU Adam",
+        ),
         ({"optim.schedule": "linear"}, "optim.schedule: must be one of ('cosine', 'wsd')"),
         ({"model.parametrization": "ntk"}, "model.parametrization: must be one of ('standard', 'mup')"),
         ({"model.mup_base_width": 128}, "model.mup_base_width: a base width applies to parametrization: mup"),
@@ -63,11 +67,27 @@ def test_round_trip_through_yaml(tmp_path):
             {"model.parametrization": "mup", "model.mup_base_width": 100},
             "model.mup_base_width: 100 cannot be the width of a base model with num_heads=8",
         ),
+        (
+            {"model.depth_transfer": "completep"},
+            "model.depth_transfer: completep extends μP, and this model (preset minimind-26m) has parametrization: "
+            "standard; set model.parametrization: mup",
+        ),
+        ({"model.depth_transfer": True}, "model.depth_transfer: must be false or 'completep', got True"),
+        ({"model.depth_base_layers": 2}, "model.depth_base_layers: a base depth applies to depth_transfer: completep"),
+        (
+            {"model.parametrization": "mup", "model.depth_transfer": "completep", "model.depth_base_layers": 0},
+            "model.depth_base_layers: must be positive, got 0",
+        ),
         ({"optim.schedule": "wsd", "optim.decay_fraction": 0}, "optim.decay_fraction: must be in (0, 1]"),
         ({"eval.cooldown_fraction": 0.25}, "eval.cooldown_fraction: cooldown evaluations branch a warmup-stable"),
         (
-            {"optim.schedule": "wsd", "eval.cooldown_fraction": 0.25, "distributed.strategy": "deepspeed"},
-            "eval.cooldown_fraction: cooldown evaluations copy the training state",
+            {
+                "optim.schedule": "wsd",
+                "eval.cooldown_fraction": 0.25,
+                "distributed.strategy": "deepspeed",
+                "distributed.zero_stage": 0,
+            },
+            "distributed.zero_stage: cooldown evaluations (eval.cooldown_fraction) branch the partitions of ZeRO's",
         ),
     ],
 )
@@ -75,6 +95,12 @@ def test_invalid_values_name_the_field(overrides, message):
     with pytest.raises(ConfigError) as error:
         build_config({}, overrides)
     assert message in str(error.value)
+
+
+def test_offload_needs_cpus_only_where_cpu_adam_steps_it():
+    offload = {"distributed.strategy": "deepspeed", "distributed.offload_optimizer": True}
+    build_config({}, {**offload, "distributed.use_gpu": True, "distributed.cpus_per_worker": 4})
+    build_config({}, offload)  # CPU workers step with torch's AdamW on their own threads
 
 
 def test_override_syntax_errors():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from conftest import SAMPLE
-from test_minimind_parity import MINIMIND3, OURS_SMALL, SMALL, reference
+from test_minimind_parity import CASES, OURS_SMALL, SMALL, reference
 
 from minimind.config import model_config
 from minimind.model import MiniMindLM
@@ -129,22 +129,33 @@ def test_fused_experts_split_back_into_one_tensor_per_expert():
     assert split.keys() == state.keys() and all(torch.equal(split[k], state[k]) for k in state)
 
 
+# CompleteP at twice its base depth: each residual branch scaled by 1/2 in training, folded on export.
+COMPLETEP = {"depth_transfer": "completep", "depth_base_layers": 1}
+
+
 @pytest.mark.parametrize(
-    "fields, architecture, reference_module",
-    [({}, "LlamaForCausalLM", "minimind2"), (MINIMIND3, "Qwen3ForCausalLM", "minimind3")],
-    ids=["minimind2", "minimind-3"],
+    "case, fields, architecture",
+    [
+        ("minimind2", {}, "LlamaForCausalLM"),
+        ("minimind-3", {}, "Qwen3ForCausalLM"),
+        ("minimind-3-moe", COMPLETEP, "Qwen3MoeForCausalLM"),
+    ],
+    ids=["minimind2", "minimind-3", "minimind-3-moe-completep"],
 )
 def test_a_trained_mup_model_exports_as_a_standard_one_that_transformers_and_minimind_compute_alike(
-    fields, architecture, reference_module, tokenizer, tmp_path
+    case, fields, architecture, tokenizer, tmp_path
 ):
     """μP's output multiplier and attention scale fold into the final norm and the queries (q_norm
-    under QK-norm): the exports are standard models with the μP model's logits, after training (where
-    the norms and queries are no longer at their init)."""
+    under QK-norm), CompleteP's residual multiplier into o_proj and every expert's down_proj: the
+    exports are standard models with the μP model's logits, after training (where the norms, queries
+    and projections are no longer at their init)."""
     from minimind.config import build_config
     from minimind.model.minimind_format import export_minimind_pth
     from minimind.train.loop import Trainer
 
-    model_fields = {"preset": "custom", **OURS_SMALL, **fields, "parametrization": "mup", "mup_base_width": 32}
+    reference_module, their_fields, our_fields = CASES[case]
+    model_fields = {"preset": "custom", **OURS_SMALL, **our_fields, **fields, "parametrization": "mup",
+                    "mup_base_width": 32}  # fmt: skip
     raw = {"model": model_fields, "data": {"train_files": [str(SAMPLE / "pretrain.jsonl")], "seq_len": 64},
            "optim": {"lr": 2e-2, "batch_size": 4, "max_steps": 12, "warmup_steps": 2}}  # fmt: skip
     trainer = Trainer(build_config(raw))
@@ -162,6 +173,6 @@ def test_a_trained_mup_model_exports_as_a_standard_one_that_transformers_and_min
         assert back.config.parametrization == "standard"
         assert (back(ids)[0] - ours).abs().max().item() < 1e-4
         ref = reference(reference_module)
-        theirs = ref.MiniMindForCausalLM(ref.MiniMindConfig(**SMALL)).eval()
+        theirs = ref.MiniMindForCausalLM(ref.MiniMindConfig(**SMALL, **their_fields)).eval()
         theirs.load_state_dict(torch.load(export_minimind_pth(model, tmp_path / "mup.pth", "float32")), strict=True)
         assert (theirs(ids).logits - ours).abs().max().item() < 1e-4

@@ -104,6 +104,71 @@ def test_moe_routes_top_k_and_returns_balance_loss():
     assert float(model(torch.randint(0, 6400, (1, 4)))[1]) == 0.0
 
 
+MOE_LAYOUTS = {
+    "minimind2": {"num_routed_experts": 4, "num_shared_experts": 1, "top_k": 2},
+    "minimind-3": {"num_routed_experts": 4, "num_shared_experts": 0, "top_k": 1, "balance_over": "batch"},
+    "top-3-of-5": {"num_routed_experts": 5, "num_shared_experts": 2, "top_k": 3, "norm_topk_prob": False},
+}
+
+
+def moe_layer(layout: str):
+    torch.manual_seed(0)
+    return MiniMindLM(model_config("tiny", moe={"enabled": True, **MOE_LAYOUTS[layout]})).model.layers[0].mlp.train()
+
+
+def token_by_token_moe(layer, x: torch.Tensor) -> torch.Tensor:
+    """The MoE layer by hand, one token at a time: the router's top-k experts' SwiGLU outputs weighted
+    by their (renormalised) probabilities, plus every shared expert's."""
+
+    def swiglu(expert, token):
+        gate, up = expert.gate_proj.weight @ token, expert.up_proj.weight @ token
+        return expert.down_proj.weight @ (gate * torch.sigmoid(gate) * up)
+
+    outputs = []
+    for token in x.reshape(-1, x.shape[-1]):
+        probabilities = (layer.gate.weight @ token).softmax(-1)
+        top, experts = probabilities.topk(layer.top_k)
+        if layer.norm_topk_prob:
+            top = top / top.sum()
+        out = sum(weight * swiglu(layer.experts[e], token) for weight, e in zip(top, experts.tolist()))
+        outputs.append(out + sum(swiglu(shared, token) for shared in layer.shared_experts))
+    return torch.stack(outputs).view_as(x)
+
+
+@pytest.mark.parametrize("layout", MOE_LAYOUTS)
+def test_moe_dispatch_gives_the_token_by_token_outputs_and_gradients(layout):
+    layer = moe_layer(layout)
+    parameters = dict(layer.named_parameters())
+    # Two sequences of 12, and a single token: most experts then get no row, yet still a (zero) gradient.
+    for shape in ((2, 12), (1, 1)):
+        x = torch.randn(*shape, 64, requires_grad=True)
+        upstream = torch.randn(*shape, 64)
+        out, _ = layer(x)
+        expected = token_by_token_moe(layer, x)
+        torch.testing.assert_close(out, expected)
+        inputs = [x, *parameters.values()]
+        grads = torch.autograd.grad((out * upstream).sum(), inputs)
+        expected_grads = torch.autograd.grad((expected * upstream).sum(), inputs, allow_unused=True)
+        for name, got, want in zip(["input", *parameters], grads, expected_grads):
+            torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, msg=name)
+
+
+def test_moe_layer_compiles_to_one_graph_forward_and_backward():
+    layer = moe_layer("minimind2")
+    x = torch.randn(2, 12, 64, requires_grad=True)
+    # fullgraph: a graph break (a host sync such as .item() or nonzero, a data-dependent shape) raises.
+    # aot_eager traces the backward too, without Inductor's code generation (minutes on 2 CPU cores).
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out, aux = compiled(x)
+    grads = torch.autograd.grad(out.square().sum() + aux, [x, *layer.parameters()])
+    eager_out, eager_aux = layer(x)
+    eager_grads = torch.autograd.grad(eager_out.square().sum() + eager_aux, [x, *layer.parameters()])
+    torch.testing.assert_close(out, eager_out)
+    torch.testing.assert_close(aux, eager_aux)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want)
+
+
 def test_streamed_text_joins_to_the_decoded_reply(tokenizer):
     from minimind.model.generate import stream_text
 
@@ -133,12 +198,25 @@ WATCHED = ("model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.sel
            "model.layers.1")  # fmt: skip
 
 
-def coordinate_sizes(parametrization: str, width: int, ids: torch.Tensor) -> dict[str, float]:
-    """Mean |activation| of each watched layer (and of the logits) after 10 Adam steps on ``ids``, the
-    optimizer built and scheduled as training builds it (μP's per-group lr scales included)."""
-    from minimind.config import build_config
+def train_a_few_adam_steps(model: MiniMindLM, config, ids: torch.Tensor, steps: int = 10) -> None:
+    """``steps`` Adam steps on ``ids`` at ``optim.lr``, the optimizer built and scheduled as training
+    builds it (μP's per-group lr scales and CompleteP's epsilon included)."""
     from minimind.train.loop import build_optimizer
     from minimind.train.schedule import set_learning_rate
+
+    optimizer = build_optimizer(model, config, torch.device("cpu"))
+    set_learning_rate(optimizer, config.optim.lr)
+    for _ in range(steps):
+        logits = model(ids[:, :-1])[0]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def coordinate_sizes(parametrization: str, width: int, ids: torch.Tensor) -> dict[str, float]:
+    """Mean |activation| of each watched layer (and of the logits) after 10 Adam steps on ``ids``."""
+    from minimind.config import build_config
 
     torch.manual_seed(0)
     fields = {"preset": "custom", "hidden_size": width, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
@@ -147,14 +225,7 @@ def coordinate_sizes(parametrization: str, width: int, ids: torch.Tensor) -> dic
         fields["mup_base_width"] = COORDINATE_WIDTHS[0]
     config = build_config({"model": fields, "optim": {"lr": 3e-3, "weight_decay": 0.0}, "data": {"seq_len": 64}})
     model = MiniMindLM(config.model)
-    optimizer = build_optimizer(model, config, torch.device("cpu"))
-    set_learning_rate(optimizer, config.optim.lr)
-    for _ in range(10):
-        logits = model(ids[:, :-1])[0]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_a_few_adam_steps(model, config, ids)
     sizes = {}
     modules = dict(model.named_modules())
     for name in WATCHED:
@@ -202,3 +273,61 @@ def test_info_prints_a_recipes_run_and_its_flops_counted_by_hand():
     assert f"tiny: {parameters:,} parameters" in out
     assert "run: 10 steps x 2,048 tokens = 20,480 tokens (optim.max_steps 10)" in out
     assert f"training FLOPs: {flops:.3e}" in out
+
+
+COORDINATE_DEPTHS = (2, 4, 8, 16)
+
+
+def depth_coordinate_sizes(depth_transfer: bool, depth: int, ids: torch.Tensor) -> dict[str, float]:
+    """At width 64 under μP (its base width: only the depth varies), base depth 2: after 10 Adam steps
+    on ``ids``, the blocks' updates of the residual stream (each block's output minus its input, mean
+    |.|, summed over the blocks), the change training made to the final stream (the final norm's input)
+    and the logits, mean |.|."""
+    from minimind.config import build_config
+
+    torch.manual_seed(0)
+    fields = {"preset": "custom", "hidden_size": 64, "num_layers": depth, "num_heads": 4, "num_kv_heads": 2,
+              "max_seq_len": 64, "parametrization": "mup", "mup_base_width": 64}  # fmt: skip
+    if depth_transfer:
+        fields |= {"depth_transfer": "completep", "depth_base_layers": COORDINATE_DEPTHS[0]}
+    config = build_config({"model": fields, "optim": {"lr": 3e-3, "weight_decay": 0.0}, "data": {"seq_len": 64}})
+    model = MiniMindLM(config.model)
+    updates: dict[int, torch.Tensor] = {}
+    for index, block in enumerate(model.model.layers):
+        block.register_forward_hook(
+            lambda module, inputs, out, index=index: updates.__setitem__(index, (out[0] - inputs[0]).abs().mean())
+        )
+    final_stream = []
+    model.model.norm.register_forward_pre_hook(lambda module, inputs: final_stream.append(inputs[0].detach().clone()))
+    with torch.no_grad():
+        model(ids[:, :-1])
+    train_a_few_adam_steps(model, config, ids)
+    with torch.no_grad():
+        logits = model(ids[:, :-1])[0]
+    return {
+        "block updates, summed": sum(updates.values()).item(),
+        "final stream's change": (final_stream[-1] - final_stream[0]).abs().mean().item(),
+        "logits": logits.abs().mean().item(),
+    }
+
+
+def test_completep_keeps_the_residual_stream_the_same_size_across_depths_where_mup_grows_with_depth(tokenizer):
+    """The coordinate check over depth (CompleteP, arXiv 2505.01618): depths 2 to 16 at one width and lr.
+
+    μP alone: each block adds its branch (Theta(1) after the pre-norm) to the stream unscaled, and after
+    training the blocks' updates are aligned, so their sum and the stream's change grow at least like the
+    depth (here ~50x over 8x depth; the logits, behind the final norm, barely move). CompleteP scales
+    each branch by 2/L: each block's update shrinks like 1/L and the sums stay Theta(1) (here within
+    1.15x, the logits within 1.05x); 1.5x leaves room for kernel and data noise, far from 8x."""
+    from conftest import SAMPLE
+
+    text = "".join(json.loads(line)["text"] for line in (SAMPLE / "pretrain.jsonl").read_text().splitlines()[:20])
+    ids = torch.tensor(tokenizer.encode(text)[: 8 * 65]).view(8, 65)
+    for depth_transfer in (False, True):
+        sizes = {depth: depth_coordinate_sizes(depth_transfer, depth, ids) for depth in COORDINATE_DEPTHS}
+        for quantity in sizes[COORDINATE_DEPTHS[0]]:
+            across = [sizes[depth][quantity] for depth in COORDINATE_DEPTHS]
+            if depth_transfer:
+                assert max(across) / min(across) < 1.5, (quantity, across)
+            elif quantity != "logits":
+                assert across[-1] / across[0] > 8.0, (quantity, across)

@@ -16,6 +16,7 @@ STAGES = ("pretrain", "sft", "dpo", "reasoning", "distill")
 STRATEGIES = ("ddp", "deepspeed")
 ZERO_STAGES = (0, 1, 2, 3)
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+OFFLOAD_MIN_CPUS = 4  # CPUs per GPU worker that steps ZeRO-offloaded optimizer state (DeepSpeed's CPU Adam)
 DATA_FORMATS = ("pretrain", "sft", "dpo", "r1")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "wsd")
@@ -101,6 +102,13 @@ class ModelConfig:
     mup_base_width: int | None = None
     """``mup``: the hidden size hyperparameters are tuned at (μP equals standard there); None: this
     model's own ``hidden_size``. It needs as many heads as this model: a multiple of ``num_heads``."""
+    depth_transfer: bool | str = False
+    """``false`` or ``completep``: CompleteP (Dey et al. 2025), under which the hyperparameters tuned at
+    ``depth_base_layers`` hold at other depths (each residual branch scaled by base depth / ``num_layers``;
+    ``minimind/model/mup.py`` lists its changes). It extends μP: it needs ``parametrization: mup``."""
+    depth_base_layers: int | None = None
+    """``completep``: the depth hyperparameters are tuned at (CompleteP equals μP there); None: this
+    model's own ``num_layers``."""
 
     @property
     def head_dim(self) -> int:
@@ -146,6 +154,32 @@ class ModelConfig:
                 f"{path}.mup_base_width",
                 f"{self.mup_base_width} cannot be the width of a base model with num_heads={self.num_heads}: it must "
                 f"be a positive multiple of {self.num_heads}",
+            )
+        _require(
+            self.depth_transfer is False or self.depth_transfer == "completep",
+            f"{path}.depth_transfer",
+            f"must be false or 'completep', got {self.depth_transfer!r}",
+        )
+        if self.depth_transfer:
+            # CompleteP's rules are factors on μP's (arXiv 2505.01618, Table 1: the depth factors sit
+            # beside μP's width factors); the paper defines and tests them there, so this does too.
+            _require(
+                self.parametrization == "mup",
+                f"{path}.depth_transfer",
+                f"completep extends μP, and this model (preset {self.preset}) has parametrization: "
+                f"{self.parametrization}; set {path}.parametrization: mup (its base width defaults to this width)",
+            )
+        if self.depth_base_layers is not None:
+            _require(
+                self.depth_transfer == "completep",
+                f"{path}.depth_base_layers",
+                f"a base depth applies to depth_transfer: completep (this model has depth_transfer: "
+                f"{str(self.depth_transfer).lower()})",
+            )
+            _require(
+                self.depth_base_layers > 0,
+                f"{path}.depth_base_layers",
+                f"must be positive, got {self.depth_base_layers}",
             )
         self.moe.validate(f"{path}.moe")
 
@@ -427,6 +461,13 @@ class DistributedConfig:
             f"{path}.offload_optimizer",
             f"needs strategy deepspeed with zero_stage 2 or 3 (got {self.strategy}, stage {self.zero_stage})",
         )
+        # GPU workers step offloaded state with DeepSpeed's CPU Adam, one OpenMP thread per reserved CPU.
+        _require(
+            not (self.offload_optimizer and self.use_gpu) or self.cpus_per_worker >= OFFLOAD_MIN_CPUS,
+            f"{path}.cpus_per_worker",
+            f"{self.cpus_per_worker:g} with offload_optimizer on GPU workers: DeepSpeed's CPU Adam steps each "
+            f"worker's optimizer state on the host with one thread per reserved CPU; reserve >= {OFFLOAD_MIN_CPUS}",
+        )
         _require(
             self.deepspeed_config is None or deepspeed,
             f"{path}.deepspeed_config",
@@ -568,8 +609,8 @@ class TrainConfig:
             "torch.compile is not combined with the DeepSpeed engine here; use strategy ddp to compile",
         )
         _require(
-            not self.eval.cooldown_fraction,
-            "eval.cooldown_fraction",
-            "cooldown evaluations copy the training state, which the DeepSpeed engine partitions across ranks; "
-            "use strategy ddp for them",
+            not (self.eval.cooldown_fraction and self.distributed.zero_stage == 0),
+            "distributed.zero_stage",
+            "cooldown evaluations (eval.cooldown_fraction) branch the partitions of ZeRO's optimizers (stages 1-3); "
+            "stage 0 is plain data parallelism: use strategy ddp",
         )

@@ -5,7 +5,8 @@ shape survive and nothing is loaded whole), and scored by a pool of actors that 
 model once. Every actor returns sums (NLL, tokens, bytes; or DPO wins and margins) and reject
 counts per batch of lines; the driver adds them up, so the result does not depend on how the
 lines were spread. The continuation score, chat adherence and samples need few documents and run
-on the driver.
+on the driver. Actors run on CPUs by default; with ``gpus_per_actor`` each asks Ray for that share of a GPU and
+scores on it (the autoscaler adds GPU nodes for them; a cluster that has and can get no GPU is refused).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import ray
 import torch
 
+from minimind.config import ConfigError
 from minimind.data.dataset import collate
 from minimind.data.formats import RecordError, encode_record
 from minimind.data.formats.pretrain import pack_documents
@@ -28,6 +30,8 @@ from minimind.eval.evaluator import token_byte_lengths
 from minimind.eval.metrics import perplexity_from_sums, perplexity_sums, preference_from_sums, preference_sums
 from minimind.model.hf import load_for_inference
 from minimind.tokenizer import load_tokenizer
+from minimind.train.runtime import inference_device
+from minimind.tune.capacity import ClusterLimits, cluster_limits, max_trials, on_kuberay, present_trials
 
 
 @dataclass
@@ -43,6 +47,8 @@ class ScoringJob:
     """DPO only: the frozen reference model the implicit reward is measured against."""
     beta: float = 0.1
     batch_size: int = 8
+    device: str = "cpu"
+    """Where each actor scores: ``cpu``, or ``cuda`` for actors that hold a GPU (``--use-gpu``)."""
 
 
 class ShardScorer:
@@ -51,9 +57,10 @@ class ShardScorer:
     def __init__(self, job: ScoringJob):
         torch.set_num_threads(1)  # one core per actor; the pool size sets the parallelism
         self.job = job
+        self.device = inference_device(job.device, "--use-gpu: a scoring actor's device")  # fails here, saying why
         self.tokenizer = load_tokenizer(job.tokenizer)
-        self.model = load_for_inference(job.checkpoint, "cpu", job.adapter)
-        self.reference = load_for_inference(job.reference, "cpu") if job.reference else None
+        self.model = load_for_inference(job.checkpoint, self.device, job.adapter)
+        self.reference = load_for_inference(job.reference, self.device) if job.reference else None
         self.token_bytes = token_byte_lengths(self.tokenizer)
 
     def _encode(self, lines) -> tuple[list, Counter]:
@@ -79,9 +86,10 @@ class ShardScorer:
             rows = [{c: batch[c][i].tolist() for c in columns} for i in range(len(batch[columns[0]]))]
             examples = as_examples(self.job.data_format, rows)
             rejects = Counter()
+        size, pad = self.job.batch_size, self.tokenizer.pad_id
         batches = [
-            collate(examples[start : start + self.job.batch_size], self.tokenizer.pad_id)
-            for start in range(0, len(examples), self.job.batch_size)
+            {key: value.to(self.device) for key, value in collate(examples[start : start + size], pad).items()}
+            for start in range(0, len(examples), size)
         ]
         if self.reference is not None:
             sums = preference_sums(self.model, self.reference, batches, self.job.beta)
@@ -90,15 +98,44 @@ class ShardScorer:
         return {"sums": np.array([sums], dtype=np.float64), "rejects": np.array([json.dumps(rejects)])}
 
 
-def score_files(files: list[str], job: ScoringJob, num_actors: int, lines_per_batch: int = 256) -> dict:
+def actor_pool_size(
+    requested: int,
+    nodes: list[dict[str, float]],
+    limits: ClusterLimits | None = None,
+    gpus_per_actor: float | None = None,
+    kuberay: bool = False,
+) -> int:
+    """Scoring actors to start. CPU actors: at most the cluster's CPUs - 1, leaving one for the read tasks (an
+    actor pool holding every CPU starves them: a hang). GPU actors: at most what the nodes up now or the
+    autoscaler's limits fit (KubeRay's cannot be read: as many as asked); none fitting is refused, naming
+    ``--use-gpu``."""
+    if gpus_per_actor is None:
+        cpus = int(sum(node.get("CPU", 0.0) for node in nodes)) or 1
+        return max(1, min(requested, cpus - 1))
+    per_actor = {"CPU": 1.0, "GPU": gpus_per_actor}
+    most = max_trials(limits, per_actor, 1) if limits is not None else (requested if kuberay else 0)
+    fit = max(present_trials(nodes, per_actor, 1), requested if most is None else most)
+    if fit == 0:
+        scale = f"nor can its autoscaler add one ({limits.source})" if limits else "and it does not autoscale"
+        raise ConfigError(
+            f"--use-gpu: no node of this Ray cluster has {gpus_per_actor:g} GPU and 1 CPU for a scoring actor, "
+            f"{scale}; evaluate without --use-gpu, or on a cluster with GPUs"
+        )
+    return max(1, min(requested, fit))
+
+
+def score_files(
+    files: list[str], job: ScoringJob, num_actors: int, lines_per_batch: int = 256, gpus_per_actor: float | None = None
+) -> dict:
     """Perplexity/bits per byte (or DPO reward accuracy/margin) of ``files``, over Ray.
 
     ``files`` are jsonl files, or a single prepared corpus directory whose ``val`` split is scored
-    (its tokenizer and seq len are checked first).
+    (its tokenizer and seq len are checked first). ``gpus_per_actor``: each actor asks for that share of a GPU
+    and scores on it (``job.device`` is then ``cuda``).
     """
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    # Leave a CPU for the read tasks: an actor pool holding every CPU starves them (a hang).
-    actors = max(1, min(num_actors, cpus - 1))
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    limits = cluster_limits() if gpus_per_actor else None
+    actors = actor_pool_size(num_actors, nodes, limits, gpus_per_actor, kuberay=on_kuberay())
     if len(files) == 1 and is_prepared(files[0]):
         manifest = Manifest.load(files[0])
         manifest.check(load_tokenizer(job.tokenizer).fingerprint, job.seq_len, job.data_format)
@@ -112,6 +149,7 @@ def score_files(files: list[str], job: ScoringJob, num_actors: int, lines_per_ba
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
+        **({"num_gpus": gpus_per_actor} if gpus_per_actor else {}),
     )
     totals = np.zeros(3)
     rejects: Counter = Counter()

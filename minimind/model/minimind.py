@@ -14,6 +14,7 @@ from torch import nn
 
 from minimind.config import ModelConfig
 from minimind.model import mup
+from minimind.model.grouped_gemm import grouped_linear
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -115,7 +116,17 @@ class FeedForward(nn.Module):
 
 class MoEFeedForward(nn.Module):
     """Routed experts (softmax router, top-k) plus always-on shared experts: MiniMind2-MoE, or
-    minimind-3's MoE with no shared expert and the load balanced over the batch."""
+    minimind-3's MoE with no shared expert and the load balanced over the batch.
+
+    Dispatch has no data-dependent shape and no host synchronisation of its own: each token's top-k
+    (token, expert) pairs are sorted by expert into a fixed ``tokens * top_k`` rows, the experts run as
+    one grouped matrix multiply whose group boundaries stay on the device (``grouped_gemm``; on a GPU
+    in bf16 the host never waits for it), and every row goes back to its token weighted by its router
+    probability. The experts keep their own modules (``experts.N.gate_proj.weight``, as in MiniMind's
+    checkpoints); their weights are stacked per forward.
+    """
+
+    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -140,12 +151,7 @@ class MoEFeedForward(nn.Module):
         weights, chosen = torch.topk(scores, self.top_k, dim=-1)
         if self.norm_topk_prob:  # with top-1 the chosen expert's weight becomes 1, as in minimind-3
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        out = torch.zeros_like(flat)
-        for index, expert in enumerate(self.experts):
-            token_idx, slot = (chosen == index).nonzero(as_tuple=True)
-            if token_idx.numel():
-                contribution = expert(flat[token_idx]) * weights[token_idx, slot, None].to(flat.dtype)
-                out.index_add_(0, token_idx, contribution)
+        out = self.routed_experts(flat, chosen, weights)
         for expert in self.shared_experts:
             out = out + expert(flat)
         aux_loss = flat.new_zeros((), dtype=torch.float32)
@@ -163,6 +169,40 @@ class MoEFeedForward(nn.Module):
             aux_loss = (load * scores.view(batch, length, -1).mean(dim=1)).sum(dim=1).mean() * self.aux_loss_alpha
         return out.view(batch, length, hidden), aux_loss
 
+    def routed_experts(self, flat: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's chosen experts of weight * expert(token): ``flat`` [tokens, hidden],
+        ``chosen`` and ``weights`` [tokens, top_k]."""
+        tokens, hidden = flat.shape
+        pair_expert = chosen.reshape(-1)  # the expert of each (token, slot) pair, token by token
+        # Stable: within an expert its pairs stay in token order, the order the experts saw them in
+        # when each ran on its own tokens.
+        order = torch.argsort(pair_expert, stable=True)
+        rows = flat[order // self.top_k]
+        # Rows per expert counted into a fixed-length tensor (bincount's length would depend on the data).
+        per_expert = torch.zeros(self.num_experts, dtype=torch.int32, device=flat.device)
+        per_expert.scatter_add_(0, pair_expert, torch.ones_like(pair_expert, dtype=torch.int32))
+        ends = per_expert.cumsum(0, dtype=torch.int32)
+        expert_out = self.experts_on_sorted_rows(rows, ends)
+        pair_out = expert_out[torch.argsort(order)].view(tokens, self.top_k, hidden)
+        # Summed in slot order; with two slots that is the sum the experts' index order gives, exactly.
+        return (pair_out * weights[..., None].to(flat.dtype)).sum(dim=1)
+
+    def experts_on_sorted_rows(self, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` applied to ``rows[ends[e-1]:ends[e]]``, for every expert."""
+        if not all(isinstance(getattr(e, name), nn.Linear) for e in self.experts for name in self.PROJECTIONS):
+            # LoRA adapters wrap the projections: each expert's own modules run on its rows, whose
+            # bounds the host reads (one synchronisation per layer).
+            bounds = [0, *ends.tolist()]
+            return torch.cat([e(rows[a:b]) for e, a, b in zip(self.experts, bounds, bounds[1:])])
+        # grouped_mm is outside autocast's op lists: cast to the dtype autocast gives nn.Linear.
+        device = rows.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rows.dtype
+        gate, up, down = (
+            torch.stack([getattr(e, name).weight for e in self.experts]).to(dtype) for name in self.PROJECTIONS
+        )
+        rows = rows.to(dtype)
+        return grouped_linear(F.silu(grouped_linear(rows, gate, ends)) * grouped_linear(rows, up, ends), down, ends)
+
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -171,16 +211,20 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoEFeedForward(config) if config.moe.enabled else FeedForward(config.hidden_size, config.ffn_size)
+        self.residual_multiplier = mup.residual_multiplier(config)  # CompleteP's base/L; 1 otherwise
 
     def forward(self, x, cos, sin, attn_mask=None, cache=None):
         attended, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
-        x = x + attended
+        x = x + self._scaled(attended)
         mlp_out = self.mlp(self.post_attention_layernorm(x))
         if isinstance(mlp_out, tuple):
-            mlp_out, aux_loss = mlp_out
+            mlp_out, aux_loss = mlp_out  # the balance loss is the router's, not the stream's: unscaled
         else:
             aux_loss = None
-        return x + mlp_out, new_cache, aux_loss
+        return x + self._scaled(mlp_out), new_cache, aux_loss
+
+    def _scaled(self, branch: torch.Tensor) -> torch.Tensor:
+        return branch if self.residual_multiplier == 1.0 else branch * self.residual_multiplier
 
 
 class Decoder(nn.Module):

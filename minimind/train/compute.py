@@ -3,7 +3,7 @@
 A run's length is its ``optim.max_steps`` when set; otherwise its epochs over its data, which is
 opened (as the loop opens it) only to count the batches of an epoch. FLOPs follow the model's
 count (:func:`minimind.model.flops_per_token`: 6N for the weights, the tied embedding once, the
-active experts only, plus attention).
+active experts only, plus attention; under LoRA frozen weights get no weight gradient).
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from minimind.config import TrainConfig
+from minimind.config import ModelConfig, TrainConfig
 from minimind.data.dataset import build_training_data
 from minimind.model import MiniMindLM, flops_per_token
+from minimind.model.lora import apply_lora
 from minimind.tokenizer import load_tokenizer
 
 
@@ -26,10 +28,37 @@ def tokens_per_step(config: TrainConfig) -> int:
 
 
 def model_flops_per_token(config: TrainConfig) -> float:
-    """Training FLOPs per token of ``config``'s model at its sequence length (no weights allocated)."""
+    """Training FLOPs per token of ``config``'s model at its sequence length.
+
+    Counted from the config on the meta device (no weights allocated), never from a live model:
+    once DeepSpeed ZeRO-3 has partitioned a model, its parameters' ``numel()`` is 0.
+
+    N is the weights a token passes through (:func:`active_weights`), LoRA's adapters included, and
+    N_trainable those of them that train. Per token a weight costs 2 FLOPs forward and, backward, 2
+    for the gradient with respect to the activations, which flows through every weight, frozen or
+    not, plus 2 for its own gradient, which only a trainable weight gets:
+    2N + 2N + 2N_trainable, i.e. 6N without LoRA. Attention adds its 12 * layers * hidden * seq_len
+    (no weights; its backward is the same whatever trains).
+    """
     with torch.device("meta"):
         model = MiniMindLM(config.model)
-    return flops_per_token(config.model, model.num_parameters(active_only=True), config.data.seq_len)
+        if config.lora.enabled:
+            apply_lora(model, config.lora)  # freezes the base weights, adds the adapters
+    weights = active_weights(model, config.model)
+    frozen = weights - active_weights(model, config.model, trainable_only=True)
+    return flops_per_token(config.model, weights, config.data.seq_len) - 2.0 * frozen
+
+
+def active_weights(model: nn.Module, model_config: ModelConfig, trainable_only: bool = False) -> float:
+    """Parameters one token passes through: each once (the tied embedding too), and of each layer's
+    routed experts (adapters included) only the top_k of num_routed_experts a token is sent to."""
+    moe = model_config.moe
+    expert_share = moe.top_k / moe.num_routed_experts if moe.enabled else 1.0
+    return sum(
+        parameter.numel() * (expert_share if ".mlp.experts." in name else 1.0)
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad or not trainable_only
+    )
 
 
 @dataclass

@@ -9,7 +9,8 @@ back. The branch is the decay of a shorter run, and the main run goes on bit for
 (its data position, token count, RNG streams and non-finite check are untouched).
 
 Every rank trains the branch (its steps hold the same collectives as training steps); rank 0
-evaluates, as for every evaluation.
+evaluates, as for every evaluation. The strategy copies and restores the state: under DDP the whole of
+it, under DeepSpeed ZeRO each rank its own partition (``minimind/train/zero_branch.py``).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from minimind.storage import is_uri
 from minimind.train.checkpointing import checkpoint_name, checkpoint_step, rng_state, write_checkpoint
 from minimind.train.loop import Trainer
 from minimind.train.parallel import DataParallel, SingleProcess
-from minimind.train.runtime import resolve_dtype
+from minimind.train.runtime import require_cuda, resolve_dtype
 
 # ray.train.report() waits for the controller's next poll; Ray's 2 s default would stall every log
 # step of a small model. Propagated from the driver to the controller and the workers.
@@ -136,8 +136,9 @@ def build_strategy(config: TrainConfig, device: torch.device):
 
         return DeepSpeedZero(config, device, resolve_dtype(config.runtime, device))
     if dist.is_initialized() and dist.get_world_size() > 1:
-        # MoE experts that got no token in a step have no gradient; DDP must be told to expect that.
-        return DataParallel(device, find_unused_parameters=config.model.moe.enabled)
+        # Every parameter gets a gradient every step, MoE experts included (one that got no token runs
+        # on zero rows: a zero gradient), so DDP needs no search for unused parameters.
+        return DataParallel(device)
     return SingleProcess()
 
 
@@ -155,10 +156,18 @@ def train_worker(loop_config: dict) -> None:
     config = build_config(loop_config["config"])
     quiet_report_logs()
     device = ray.train.torch.get_device()
-    if not config.distributed.use_gpu:
-        torch.set_num_threads(max(1, int(config.distributed.cpus_per_worker)))
-    strategy = build_strategy(config, device)
     context = ray.train.get_context()
+    if config.distributed.use_gpu:  # Ray hands out a GPU id even where torch cannot use it (driver, CPU build)
+        where = f"rank {context.get_world_rank()} on node {ray.util.get_node_ip_address()}"
+        require_cuda(f"distributed.use_gpu: true ({where})", device.index if device.type == "cuda" else None)
+    if not config.distributed.use_gpu or config.distributed.offload_optimizer:
+        # CPU workers compute with these threads; offloaded ZeRO steps the optimizer on the host with them
+        # (DeepSpeed's CPU Adam, an OpenMP op loaded later). Ray's cluster launcher starts Ray with
+        # OMP_NUM_THREADS=1, which every worker would inherit: one thread, whatever the CPUs reserved.
+        threads = max(1, int(config.distributed.cpus_per_worker))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+    strategy = build_strategy(config, device)
     print(
         f"[worker] rank {context.get_world_rank()}/{context.get_world_size()} on node "
         f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:8]}) pid {os.getpid()} "
@@ -173,6 +182,16 @@ def train_worker(loop_config: dict) -> None:
 
 
 # -- driver side --------------------------------------------------------------------------------
+
+
+def check_devices(config: TrainConfig) -> None:
+    """Under Ray Train a worker's device is what Ray gives it: ``runtime.device: cuda`` without
+    ``distributed.use_gpu`` would get no GPU and train on the CPU."""
+    if config.runtime.device.startswith("cuda") and not config.distributed.use_gpu:
+        raise ConfigError(
+            f"runtime.device: {config.runtime.device} under Ray Train needs distributed.use_gpu: true (--use-gpu); "
+            "without it Ray gives the workers no GPU and they would train on the CPU"
+        )
 
 
 def check_deepspeed(config: TrainConfig) -> None:
@@ -212,6 +231,7 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, verdicts=N
     """
     if not config.checkpoint.dir:
         raise ValueError("checkpoint.dir: a Ray Train run needs a run directory (storage_path/name)")
+    check_devices(config)
     check_deepspeed(config)
     dist_config = config.distributed
     resources = {"CPU": dist_config.cpus_per_worker}

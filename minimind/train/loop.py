@@ -27,11 +27,12 @@ from torch import nn
 from minimind.config import TrainConfig
 from minimind.data.dataset import TrainingData, build_training_data, collate
 from minimind.eval.evaluator import Evaluator
-from minimind.model import MiniMindLM, flops_per_token, mup
+from minimind.model import MiniMindLM, mup
 from minimind.model.checkpoint import load_model
 from minimind.model.lora import apply_lora
 from minimind.tokenizer import MiniMindTokenizer, load_tokenizer
 from minimind.train.checkpointing import LocalRun, load_checkpoint
+from minimind.train.compute import model_flops_per_token
 from minimind.train.cooldown import cooldown_steps, cooled_evaluation
 from minimind.train.metrics import mfu, peak_flops
 from minimind.train.objectives import DPO, Distillation, LanguageModeling, Objective
@@ -76,9 +77,14 @@ def build_model(config: TrainConfig, device: torch.device) -> MiniMindLM:
     return model
 
 
+ADAM_EPSILON = 1e-8
+"""torch's default (and MiniMind's); CompleteP scales it with depth (``mup.epsilon_multiplier``)."""
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not norms); fused kernels on CUDA. Under μP each group
-    also carries its ``lr_scale`` (``minimind/model/mup.py``), which the schedule multiplies in."""
+    also carries its ``lr_scale`` (``minimind/model/mup.py``), which the schedule multiplies in; every
+    group has the same epsilon, which depth transfer scales (DeepSpeed keeps the groups as they are)."""
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -89,7 +95,11 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
         for (decay, lr_scale), params in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))
     ]
     return torch.optim.AdamW(
-        param_groups, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2), fused=device.type == "cuda"
+        param_groups,
+        lr=config.optim.lr,
+        betas=(config.optim.beta1, config.optim.beta2),
+        eps=ADAM_EPSILON * mup.epsilon_multiplier(config.model),
+        fused=device.type == "cuda",
     )
 
 
@@ -157,9 +167,8 @@ class Trainer:
             self.evaluator = Evaluator(
                 config.eval, self.tokenizer, self.data.validation, self.device, reference, config.objective.dpo_beta
             )
-        self.flops_per_token = flops_per_token(
-            config.model, self.model.num_parameters(active_only=True), config.data.seq_len
-        )
+        # From the config, not the live model: ZeRO-3 has partitioned its parameters (numel() 0) by now.
+        self.flops_per_token = model_flops_per_token(config)
         self.peak_flops = peak_flops(self.device, config.logging.gpu_peak_tflops)
         self.run = run if run is not None else (LocalRun(config) if config.checkpoint.dir else None)
         self.files = RunFiles(config.checkpoint.dir) if config.checkpoint.dir and self.is_main else None

@@ -85,8 +85,9 @@ class SingleProcess:
 class DataParallel(SingleProcess):
     """Distributed data parallel: every worker holds the model and gradients are averaged.
 
-    ``find_unused_parameters`` is needed when a step can leave parameters without a gradient,
-    as MoE experts that received no token do; it costs one extra graph traversal per step.
+    ``find_unused_parameters`` is needed when a step can leave parameters without a gradient (no
+    model here does: MoE experts that received no token get a zero gradient); it costs one extra
+    graph traversal per step.
     """
 
     OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}

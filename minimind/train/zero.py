@@ -15,6 +15,9 @@ partition and reports it to Ray, which merges them under the storage path); the 
 of a run also gets the consolidated fp32 ``model.safetensors`` that chat, export-hf and eval read,
 and :func:`consolidate` writes one from any sharded checkpoint. DeepSpeed's shard files are
 pickles read by DeepSpeed's own loader: resume only from storage you control.
+
+Cooldown evaluations branch each rank's own partition of the engine's state in memory
+(``minimind/train/zero_branch.py``).
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils import safe_get_full_fp32_param, set_z3_leaf_modules
 from torch import nn
 
 from minimind.config import TrainConfig, build_config
 from minimind.model import MiniMindLM
 from minimind.model.checkpoint import META_FILE, model_config_from_dict, resolve_checkpoint, save_model
 from minimind.model.lora import apply_lora
+from minimind.model.minimind import MoEFeedForward
 from minimind.train.parallel import DataParallel
+from minimind.train.zero_branch import master_partitions, restore_partition, snapshot_partition
 
 TEMPLATES = Path(__file__).with_name("zero_configs")
 SHARDS = "deepspeed"
@@ -116,16 +121,22 @@ class DeepSpeedZero(DataParallel):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             groups = [
-                {"params": g["params"], "weight_decay": g["weight_decay"], "lr_scale": g["lr_scale"]}
+                {"params": g["params"], "weight_decay": g["weight_decay"], "lr_scale": g["lr_scale"], "eps": g["eps"]}
                 for g in optimizer.param_groups
             ]
             optimizer = DeepSpeedCPUAdam(
                 groups, lr=self.config.optim.lr, betas=optimizer.defaults["betas"], adamw_mode=True
             )
+        if self.config.distributed.zero_stage == 3 and self.config.model.moe.enabled:
+            # An MoE layer reads its experts' weights itself (stacked for one grouped matrix multiply), not
+            # through the experts' forward, where ZeRO-3 would gather them: gather the whole layer at once.
+            set_z3_leaf_modules(model, [MoEFeedForward])
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
         self.engine = engine
+        if self.config.eval.cooldown_fraction:
+            master_partitions(optimizer)  # a state cooldown branches cannot copy is refused before training
         return engine, optimizer
 
     def accumulating(self, model: nn.Module, last_micro_batch: bool):
@@ -160,8 +171,12 @@ class DeepSpeedZero(DataParallel):
         return self._plain_copy
 
     def snapshot(self, model: nn.Module, optimizer) -> dict:
-        # The engine's state is partitioned across ranks (and nodes): refused in TrainConfig.validate.
-        raise NotImplementedError("cooldown evaluations are not available under DeepSpeed")
+        """This rank's own partition of the engine's state, where it lives; no communication (see ``zero_branch``)."""
+        return snapshot_partition(self.engine)
+
+    def restore(self, model: nn.Module, optimizer, snapshot: dict) -> None:
+        """Every rank calls this: the module's weights are rewritten from the restored partitions and gathered."""
+        restore_partition(self.engine, snapshot)
 
     def save_sharded(self, directory: Path) -> None:
         """Every rank writes its shards into ``directory/deepspeed``."""

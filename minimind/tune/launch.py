@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage-path", default="runs", help="where sweeps live (default: runs)")
     parser.add_argument("--name", help="sweep name (default: sweep-<space file name>)")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed")
-    parser.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster's CPUs/GPUs fit)")
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        help="trials at once (default: what the cluster can scale to, read from its autoscaler's limits, else what its "
+        "nodes fit now; required where those limits cannot be read, e.g. KubeRay)",
+    )
     parser.add_argument(
         "--optuna-storage", help="persistent Optuna study: sqlite:///sweep.db or a journal file path (optional)"
     )
@@ -162,16 +167,20 @@ def main(argv: list[str] | None = None) -> None:
 
     from minimind.tune.results import write_sweep_report
     from minimind.tune.search import close_lost_optuna_trials
-    from minimind.tune.sweep import build_tuner, restore_tuner
+    from minimind.tune.sweep import build_tuner, restore_tuner, sweep_concurrency
 
-    if not resume:
-        record_sweep(settings)
     ray.init(ignore_reinit_error=True)
     if resume:
         restore_tuner(settings, plan).fit()
         close_lost_optuna_trials(settings)
     else:
-        build_tuner(settings, plan).fit()
+        try:  # before anything is recorded: a refused sweep leaves no directory that a retry would differ from
+            concurrency = sweep_concurrency(settings, plan)
+        except ConfigError as error:
+            print(f"config error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        record_sweep(settings)
+        build_tuner(settings, plan, concurrency).fit()
     report, best = write_sweep_report(settings, plan)
     print(f"[sweep] report: {report} (and report.html)", flush=True)
     if best is not None:

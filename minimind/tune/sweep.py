@@ -9,7 +9,8 @@ brings back an interrupted one. Where each part lives:
   evidence to go past a rung waiting there, paused, its slot free for another): ``asha.py``;
 - the driver's choices (``sweep.json``): ``settings.py``.
 
-A concurrency limiter runs as many trials at once as the cluster has CPUs/GPUs for their workers.
+A concurrency limiter runs as many trials at once as the cluster can hold (``capacity.py``: what an autoscaling
+cluster can scale to, not only the nodes up when the sweep starts).
 :func:`restore_tuner` finishes an interrupted sweep (``Tuner.restore``; see ``TokenASHA`` and
 :func:`~minimind.tune.trial.already_ended` for what Tune itself does not restore).
 """
@@ -22,8 +23,9 @@ import ray
 from ray import tune
 
 from minimind import storage
-from minimind.config import ConfigError, TrainConfig
+from minimind.config import ConfigError
 from minimind.tune.asha import SweepLimiter, TokenASHA
+from minimind.tune.capacity import choose_concurrency, cluster_limits, on_kuberay
 from minimind.tune.plan import Objective, SweepPlan
 from minimind.tune.records import trial_ids
 from minimind.tune.search import DistinctOptunaSearch, optuna_sampler, optuna_storage
@@ -75,21 +77,22 @@ class SweepProgress(tune.Callback):
         )
 
 
-def trial_concurrency(config: TrainConfig) -> int:
-    """How many trials fit the cluster at once: its CPUs (and GPUs) over each trial's workers'."""
-    resources = ray.cluster_resources()
-    workers = config.distributed.num_workers
-    fits = [resources.get("CPU", 0.0) // (workers * config.distributed.cpus_per_worker)]
-    if config.distributed.use_gpu:
-        fits.append(resources.get("GPU", 0.0) // (workers * config.distributed.gpus_per_worker))
-    return max(1, int(min(fits)))
+def sweep_concurrency(settings: SweepSettings, plan: SweepPlan) -> tuple[int, str]:
+    """How many trials run at once, and how that was counted: ``--max-concurrent``, else what the cluster can
+    scale to when its autoscaler's limits can be read, else what its nodes fit now (:mod:`~minimind.tune.capacity`).
+    A cluster that may autoscale beyond what can be read is refused with a ``ConfigError`` naming the flag."""
+    if settings.max_concurrent:
+        return settings.max_concurrent, "--max-concurrent"
+    dist = plan.trial_config(plan.space.baseline(), "unused").distributed
+    per_worker = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})}
+    present = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return choose_concurrency(present, cluster_limits(), per_worker, dist.num_workers, kuberay=on_kuberay())
 
 
-def build_tuner(settings: SweepSettings, plan: SweepPlan) -> tune.Tuner:
-    """The ``Tuner`` of a new sweep."""
+def build_tuner(settings: SweepSettings, plan: SweepPlan, concurrency: tuple[int, str] | None = None) -> tune.Tuner:
+    """The ``Tuner`` of a new sweep (``concurrency``: :func:`sweep_concurrency`'s answer, counted if not given)."""
     objective = plan.objective
-    baseline_config = plan.trial_config(plan.space.baseline(), "unused")
-    concurrency = settings.max_concurrent or trial_concurrency(baseline_config)
+    concurrency, counted = concurrency or sweep_concurrency(settings, plan)
     scheduler = TokenASHA(plan, early_stopping=settings.early_stopping)
     searcher = DistinctOptunaSearch(
         space=plan.space,
@@ -101,8 +104,8 @@ def build_tuner(settings: SweepSettings, plan: SweepPlan) -> tune.Tuner:
         study_name=settings.name,
         storage=optuna_storage(settings.optuna_storage, settings.name),
     )
-    print(f"[sweep] {settings.num_samples} trials, up to {concurrency} at once; objective {objective.spec} "
-          f"({objective.mode}); results in {plan.sweep_dir}", flush=True)  # fmt: skip
+    print(f"[sweep] {settings.num_samples} trials, up to {concurrency} at once ({counted}); objective "
+          f"{objective.spec} ({objective.mode}); results in {plan.sweep_dir}", flush=True)  # fmt: skip
     save_state_often()
     return tune.Tuner(
         trainable(plan),

@@ -1,0 +1,49 @@
+"""Device choice on this CPU machine: ``auto`` is the CPU; a run or a command that asks for a GPU it cannot have
+stops at once, saying why, instead of running on the CPU."""
+
+import pytest
+import torch
+from conftest import ROOT, tiny_config
+
+from minimind.cli import main
+from minimind.config import ConfigError
+from minimind.cuda import DeviceError, driver_version
+from minimind.train.distributed import check_devices
+from minimind.train.runtime import check_gpu_request, inference_device
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without CUDA")
+
+
+def test_auto_is_the_cpu_here_and_a_gpu_request_is_refused_naming_why():
+    assert inference_device() == inference_device("auto") == torch.device("cpu")
+    with pytest.raises(DeviceError, match="--device cuda:1 asks for a GPU, but .*not falling back to the CPU"):
+        inference_device("cuda:1")
+    with pytest.raises(DeviceError, match="runtime.device cuda asks for a GPU, but "):
+        check_gpu_request(tiny_config(runtime={"device": "cuda"}))
+    with pytest.raises(DeviceError, match="distributed.use_gpu: true asks for a GPU"):
+        check_gpu_request(tiny_config(distributed={"use_gpu": True}))
+    check_gpu_request(tiny_config())
+    assert driver_version("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build") == (
+        "570.86.15"
+    )
+
+
+def test_ray_train_refuses_a_cuda_device_without_gpu_workers():
+    with pytest.raises(ConfigError, match="runtime.device: cuda under Ray Train needs distributed.use_gpu"):
+        check_devices(tiny_config(runtime={"device": "cuda"}))
+    check_devices(tiny_config(runtime={"device": "cuda"}, distributed={"use_gpu": True}))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--config", str(ROOT / "recipes" / "tiny" / "pretrain.yaml"), "--distributed.use_gpu", "true"],
+        ["generate", "--checkpoint", "unused", "--device", "cuda"],
+    ],
+    ids=["train", "generate"],
+)
+def test_the_cli_stops_before_any_work_when_its_gpu_is_missing(argv, capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_code.value.code == 2 and "device error:" in err and "asks for a GPU" in err, err
