@@ -103,6 +103,7 @@ def test_durations_come_from_one_trial_whose_cooldown_branches_are_the_shorter_r
     config = plan.trial_config({"optim.lr": 1e-2, "optim.batch_size": 16})
     config.eval.every_steps = 0  # only the duration's and the rungs' evaluations (the budget's every 10 steps)
     assert (config.optim.max_steps, config.eval.at_steps, config.eval.cooldown_fraction) == (40, [10, 16, 20], 0.25)
+    assert config.eval.cooldown_durations == [20]
     assert config.checkpoint.at_steps == [10, 20]
     long_run = Trainer(config).fit()
     cooled = next(row for row in long_run.history if row["step"] == 16)
@@ -114,9 +115,9 @@ def test_durations_come_from_one_trial_whose_cooldown_branches_are_the_shorter_r
     with pytest.raises(ConfigError, match="budget.durations_tokens: .*set optim.schedule: wsd"):
         SweepPlan("x", "unused", load_space(ROOT / "search_spaces" / "tiny_wsd.yaml", {"optim.schedule": "cosine"}),
                   Objective.parse("val_loss")).check()  # fmt: skip
-    # A branch ending at the 10-step duration would start at step 8, inside a 9-step warmup: no such run.
-    with pytest.raises(ConfigError, match="budget.durations_tokens: 20480 tokens .* start at step 8, inside the warm"):
-        SweepPlan("x", "unused", load_space(ROOT / "search_spaces" / "tiny_wsd.yaml", {"optim.warmup_steps": 9}),
+    # A 10-step run with a 10-step warmup never decays (its last step is still warming up): no branch ends it.
+    with pytest.raises(ConfigError, match="budget.durations_tokens: 20480 tokens .* start at step 9, inside the warm"):
+        SweepPlan("x", "unused", load_space(ROOT / "search_spaces" / "tiny_wsd.yaml", {"optim.warmup_steps": 10}),
                   Objective.parse("val_loss")).check()  # fmt: skip
 
 

@@ -502,12 +502,21 @@ class EvalConfig:
     ``decay_fraction / (1 - decay_fraction)`` (0.25 for the default 0.2) a branch at step t is
     exactly the decay of a run of about t * (1 + fraction) steps, so its value is that shorter
     run's. The branch's steps cost time and count in ``cooldown_tokens``."""
+    cooldown_durations: list[int] = field(default_factory=list)
+    """Shorter run lengths (in steps) to score exactly (a duration sweep sets them): at stable step
+    ``D - d`` a branch of the ``d`` steps that a ``D``-step run decays over is that run's end, on the
+    same batches. Rounding can leave a duration that no ``cooldown_fraction`` branch ends at."""
     at_steps: list[int] = field(default_factory=list)
     """Further steps to evaluate at, besides every ``every_steps`` (a sweep's durations use these)."""
 
     @property
     def enabled(self) -> bool:
         return bool(self.val_files) or self.val_fraction > 0
+
+    @property
+    def cools_down(self) -> bool:
+        """Whether some evaluations are of cooldown branches."""
+        return bool(self.cooldown_fraction or self.cooldown_durations)
 
     def validate(self, path: str = "eval") -> None:
         _require(0 <= self.val_fraction < 1, f"{path}.val_fraction", "must be in [0, 1)")
@@ -517,6 +526,7 @@ class EvalConfig:
         _require(self.continuation_docs >= 0, f"{path}.continuation_docs", "must be >= 0")
         _require(self.cooldown_fraction >= 0, f"{path}.cooldown_fraction", "must be >= 0")
         _require(all(step > 0 for step in self.at_steps), f"{path}.at_steps", "steps must be positive")
+        _require(all(s > 0 for s in self.cooldown_durations), f"{path}.cooldown_durations", "steps must be positive")
 
 
 @dataclass
@@ -575,10 +585,10 @@ class TrainConfig:
             "objective.teacher",
             "the distill stage needs a teacher checkpoint directory",
         )
-        if self.eval.cooldown_fraction:
+        if self.eval.cools_down:
             _require(
                 self.optim.schedule == "wsd",
-                "eval.cooldown_fraction",
+                "eval.cooldown_fraction" if self.eval.cooldown_fraction else "eval.cooldown_durations",
                 f"cooldown evaluations branch a warmup-stable-decay run; set optim.schedule: wsd "
                 f"(it is {self.optim.schedule!r})",
             )
@@ -609,7 +619,7 @@ class TrainConfig:
             "torch.compile is not combined with the DeepSpeed engine here; use strategy ddp to compile",
         )
         _require(
-            not (self.eval.cooldown_fraction and self.distributed.zero_stage == 0),
+            not (self.eval.cools_down and self.distributed.zero_stage == 0),
             "distributed.zero_stage",
             "cooldown evaluations (eval.cooldown_fraction) branch the partitions of ZeRO's optimizers (stages 1-3); "
             "stage 0 is plain data parallelism: use strategy ddp",

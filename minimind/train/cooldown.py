@@ -20,16 +20,20 @@ import time
 import torch
 
 from minimind.train.checkpointing import rng_state, set_rng_state
-from minimind.train.schedule import cooldown_lr, decay_start, set_learning_rate
+from minimind.train.schedule import cooldown_lr, decay_start, decay_steps, set_learning_rate
 
 
 def cooldown_steps(trainer, step: int) -> int:
     """Length of the cooldown branch evaluated at ``step``: 0 when off, or once the decay has begun
-    (an evaluation there is of the decaying run itself)."""
-    fraction = trainer.config.eval.cooldown_fraction
-    if not fraction or step >= decay_start(trainer.total_steps, trainer.config.optim):
+    (an evaluation there is of the decaying run itself). At the stable end of a run of one of
+    ``eval.cooldown_durations``, that run's decay; elsewhere ``eval.cooldown_fraction`` of the steps so far."""
+    evaluation, optim = trainer.config.eval, trainer.config.optim
+    if step >= decay_start(trainer.total_steps, optim):
         return 0
-    return max(1, round(fraction * step))
+    for duration in evaluation.cooldown_durations:
+        if duration < trainer.total_steps and duration - decay_steps(duration, optim) == step:
+            return decay_steps(duration, optim)
+    return max(1, round(evaluation.cooldown_fraction * step)) if evaluation.cooldown_fraction else 0
 
 
 def cooled_evaluation(trainer, steps: int, stable: dict) -> dict:

@@ -135,7 +135,7 @@ class DeepSpeedZero(DataParallel):
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
         self.engine = engine
-        if self.config.eval.cooldown_fraction:
+        if self.config.eval.cools_down:
             master_partitions(optimizer)  # a state cooldown branches cannot copy is refused before training
         return engine, optimizer
 

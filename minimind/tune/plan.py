@@ -12,6 +12,7 @@ from typing import Any
 
 from minimind.config import ConfigError, TrainConfig, apply_overrides, build_config
 from minimind.train.compute import tokens_per_step
+from minimind.train.schedule import decay_steps
 from minimind.tune.space import Budget, SearchSpace
 
 # Metrics an objective can use, and which way is better.
@@ -170,9 +171,10 @@ def duration_steps(duration_tokens: float, tokens_per_step: float) -> int:
 
 
 def duration_evaluations(config: TrainConfig, durations_tokens: list[float], tokens_per_step: float) -> dict:
-    """Overrides that evaluate a trial at each shorter duration: at the stable step ``t`` whose cooldown
-    branch ends at that duration's last step. Unless set, ``eval.cooldown_fraction`` is
-    ``decay_fraction / (1 - decay_fraction)``, so each branch is the decay the shorter run would have."""
+    """Overrides that evaluate a trial at each shorter duration ``D`` (in steps): at the stable end of a
+    ``D``-step run, by a cooldown branch that is that run's decay (``eval.cooldown_durations``), so the
+    reading is the shorter run's end. Unless set, ``eval.cooldown_fraction`` (the rungs' branches) is
+    ``decay_fraction / (1 - decay_fraction)``, so those too are about the decay of a run ending there."""
     if config.optim.schedule != "wsd":
         raise ConfigError(
             "budget.durations_tokens: a trial is evaluated at shorter durations by cooldown branches of a warmup-"
@@ -182,12 +184,10 @@ def duration_evaluations(config: TrainConfig, durations_tokens: list[float], tok
     if not fraction:
         decay = config.optim.decay_fraction
         fraction = decay / (1 - decay) if decay < 1 else 1.0
-    at_steps = []
+    durations, at_steps = [], []
     for duration in durations_tokens[:-1]:
         steps = duration_steps(duration, tokens_per_step)
-        guess = round(steps / (1 + fraction))
-        candidates = range(max(1, guess - 2), guess + 3)
-        start = min(candidates, key=lambda t: (abs(t + max(1, round(fraction * t)) - steps), t))
+        start = steps - decay_steps(steps, config.optim)
         if start < config.optim.warmup_steps:
             raise ConfigError(
                 f"budget.durations_tokens: {duration:g} tokens are {steps} steps of {tokens_per_step:,} tokens; the "
@@ -195,5 +195,10 @@ def duration_evaluations(config: TrainConfig, durations_tokens: list[float], tok
                 f"(optim.warmup_steps {config.optim.warmup_steps}), and a run that short has no stable phase to "
                 "branch from: drop that duration or shorten the warmup"
             )
+        durations.append(steps)
         at_steps.append(start)
-    return {"eval.cooldown_fraction": fraction, "eval.at_steps": sorted(set(config.eval.at_steps) | set(at_steps))}
+    return {
+        "eval.cooldown_fraction": fraction,
+        "eval.cooldown_durations": sorted(set(config.eval.cooldown_durations) | set(durations)),
+        "eval.at_steps": sorted(set(config.eval.at_steps) | set(at_steps)),
+    }

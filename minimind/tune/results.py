@@ -116,7 +116,8 @@ def write_best_configs(plan: SweepPlan, record: TrialRecord) -> list[tuple[str, 
                  "checkpoint.dir": directories[index]}  # fmt: skip
         steps = best_duration_steps(plan, record, config) if index == 0 else None
         if steps is not None:  # the best length as a plain WSD run of that length (no branches)
-            fixed.update({"optim.max_steps": steps, "eval.cooldown_fraction": 0.0, "eval.at_steps": []})
+            fixed.update({"optim.max_steps": steps, "eval.cooldown_fraction": 0.0, "eval.cooldown_durations": [],
+                          "eval.at_steps": []})  # fmt: skip
         if index:
             fixed["checkpoint.init_from"] = directories[index - 1]
         raw = apply_overrides(raw, fixed)
