@@ -43,9 +43,13 @@ def _cmd_info(args: argparse.Namespace, overrides: dict) -> None:
         f"{config.num_heads} q / {config.num_kv_heads} kv heads{', QK-norm' if config.qk_norm else ''}, "
         f"ffn {config.ffn_size}, vocab {config.vocab_size}"
     )
-    seq_len = run.data.seq_len if run else 512
-    print(f"  training FLOPs/token at seq {seq_len}: {flops_per_token(config, active, seq_len):.3e} (6N + attention)")
-    if run is not None:
+    if run is None:
+        print(f"  training FLOPs/token at seq 512: {flops_per_token(config, active, 512):.3e} (6N + attention)")
+    else:  # the count the run's FLOPs use: LoRA's frozen weights get no weight gradient
+        from minimind.train.compute import model_flops_per_token
+
+        per_token = model_flops_per_token(run)
+        print(f"  training FLOPs/token at seq {run.data.seq_len}: {per_token:.3e} (6N + attention)")
         _print_run_cost(run)
 
 

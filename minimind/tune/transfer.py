@@ -188,9 +188,9 @@ def transfer_cost(target: Target, trial_configs_and_tokens: list[tuple[TrainConf
     """The sweep's FLOPs (each trial's tokens, its cooldown branches' included, at its model's FLOPs
     per token) against one run of the target (``target.tokens``, else the recipe's own length)."""
     target_config = build_config(target.base)
-    sweep_flops = sum(tokens * model_flops_per_token(config) for config, tokens in trial_configs_and_tokens)
-    per_trial = [model_flops_per_token(config) for config, _ in trial_configs_and_tokens]
-    proxy_per_token = per_trial[0] if per_trial else math.nan
+    per_trial = [(model_flops_per_token(config), tokens) for config, tokens in trial_configs_and_tokens]
+    sweep_flops = sum(per_token * tokens for per_token, tokens in per_trial)
+    proxy_per_token = per_trial[0][0] if per_trial else math.nan
     if target.tokens is not None:
         tokens, how = target.tokens, "target.tokens in the space"
     else:
