@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
+from minimind.devices import select_device
 from minimind.model.generate import stream_text
 from minimind.model.hf import load_for_inference
 from minimind.tokenizer import load_tokenizer
-from minimind.train.runtime import inference_device
 
 
 def prompt_ids(tokenizer, system: str | None, history: list[dict], budget: int) -> list[int]:
@@ -35,7 +35,7 @@ def run_chat(args, sampling: dict) -> None:
         if args.tokenizer
         else (args.checkpoint if (Path(args.checkpoint) / "tokenizer.json").exists() else None)
     )
-    device = inference_device(args.device)  # auto: a GPU when present; a GPU asked for and missing is refused
+    device = select_device(args.device)  # auto: a GPU when present; a GPU asked for and missing is refused
     model = load_for_inference(args.checkpoint, device, args.adapter)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     budget = model.config.max_seq_len - sampling["max_new_tokens"]

@@ -90,12 +90,12 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _cmd_generate(args: argparse.Namespace, overrides: dict) -> None:
+    from minimind.devices import select_device
     from minimind.eval.samples import CHAT_PROMPTS, CONTINUATION_PROMPTS, generate_samples
     from minimind.model.checkpoint import load_model
     from minimind.tokenizer import load_tokenizer
-    from minimind.train.runtime import inference_device
 
-    model = load_model(args.checkpoint, inference_device(args.device), merge=True)
+    model = load_model(args.checkpoint, select_device(args.device), merge=True)
     tokenizer = load_tokenizer(args.tokenizer)
     prompts = args.prompt or list(CHAT_PROMPTS if args.chat else CONTINUATION_PROMPTS)
     started: list[int] = []

@@ -23,13 +23,13 @@ from minimind.data.formats import FORMATS, RecordError, encode_record, iter_json
 from minimind.data.formats.pretrain import pack_documents
 from minimind.data.pipeline import Manifest, is_prepared
 from minimind.data.token_store import TokenStore
+from minimind.devices import select_device
 from minimind.eval.distributed import ScoringJob, score_files
 from minimind.eval.metrics import chat_adherence, continuation_score
 from minimind.eval.report import write_report
 from minimind.eval.samples import CHAT_PROMPTS, CONTINUATION_PROMPTS, generate_samples
 from minimind.model.hf import load_for_inference
 from minimind.tokenizer import load_tokenizer
-from minimind.train.runtime import inference_device
 
 
 def leading_documents(files: list[str], fmt: str, tokenizer, seq_len: int, count: int) -> list[list[int]]:
@@ -97,7 +97,7 @@ def main() -> None:
     if args.use_gpu and args.gpus_per_actor <= 0:
         parser.error("--gpus-per-actor must be positive")
     try:
-        device = inference_device(args.device)  # before any scoring: a GPU asked for here must be usable
+        device = select_device(args.device)  # before any scoring: a GPU asked for here must be usable
         ray.init(ignore_reinit_error=True)
         job = ScoringJob(
             args.checkpoint,

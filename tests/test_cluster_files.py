@@ -10,11 +10,11 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from minimind.capacity import choose_concurrency, limits_from_cluster_config
 from minimind.cluster import ClusterFileError, check_cluster_file
 from minimind.config import ConfigError
 from minimind.cuda import PINNED_TORCH, torch_cuda_major
 from minimind.eval.distributed import actor_pool_size
-from minimind.tune.capacity import choose_concurrency, limits_from_cluster_config
 
 try:
     import tomllib

@@ -8,16 +8,17 @@ from conftest import ROOT, tiny_config
 from minimind.cli import main
 from minimind.config import ConfigError
 from minimind.cuda import DeviceError, driver_version
+from minimind.devices import select_device
 from minimind.train.distributed import check_devices
-from minimind.train.runtime import check_gpu_request, inference_device
+from minimind.train.runtime import check_gpu_request
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without CUDA")
 
 
 def test_auto_is_the_cpu_here_and_a_gpu_request_is_refused_naming_why():
-    assert inference_device() == inference_device("auto") == torch.device("cpu")
+    assert select_device() == select_device("auto") == torch.device("cpu")
     with pytest.raises(DeviceError, match="--device cuda:1 asks for a GPU, but .*not falling back to the CPU"):
-        inference_device("cuda:1")
+        select_device("cuda:1")
     with pytest.raises(DeviceError, match="runtime.device cuda asks for a GPU, but "):
         check_gpu_request(tiny_config(runtime={"device": "cuda"}))
     with pytest.raises(DeviceError, match="distributed.use_gpu: true asks for a GPU"):

@@ -19,6 +19,7 @@ import numpy as np
 import ray
 import torch
 
+from minimind.capacity import ClusterLimits, cluster_limits, max_trials, on_kuberay, present_trials
 from minimind.config import ConfigError
 from minimind.data.dataset import collate
 from minimind.data.formats import RecordError, encode_record
@@ -26,12 +27,11 @@ from minimind.data.formats.pretrain import pack_documents
 from minimind.data.formats.records import parse_line
 from minimind.data.pipeline import Manifest, is_prepared
 from minimind.data.pipeline.manifest import as_examples
+from minimind.devices import select_device
 from minimind.eval.evaluator import token_byte_lengths
 from minimind.eval.metrics import perplexity_from_sums, perplexity_sums, preference_from_sums, preference_sums
 from minimind.model.hf import load_for_inference
 from minimind.tokenizer import load_tokenizer
-from minimind.train.runtime import inference_device
-from minimind.tune.capacity import ClusterLimits, cluster_limits, max_trials, on_kuberay, present_trials
 
 
 @dataclass
@@ -57,7 +57,7 @@ class ShardScorer:
     def __init__(self, job: ScoringJob):
         torch.set_num_threads(1)  # one core per actor; the pool size sets the parallelism
         self.job = job
-        self.device = inference_device(job.device, "--use-gpu: a scoring actor's device")  # fails here, saying why
+        self.device = select_device(job.device, "--use-gpu: a scoring actor's device")  # fails here, saying why
         self.tokenizer = load_tokenizer(job.tokenizer)
         self.model = load_for_inference(job.checkpoint, self.device, job.adapter)
         self.reference = load_for_inference(job.reference, self.device) if job.reference else None

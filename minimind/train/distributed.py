@@ -36,13 +36,14 @@ from ray.train.torch import TorchTrainer
 
 from minimind import storage
 from minimind.config import ConfigError, TrainConfig, build_config, config_to_dict
+from minimind.devices import require_cuda
 from minimind.model import MiniMindLM
 from minimind.model.checkpoint import META_FILE, checkpoint_location, resolve_checkpoint
 from minimind.storage import is_uri
 from minimind.train.checkpointing import checkpoint_name, checkpoint_step, rng_state, write_checkpoint
 from minimind.train.loop import Trainer
 from minimind.train.parallel import DataParallel, SingleProcess
-from minimind.train.runtime import require_cuda, resolve_dtype
+from minimind.train.runtime import resolve_dtype
 
 # ray.train.report() waits for the controller's next poll; Ray's 2 s default would stall every log
 # step of a small model. Propagated from the driver to the controller and the workers.

@@ -9,7 +9,7 @@ brings back an interrupted one. Where each part lives:
   evidence to go past a rung waiting there, paused, its slot free for another): ``asha.py``;
 - the driver's choices (``sweep.json``): ``settings.py``.
 
-A concurrency limiter runs as many trials at once as the cluster can hold (``capacity.py``: what an autoscaling
+A concurrency limiter runs as many trials at once as the cluster can hold (``minimind/capacity.py``: what an autoscaling
 cluster can scale to, not only the nodes up when the sweep starts).
 :func:`restore_tuner` finishes an interrupted sweep (``Tuner.restore``; see ``TokenASHA`` and
 :func:`~minimind.tune.trial.already_ended` for what Tune itself does not restore).
@@ -23,9 +23,9 @@ import ray
 from ray import tune
 
 from minimind import storage
+from minimind.capacity import choose_concurrency, cluster_limits, on_kuberay
 from minimind.config import ConfigError
 from minimind.tune.asha import SweepLimiter, TokenASHA
-from minimind.tune.capacity import choose_concurrency, cluster_limits, on_kuberay
 from minimind.tune.plan import Objective, SweepPlan
 from minimind.tune.records import trial_ids
 from minimind.tune.search import DistinctOptunaSearch, optuna_sampler, optuna_storage
@@ -79,7 +79,7 @@ class SweepProgress(tune.Callback):
 
 def sweep_concurrency(settings: SweepSettings, plan: SweepPlan) -> tuple[int, str]:
     """How many trials run at once, and how that was counted: ``--max-concurrent``, else what the cluster can
-    scale to when its autoscaler's limits can be read, else what its nodes fit now (:mod:`~minimind.tune.capacity`).
+    scale to when its autoscaler's limits can be read, else what its nodes fit now (:mod:`~minimind.capacity`).
     A cluster that may autoscale beyond what can be read is refused with a ``ConfigError`` naming the flag."""
     if settings.max_concurrent:
         return settings.max_concurrent, "--max-concurrent"

@@ -1,4 +1,5 @@
-"""How many trials a sweep runs at once: what the cluster can scale to, not only what is up when it starts.
+"""How many trials a sweep (or scoring actors an evaluation) runs at once: what the cluster can scale to,
+not only what is up when it starts.
 
 A ``ray up`` cluster starts with its head alone (every worker type has ``min_workers: 0``) and adds nodes when
 trials ask for them, so counting the nodes present at the start would run a sweep one trial at a time. The
