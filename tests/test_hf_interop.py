@@ -1,13 +1,12 @@
 import pytest
 import torch
+import transformers
 from conftest import SAMPLE
 from test_minimind_parity import CASES, OURS_SMALL, SMALL, reference
 
 from minimind.config import model_config
 from minimind.model import MiniMindLM
 from minimind.model.hf import export_hf, import_hf
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,6 @@ from conftest import ROOT
 from minimind.config import model_config
 from minimind.model import MiniMindLM
 
-pytest.importorskip("transformers")
-
 
 def reference(name: str):
     path = ROOT / "tests" / "reference" / f"{name}_model.py"

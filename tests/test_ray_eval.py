@@ -23,19 +23,24 @@ def subset(tmp_path_factory):
     return path
 
 
-def test_ray_scoring_equals_in_process_perplexity(ray_address, base_checkpoint, subset, tokenizer):
-    metrics = score_files([str(subset)], ScoringJob(str(base_checkpoint), "sft", 256), num_actors=2, lines_per_batch=64)
+@pytest.fixture(scope="module")
+def local(base_checkpoint, subset, tokenizer):
+    """The subset's perplexity in this process: the reference for Ray's scores."""
     examples = load_examples([subset], "sft", tokenizer, 256).examples
     model = load_model(base_checkpoint)
     batches = [collate(examples[i : i + 8], tokenizer.pad_id) for i in range(0, len(examples), 8)]
-    local = perplexity(model, batches, token_byte_lengths(tokenizer))
+    return perplexity(model, batches, token_byte_lengths(tokenizer))
+
+
+def test_ray_scoring_equals_in_process_perplexity(ray_address, base_checkpoint, subset, local):
+    metrics = score_files([str(subset)], ScoringJob(str(base_checkpoint), "sft", 256), num_actors=2, lines_per_batch=64)
     assert metrics["val_tokens"] == local["val_tokens"]
     assert metrics["val_perplexity"] == pytest.approx(local["val_perplexity"], rel=1e-5)
     assert metrics["val_bits_per_byte"] == pytest.approx(local["val_bits_per_byte"], rel=1e-5)
     assert metrics["rejected_records"] == {"invalid_json": 1, "wrong_type": 1}
 
 
-def test_eval_job_writes_json_and_markdown(ray_address, base_checkpoint, subset, tmp_path):
+def test_eval_job_writes_json_and_markdown(ray_address, base_checkpoint, subset, local, tmp_path):
     env = dict(os.environ, RAY_ADDRESS=ray_address)
     subprocess.run(
         [
@@ -63,14 +68,41 @@ def test_eval_job_writes_json_and_markdown(ray_address, base_checkpoint, subset,
         text=True,
     )
     result = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
-    assert {"val_perplexity", "val_bits_per_byte", "continuation_accuracy", "chat_adherence"} <= set(result["metrics"])
+    scores = result["metrics"]
+    assert {"val_perplexity", "val_bits_per_byte", "continuation_accuracy", "chat_adherence"} <= set(scores)
+    assert scores["val_perplexity"] == pytest.approx(local["val_perplexity"], rel=1e-5)
+    assert scores["val_bits_per_byte"] == pytest.approx(local["val_bits_per_byte"], rel=1e-5)
+    assert 0 <= scores["continuation_accuracy"] <= 1 and 0 <= scores["chat_adherence"] <= 1
     assert [s["prompt"] for s in result["samples"]][0] == "你好，请介绍一下你自己。"
     markdown = (tmp_path / "eval.md").read_text(encoding="utf-8")
-    assert "| val_perplexity |" in markdown and "## Samples" in markdown
+    assert f"| val_perplexity | {scores['val_perplexity']:.4f} |" in markdown and "## Samples" in markdown
 
 
-def test_ray_preference_scoring_against_itself_is_neutral(ray_address, base_checkpoint):
-    job = ScoringJob(str(base_checkpoint), "dpo", 256, reference=str(base_checkpoint))
-    metrics = score_files([str(SAMPLE / "dpo.jsonl")], job, num_actors=1, lines_per_batch=200)
-    assert metrics["reward_accuracy"] == 0.0 and metrics["reward_margin"] == 0.0
-    assert metrics["pairs"] + sum(metrics["rejected_records"].values()) == 600
+def test_ray_preference_scoring_equals_in_process_for_a_policy_apart_from_its_reference(
+    ray_address, base_checkpoint, tokenizer, tmp_path
+):
+    import torch
+
+    from minimind.eval.metrics import preference_accuracy
+    from minimind.model.checkpoint import save_model
+
+    torch.manual_seed(0)
+    policy = load_model(base_checkpoint)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    (tmp_path / "policy").mkdir()
+    save_model(policy, tmp_path / "policy")
+    data = tmp_path / "pairs.jsonl"  # 100 pairs: enough for wins and losses, quick to score twice
+    data.write_text("\n".join((SAMPLE / "dpo.jsonl").read_text(encoding="utf-8").splitlines()[:100]) + "\n")
+    job = ScoringJob(str(tmp_path / "policy"), "dpo", 256, reference=str(base_checkpoint))
+    metrics = score_files([str(data)], job, num_actors=1, lines_per_batch=50)
+    assert metrics["pairs"] + sum(metrics["rejected_records"].values()) == 100
+    pairs = load_examples([data], "dpo", tokenizer, 256).examples
+    batches = [collate(pairs[i : i + 8], tokenizer.pad_id) for i in range(0, len(pairs), 8)]
+    local = preference_accuracy(policy, load_model(base_checkpoint), batches, job.beta)
+    assert metrics["pairs"] == len(pairs)
+    assert 0 < local["reward_accuracy"] < 1  # the policy wins some pairs and loses others
+    # Batched differently (padding): a pair whose margin is within fp32 rounding of 0 may fall either side.
+    assert metrics["reward_accuracy"] == pytest.approx(local["reward_accuracy"], abs=2.5 / len(pairs))
+    assert metrics["reward_margin"] == pytest.approx(local["reward_margin"], rel=1e-4, abs=1e-5)

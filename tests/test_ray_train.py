@@ -6,6 +6,7 @@ wrote to their run directories.
 
 import math
 import re
+import shutil
 import signal
 
 import pytest
@@ -30,10 +31,12 @@ STEPS = 40
 COMMON = tiny_pretrain_args(STEPS, lr="1e-2", checkpoint_every=10, placement="SPREAD")
 # Dropout makes every rank's random stream part of the state a restart must restore. Log, evaluation
 # and checkpoint steps that do not divide each other: at an evaluation-only step only rank 0 has metrics,
-# yet every rank must join Ray's report barrier (a run that got this wrong hung at step 7).
+# yet every rank must join Ray's report barrier (a run that got this wrong hung at step 7). Log rows go to
+# Ray 0.3 s apart by rank 0's clock, at steps the other rank cannot know but must join all the same.
 LOG_EVERY, EVAL_EVERY, CHECKPOINT_EVERY = 3, 7, 10
 WITH_DROPOUT = [
     *COMMON, "--model.dropout", "0.1", "--max-failures", "1", "--logging.every_steps", str(LOG_EVERY),
+    "--logging.ray_report_every_s", "0.3",
     "--eval.every_steps", str(EVAL_EVERY), "--eval.val_fraction", "0.05", "--eval.max_examples", "8",
     "--eval.continuation_docs", "2", "--optim.schedule", "wsd",
 ]  # fmt: skip
@@ -139,7 +142,16 @@ def test_working_dir_upload_stays_far_below_rays_limit():
 
     target = ROOT / "runs" / "upload-check.zip"
     target.parent.mkdir(exist_ok=True)
+    # What the README's examples leave in the working directory: a corpus at the root, prepared shards,
+    # an HF export and MiniMind weights.
+    probes = [ROOT / "upload-probe.jsonl", ROOT / "data/prepared/probe/x.npy", ROOT / "hf/probe/model.safetensors",
+              ROOT / "upload-probe.pth"]  # fmt: skip
+    created = [probe for probe in probes if not probe.exists()]
+    folders = [folder for folder in (ROOT / "data/prepared", ROOT / "hf") if not folder.exists()]
     try:
+        for probe in created:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_text("x")
         create_package(str(ROOT), target, include_gitignore=True)
         import zipfile
 
@@ -147,7 +159,12 @@ def test_working_dir_upload_stays_far_below_rays_limit():
         size = target.stat().st_size
     finally:
         target.unlink(missing_ok=True)
-    assert not [n for n in names if n.startswith((".git/", ".venv/", "runs/"))]
+        for probe in created:
+            probe.unlink()
+        for folder in folders:
+            shutil.rmtree(folder)
+    assert not [n for n in names if n.startswith((".git/", ".venv/", "runs/", "data/prepared/", "hf/"))]
+    assert not [n for n in names if n.endswith((".pth", "upload-probe.jsonl"))]
     assert "ray_jobs/pretrain.py" in names and "data/sample/pretrain.jsonl" in names
     assert size < 25 * 2**20, f"{size / 2**20:.1f} MiB"  # Ray refuses more than 100 MiB
 

@@ -73,6 +73,26 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert all(tensor.dtype == torch.float32 for tensor in saved.values())
 
 
+def test_a_run_directory_stands_for_the_checkpoint_latest_names_else_its_newest_complete_one(tmp_path):
+    from minimind.model.checkpoint import META_FILE, checkpoint_location
+
+    run = tmp_path / "run"
+    for name, complete in (("step_00000005", True), ("step_00000010", True), ("step_00000015", False)):
+        (run / name).mkdir(parents=True)
+        if complete:
+            (run / name / META_FILE).write_text("{}")
+    checkpoint = run / "step_00000005"
+    assert checkpoint_location(checkpoint) == str(checkpoint)  # a checkpoint stands for itself
+    (run / "latest").write_text("step_00000005\n")
+    assert checkpoint_location(run) == str(checkpoint)  # the pointer wins over newer folders
+    # No pointer (a run cut short before writing it): the newest folder holding its model.json; step 15's
+    # write never finished.
+    (run / "latest").unlink()
+    assert checkpoint_location(run) == str(run / "step_00000010")
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        checkpoint_location(run / "step_00000015")
+
+
 def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path):
     config = tiny_config(tmp_path, optim={"max_steps": 2}, checkpoint={"every_steps": 1})
     Trainer(config).fit(stop_at_step=1)
@@ -147,6 +167,33 @@ def test_cooldown_evaluations_leave_the_run_as_it_was_and_score_the_shorter_run(
     # 8 x 64 = 512 tokens a step; the run's position counts its own steps, the branches' (1 + 2) apart.
     assert rows[8]["val_loss_stable"] == plain_rows[8]["val_loss"]
     assert (rows[8]["tokens"], rows[8]["duration_tokens"], rows[12]["cooldown_tokens"]) == (8 * 512, 10 * 512, 3 * 512)
+
+
+def test_next_steps_batches_are_collated_ahead_on_another_thread_and_are_the_steps_own():
+    import threading
+
+    trainer = Trainer(tiny_config(optim={"max_steps": 12, "grad_accum_steps": 2}))
+    collated_by = {}
+    collate_step = trainer.step_batches._collate_step
+
+    def recording(step):
+        collated_by.setdefault(step, []).append(threading.current_thread().name)
+        return collate_step(step)
+
+    trainer.step_batches._collate_step = recording
+    # A run's order with a cooldown branch after step 3 (it trains steps 4 and 5, then the run goes on from 4).
+    for step in (0, 1, 2, 3, 4, 5, 4, 5, 6):
+        got = trainer.step_batches(step)
+        expected = [collate([trainer.examples[i] for i in indices], trainer.tokenizer.pad_id)
+                    for indices in trainer.micro_batches(step)]  # fmt: skip
+        assert len(got) == len(expected) == 2
+        assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(got, expected))
+    trainer.step_batches.close()
+    # Step 0 and the step the run goes back to (4, whose prefetched successor 6 was not it) are collated on
+    # the spot; every other step was collated ahead, on the prefetch thread, while its predecessor trained.
+    on_the_spot = {step for step, names in collated_by.items() if "MainThread" in names}
+    assert on_the_spot == {0, 4}
+    assert all(name.startswith("minimind-batches") for step in (1, 2, 3, 5, 6) for name in collated_by[step][:1])
 
 
 def test_a_wsd_run_extended_before_its_decay_continues_its_stable_phase(tmp_path):
@@ -323,21 +370,62 @@ def test_distillation_from_an_identical_teacher_has_zero_kl(tmp_path, base_check
 
 @pytest.mark.parametrize("ce_weight", [0.0, 0.3, 1.0])
 def test_distillation_weights_cross_entropy_as_minimind_alpha_does(ce_weight, tokenizer):
-    """loss = w * CE + (1 - w) * KL with w = objective.distill_ce_weight, MiniMind's --alpha."""
+    """loss = w * CE + (1 - w) * T^2 * KL(teacher_T || student_T) per labelled token, w = objective.distill_ce_weight
+    (MiniMind's --alpha), against torch's kl_div and cross_entropy on the labelled positions."""
+    import torch.nn.functional as F
+
     from minimind.data.formats import sft
     from minimind.model import MiniMindLM
     from minimind.train.objectives import Distillation
 
     torch.manual_seed(0)
     student, teacher = MiniMindLM(model_config("tiny")), MiniMindLM(model_config("tiny"))
+    with torch.no_grad():  # a teacher far from the student: KL well above rounding
+        teacher.lm_head.weight.mul_(20)
     conversation = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好，我是MiniMind。"}]
     batch = collate([sft.encode_conversation(conversation, tokenizer, seq_len=64)], tokenizer.pad_id)
     objective = Distillation(teacher, ce_weight, temperature=2.0)
     with torch.no_grad():
         parts = objective(student, batch)
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100  # only the assistant's reply is labelled
+        student_logits = student(batch["input_ids"])[0][:, :-1][mask].float()
+        teacher_logits = teacher(batch["input_ids"])[0][:, :-1][mask].float()
+    t = 2.0
+    kl = F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                  log_target=True, reduction="batchmean") * t * t  # fmt: skip
+    ce = F.cross_entropy(student_logits, labels[mask])
+    assert 0 < int(mask.sum()) < mask.numel() and kl > 0.1
     loss = parts.loss_sum / objective.normalizer(batch)
-    expected = ce_weight * parts.metrics["ce"] + (1 - ce_weight) * parts.metrics["kl"]
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((ce_weight * ce + (1 - ce_weight) * kl).item(), rel=1e-5)
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose logits are given: two positions, a two-token vocabulary."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+
+    def forward(self, input_ids):
+        return self.logits[None], torch.zeros(()), None
+
+
+def test_distillation_loss_of_a_hand_computed_case():
+    from minimind.train.objectives import Distillation
+
+    # Position 0 predicts token 0 (labelled); position 1 is the last (no next token). Student: p = (1/2, 1/2);
+    # teacher logits (ln 3, 0): p = (3/4, 1/4), at T = 2 (sqrt 3, 1) / (sqrt 3 + 1).
+    student, teacher = FixedLogits([[0.0, 0.0], [5.0, 0.0]]), FixedLogits([[math.log(3), 0.0], [0.0, 5.0]])
+    batch = {"input_ids": torch.tensor([[1, 0]]), "labels": torch.tensor([[-100, 0]])}
+    ce = math.log(2)
+    for t, kl in [
+        (1.0, 0.75 * math.log(1.5) + 0.25 * math.log(0.5)),
+        (2.0, 4 * sum(p * math.log(2 * p) for p in (3**0.5 / (3**0.5 + 1), 1 / (3**0.5 + 1)))),
+    ]:
+        parts = Distillation(teacher, ce_weight=0.3, temperature=t)(student, batch)
+        assert float(parts.loss_sum) == pytest.approx(0.3 * ce + 0.7 * kl, rel=1e-6), t
+        assert float(parts.metrics["kl"]) == pytest.approx(kl, rel=1e-6)
 
 
 def test_the_old_distill_alpha_is_refused_with_its_meaning():

@@ -16,7 +16,7 @@ from conftest import ROOT, SAMPLE
 from ray.tune.search import Searcher
 from ray_runs import metrics, train_workers, trial_records
 
-from minimind.config import ConfigError, build_config
+from minimind.config import ConfigError, build_config, load_yaml
 from minimind.tune.records import asha_decisions, pruned_trials
 from minimind.tune.space import load_space
 
@@ -72,6 +72,35 @@ def test_an_invalid_space_is_refused_naming_file_line_and_field(tmp_path, param,
     )
     with pytest.raises(ConfigError, match=rf"^{path}:{line}: {message}"):
         load_space(path)
+
+
+HEAD = "stage: pretrain\nrecipe: recipes/tiny/pretrain.yaml\n"
+SEARCHED = "params:\n  optim.lr: {choice: [1.0e-2, 1.0e-3]}\n"
+
+
+@pytest.mark.parametrize(
+    "text, line, message",
+    [
+        (HEAD + "params:\n  optim.lr: {lognormal: [1.0e-3, 1.0e-2]}\n", 4, r"params\.optim\.lr: needs one of"),
+        (HEAD + "budget: 5\n" + SEARCHED, 3, r"budget: must be a mapping"),
+        (HEAD + "budget: {max_tokenz: 100}\n" + SEARCHED, 3, r"budget\.max_tokenz: unknown key"),
+        (HEAD + "budget: {max_tokens: -5}\n" + SEARCHED, 3, r"budget\.max_tokens: must be a positive number"),
+        (HEAD + "budget: {max_tokens: 1000, grace_tokens: 5000}\n" + SEARCHED, 3, r"budget\.grace_tokens: 5000 is"),
+        (HEAD + SEARCHED + "points: {optim.lr: 1.0e-3}\n", 5, r"points: must be a list"),
+        (HEAD + SEARCHED + "points:\n  - {optim.lr: 1.0e-3}\n  - 5\n", 7, r"points\[1\]: must be a mapping"),
+        (HEAD + SEARCHED + "points:\n  - {optim.lrr: 1.0e-3}\n", 6, r"points\[0\]\.optim\.lrr: is not a searched"),
+        (HEAD + SEARCHED + "points:\n  - {optim.lr: 5.0e-3}\n", 6, r"points\[0\]\.optim\.lr: 0\.005 is not one of"),
+        (HEAD + "params:\n  optim.lr: {choice: [1.0e-2]\n", 5, r"not valid YAML: expected ',' or '}'"),
+        ("- stage\n- recipe\n", 1, r"the top level must be a mapping"),
+    ],
+)  # fmt: skip
+def test_a_bad_budget_point_or_document_is_refused_naming_file_line_and_field(tmp_path, text, line, message):
+    path = write_space(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"^{path}:{line}: {message}"):
+        load_space(path)
+    if "top level" in message or "YAML" in message:  # a recipe is read the same way
+        with pytest.raises(ConfigError, match=rf"^{path}:{line}: {message}"):
+            load_yaml(path)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)

@@ -9,6 +9,7 @@ from minimind.config.loading import (
     load_config,
     load_yaml,
     parse_override_args,
+    yaml_error_message,
 )
 from minimind.config.presets import PRESETS, preset_fields
 from minimind.config.schema import (
@@ -60,4 +61,5 @@ __all__ = [
     "model_config",
     "parse_override_args",
     "preset_fields",
+    "yaml_error_message",
 ]

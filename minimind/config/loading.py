@@ -25,13 +25,26 @@ from minimind.config.schema import ConfigError, ModelConfig, TrainConfig
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a local file or from object storage (``s3://…/best.yaml``)."""
     if storage.is_uri(path):
-        raw = yaml.safe_load(storage.read_text(path)) or {}
+        text = storage.read_text(path)
     else:
         with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle) or {}
+            text = handle.read()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(yaml_error_message(path, error)) from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{path}:1: the top level must be a mapping, got {type(raw).__name__}")
     return raw
+
+
+def yaml_error_message(path: str | Path, error: yaml.YAMLError) -> str:
+    """``FILE:LINE: not valid YAML: what`` from PyYAML's error (its marks count lines from 0)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    line = f":{mark.line + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error)
+    context = getattr(error, "context", None)
+    return f"{path}{line}: not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 def parse_override_args(args: list[str]) -> dict[str, Any]:

@@ -395,8 +395,12 @@ class LoggingConfig:
     """Metric reporting."""
 
     every_steps: int = 10
-    """Metrics are computed, printed and reported to Ray every this many optimizer steps (each report is a
-    barrier across workers, and the only point where the loop waits for the device)."""
+    """Metrics are computed, printed and written to ``metrics.jsonl`` every this many optimizer steps (the
+    only point where the loop waits for the device)."""
+    ray_report_every_s: float = 60.0
+    """Under Ray Train, a log step's metrics also go to Ray (``ray.train.report``: a barrier across workers
+    that waits for the Train controller's next poll) at most this often; checkpoint and evaluation steps
+    are always reported. 0 reports every log step."""
     gpu_peak_tflops: float | None = None
     """Peak bf16 TFLOP/s for MFU when the GPU is not in the built-in table."""
     wandb: bool = False
@@ -405,6 +409,7 @@ class LoggingConfig:
 
     def validate(self, path: str = "logging") -> None:
         _require(self.every_steps > 0, f"{path}.every_steps", "must be positive")
+        _require(self.ray_report_every_s >= 0, f"{path}.ray_report_every_s", "must be >= 0")
 
 
 @dataclass

@@ -197,7 +197,7 @@ class LocalRun:
                 latest = resolve_checkpoint(self.run_dir)
         return contextlib.nullcontext(latest)
 
-    def publish(self, trainer, metrics: dict | None, save: bool) -> Path | None:
+    def publish(self, trainer, metrics: dict | None, save: bool, evaluated: bool = False) -> Path | None:
         if not save:
             return None
         name = checkpoint_name(trainer.step)

@@ -11,9 +11,10 @@ Driver side, :func:`build_trainer` turns a :class:`TrainConfig` into a ``TorchTr
 Worker side, :func:`train_worker` runs the one loop unchanged: the device comes from
 ``ray.train.torch.get_device()``, the strategy from the process group Ray set up, and
 :class:`RayTrainRun` is the loop's checkpoint store: rank 0 writes a checkpoint into a local
-temporary folder, every rank calls ``ray.train.report`` (a barrier, so only at log and checkpoint
-steps) and Ray persists it under the storage path as ``step_N``; a resumed or restarted worker
-group starts from the newer of ``ray.train.get_checkpoint()`` and the run directory's ``latest``.
+temporary folder, every rank calls ``ray.train.report`` (a barrier, so only at checkpoint and
+evaluation steps, and at log steps every ``logging.ray_report_every_s``) and Ray persists it under the
+storage path as ``step_N``; a resumed or restarted worker group starts from the newer of
+``ray.train.get_checkpoint()`` and the run directory's ``latest``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -75,6 +77,7 @@ class RayTrainRun:
         self.strategy = strategy
         self.run_dir = run_dir
         self.verdicts = verdicts
+        self._last_report = time.monotonic()
 
     def resume_directory(self):
         """The run's newest complete checkpoint: after a re-submit, or after Ray restarted the group.
@@ -99,11 +102,24 @@ class RayTrainRun:
             return None
         return location if storage.is_file(storage.join(location, META_FILE)) else None
 
-    def publish(self, trainer: Trainer, metrics: dict | None, save: bool) -> None:
+    def publish(self, trainer: Trainer, metrics: dict | None, save: bool, evaluated: bool = False) -> None:
+        if not (save or evaluated or self._log_report_due(trainer)):
+            return  # the row is printed and in metrics.jsonl (rank 0); Ray gets a later one
         self._report(trainer, metrics, save)
+        self._last_report = time.monotonic()
         if self.verdicts is not None and self.strategy.rank == 0:
             self.verdicts.get()  # the sweep judged this report and lets the trial go on (other ranks wait at
             # the next collective); a paused or stopped trial never gets one, and ends here
+
+    def _log_report_due(self, trainer: Trainer) -> bool:
+        """Whether a log step's row goes to Ray: ``logging.ray_report_every_s`` after the last report, by rank
+        0's clock for every rank (a report is a barrier all must join). Each report waits for the Train
+        controller's poll, which at fast steps costs more than the steps between two logs."""
+        interval = trainer.config.logging.ray_report_every_s
+        if interval <= 0:
+            return True
+        due = self.strategy.rank == 0 and time.monotonic() - self._last_report >= interval
+        return bool(self.strategy.all_reduce(torch.tensor(float(due), device=trainer.device), "max"))
 
     def _report(self, trainer: Trainer, metrics: dict | None, save: bool) -> None:
         # total_steps: whoever reads the reports (a sweep's scheduler) can tell the run's last one.

@@ -37,6 +37,7 @@ from minimind.train.cooldown import cooldown_steps, cooled_evaluation
 from minimind.train.metrics import mfu, peak_flops
 from minimind.train.objectives import DPO, Distillation, LanguageModeling, Objective
 from minimind.train.parallel import SingleProcess
+from minimind.train.prefetch import StepBatches
 from minimind.train.reporting import RunFiles, WandbLogger, progress_line
 from minimind.train.runtime import autocast, resolve_device, resolve_dtype
 from minimind.train.schedule import learning_rate, set_learning_rate
@@ -142,6 +143,8 @@ class Trainer:
             raise ValueError(
                 f"{len(self.examples)} examples make no batch of {config.optim.batch_size} for {world} workers"
             )
+        # The next step's batches are collated while this one trains (pinned for async copies to a GPU).
+        self.step_batches = StepBatches(self.collate_step, pin_memory=self.device.type == "cuda")
         self.steps_per_epoch = math.ceil(len(self.sampler) / config.optim.grad_accum_steps)
         self.total_steps = config.optim.epochs * self.steps_per_epoch
         if config.optim.max_steps is not None:
@@ -192,6 +195,11 @@ class Trainer:
         batches = self.sampler.batches(epoch, start=first)
         return [indices for _, indices in zip(range(accum), batches)]
 
+    def collate_step(self, step: int) -> list[dict]:
+        """The micro-batches of optimizer step ``step``, collated on the host."""
+        pad = self.tokenizer.pad_id
+        return [collate([self.examples[i] for i in indices], pad) for indices in self.micro_batches(step)]
+
     # -- one optimizer step ---------------------------------------------------------------------
 
     def accumulate_gradients(self, step: int) -> dict:
@@ -201,9 +209,7 @@ class Trainer:
         multiplies by the world size, so DDP's gradient average is the exact mean over every
         target of the step, however unevenly targets fall into micro-batches and workers.
         """
-        cpu_batches = [
-            collate([self.examples[i] for i in indices], self.tokenizer.pad_id) for indices in self.micro_batches(step)
-        ]
+        cpu_batches = self.step_batches(step, prefetch_next=step + 1 < self.total_steps)
         batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
         counts = [self.objective.normalizer(batch).float() for batch in batches]
         local_targets = torch.stack(counts).sum()
@@ -317,8 +323,9 @@ class Trainer:
             # Whether to publish is decided from the step alone, never from ``metrics``: evaluation
             # metrics exist on rank 0 only, and a report (Ray's) is a barrier every rank must join.
             if self.run is not None and (log_due or evaluate or save_due):
-                saved = self.run.publish(self, metrics, save_due)
+                saved = self.run.publish(self, metrics, save_due, evaluated=evaluate)
                 checkpoint_path = saved or checkpoint_path
+        self.step_batches.close()
         if wandb:
             wandb.close()
         return TrainResult(self.step, history, checkpoint_path, self.data.rejects.summary(), final_eval)

@@ -51,7 +51,7 @@ import optuna
 import yaml
 
 from minimind import storage
-from minimind.config import ConfigError, TrainConfig, apply_overrides, build_config, load_yaml
+from minimind.config import ConfigError, TrainConfig, apply_overrides, build_config, load_yaml, yaml_error_message
 from minimind.train.launch import ENTRY_POINTS
 from minimind.tune.transfer import (
     TARGET_KEYS,
@@ -230,7 +230,7 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise ConfigError(yaml_error_message(path, error)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}:1: the top level must be a mapping")
     lines = _key_lines(root)
@@ -325,20 +325,24 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
     if not isinstance(points, list):
         fail("points", "must be a list of {dotted.field: value} mappings")
     by_name = {param.name: param for param in params}
+    point_nodes = _child(root, "points")
     for index, point in enumerate(points):
         where = f"points[{index}]"
+        line = lines.get("points", 1)
+        if isinstance(point_nodes, yaml.SequenceNode):
+            line = point_nodes.value[index].start_mark.line + 1
         if not isinstance(point, dict):
-            fail(where, "must be a mapping of searched fields to values")
+            fail(where, "must be a mapping of searched fields to values", line)
         for name, value in point.items():
             if name not in by_name:
-                fail(f"{where}.{name}", f"is not a searched parameter (searched: {', '.join(by_name)})")
+                fail(f"{where}.{name}", f"is not a searched parameter (searched: {', '.join(by_name)})", line)
             if by_name[name].kind == "choice" and value not in by_name[name].choices:
-                fail(f"{where}.{name}", f"{value!r} is not {by_name[name].describe()}")
-        for index, base in enumerate(space.stage_bases()):
+                fail(f"{where}.{name}", f"{value!r} is not {by_name[name].describe()}", line)
+        for stage_index, base in enumerate(space.stage_bases()):
             try:
-                build_config(base, space.stage_params(point, index))
+                build_config(base, space.stage_params(point, stage_index))
             except ConfigError as error:
-                fail(where, f"the run config rejects it: {error}")
+                fail(where, f"the run config rejects it: {error}", line)
         space.points.append(point)
     return space
 
@@ -440,6 +444,11 @@ def _parse_budget(raw: Any, fail) -> Budget:
         if budget.max_tokens not in (None, longest):
             fail("budget.max_tokens", f"is {budget.max_tokens:g} but the longest duration is {longest:g}; give one")
         budget.max_tokens = longest
+    if budget.max_tokens is not None:
+        for key in ("grace_tokens", "eval_every_tokens"):
+            value = getattr(budget, key)
+            if value is not None and value > budget.max_tokens:
+                fail(f"budget.{key}", f"{value:g} is beyond max_tokens {budget.max_tokens:g}: no trial would get there")
     return budget
 
 
