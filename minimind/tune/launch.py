@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     import ray
 
-    from minimind.tune.results import write_sweep_report
+    from minimind.tune.results import collect_records, write_sweep_report
     from minimind.tune.search import close_lost_optuna_trials
     from minimind.tune.sweep import build_tuner, restore_tuner, sweep_concurrency
 
@@ -183,6 +183,13 @@ def main(argv: list[str] | None = None) -> None:
         build_tuner(settings, plan, concurrency).fit()
     report, best = write_sweep_report(settings, plan)
     print(f"[sweep] report: {report} (and report.html)", flush=True)
+    # Tune returns normally when interrupted (Ctrl-C, SIGTERM): the sweep is then not done, which a script
+    # driving it must be able to tell from the exit status.
+    ended = [r for r in collect_records(plan) if r.status in ("finished", "pruned", "failed")]
+    if len(ended) < settings.num_samples:
+        print(f"[sweep] interrupted with {len(ended)} of {settings.num_samples} trials ended; finish it with: "
+              f"python ray_jobs/tune.py --resume {plan.sweep_dir}", file=sys.stderr, flush=True)  # fmt: skip
+        raise SystemExit(130)
     if best is not None:
         print(f"[sweep] best trial {best.trial_id}: {plan.objective.spec} {best.objective:.4g} with {best.params}; "
               f"run it with: python ray_jobs/{plan.space.stage}.py --config {plan.sweep_dir}/best.yaml",
