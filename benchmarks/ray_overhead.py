@@ -92,10 +92,6 @@ def main() -> None:
     if args.steps < 2 * args.every:
         parser.error("--steps must cover at least two log windows (the first is warm-up)")
 
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     variants = {  # name: (workers, logging.ray_report_every_s; None: the config's default)
         "TorchTrainer x1": (1, None),
         "x1, reports every log": (1, 0.0),
@@ -103,11 +99,21 @@ def main() -> None:
     }
     rows = {}
     with tempfile.TemporaryDirectory(prefix="ray-overhead-") as scratch:
-        rows["in-process"] = in_process(args, Path(scratch) / "local")
-        print(f"measured in-process: {rows['in-process']}", flush=True)
+        # In process before Ray starts (its daemons are busy for a while after ray.init) and again after the
+        # Ray variants, with Ray idle: the mean of the two is the reference, their spread the noise.
+        before = in_process(args, Path(scratch) / "local-before")
+        print(f"measured in-process (before Ray): {before}", flush=True)
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)
+        else:
+            ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         for index, (name, (workers, report_every_s)) in enumerate(variants.items()):
             rows[name] = through_ray(args, Path(scratch) / f"ray{index}", workers, report_every_s)
             print(f"measured {name}: {rows[name]}", flush=True)
+        after = in_process(args, Path(scratch) / "local-after")
+        print(f"measured in-process (after): {after}", flush=True)
+    rows = {"in-process": {key: (before[key] + after[key]) / 2 for key in before}, **rows}
+    spread = abs(before["tokens_per_second"] - after["tokens_per_second"]) / rows["in-process"]["tokens_per_second"]
     base = rows["in-process"]
     print(
         f"\n{args.preset}, seq {args.seq_len}, global batch {args.batch_size}, {args.steps} steps, "
@@ -119,6 +125,8 @@ def main() -> None:
             f"{name:<22}{row['wall']:>9.1f}{row['startup']:>12.1f}{row['tokens_per_second']:>11.0f}"
             f"{row['tokens_per_second'] / base['tokens_per_second']:>24.3f}x"
         )
+    print(f"in-process tokens/s before Ray and after: {before['tokens_per_second']:.0f} and "
+          f"{after['tokens_per_second']:.0f} ({spread:.1%} apart: the noise of these ratios)")  # fmt: skip
     slowdown = 1 - rows["TorchTrainer x1"]["tokens_per_second"] / base["tokens_per_second"]
     print(f"TorchTrainer x1 past start-up: {slowdown:+.1%} slower than in-process (target <= 5%)")
 
