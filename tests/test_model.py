@@ -273,6 +273,14 @@ def test_info_prints_a_recipes_run_and_its_flops_counted_by_hand():
     assert f"tiny: {parameters:,} parameters" in out
     assert "run: 10 steps x 2,048 tokens = 20,480 tokens (optim.max_steps 10)" in out
     assert f"training FLOPs: {flops:.3e}" in out
+    # A max_steps beyond the recipe's epochs: the run ends with its epochs, where the loop stops.
+    from minimind.config import build_config, load_yaml
+    from minimind.train.loop import Trainer
+
+    long = [*command[:-1], "1000000"]
+    out = subprocess.run(long, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    steps = Trainer(build_config(load_yaml(ROOT / "recipes/tiny/pretrain.yaml"))).total_steps
+    assert f"run: {steps:,} steps x 2,048 tokens" in out and "before optim.max_steps 1,000,000" in out
 
 
 COORDINATE_DEPTHS = (2, 4, 8, 16)

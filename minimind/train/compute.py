@@ -76,12 +76,23 @@ class RunCost:
 def run_cost(config: TrainConfig) -> RunCost:
     """The length and training FLOPs of ``config``'s run (its data opened when it trains by epochs)."""
     step_tokens = tokens_per_step(config)
-    if config.optim.max_steps is not None:
-        steps, how = config.optim.max_steps, f"optim.max_steps {config.optim.max_steps:,}"
-    else:
+    optim = config.optim
+    # The loop stops at whichever comes first, optim.max_steps or the epochs over its data.
+    try:
         epoch_steps = steps_per_epoch(config)
-        steps = config.optim.epochs * epoch_steps
-        how = f"{config.optim.epochs} epoch(s) of {epoch_steps:,} steps over its data"
+    except (OSError, ValueError):  # its corpus is not on this machine
+        if optim.max_steps is None:
+            raise
+        epoch_steps = None
+    if optim.max_steps is not None and (epoch_steps is None or optim.max_steps <= optim.epochs * epoch_steps):
+        steps, how = optim.max_steps, f"optim.max_steps {optim.max_steps:,}"
+        if epoch_steps is None:
+            how += ", at most: its data is not on this machine to count its epochs"
+    else:
+        steps = optim.epochs * epoch_steps
+        how = f"{optim.epochs} epoch(s) of {epoch_steps:,} steps over its data"
+        if optim.max_steps is not None:
+            how += f", before optim.max_steps {optim.max_steps:,}"
     tokens = steps * step_tokens
     return RunCost(steps, tokens, tokens * model_flops_per_token(config), how)
 
