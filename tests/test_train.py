@@ -61,6 +61,11 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     first = Trainer(tiny_config(tmp_path / "b", **sections))
     first.fit(stop_at_step=3)
     del first
+    # Written before ModelConfig had a field (depth_transfer here): it resumes with the field's default.
+    meta_file = tmp_path / "b" / "step_00000003" / "model.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["model"]["depth_transfer"]
+    meta_file.write_text(json.dumps(meta))
     resumed = Trainer(tiny_config(tmp_path / "b", **sections))
     result = resumed.fit()
     assert result.steps == 6 and result.history[0]["step"] == 4
@@ -71,6 +76,10 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert max_diff(weights(straight.model), weights(resumed.model)) < 1e-6
     saved = load_file(str(tmp_path / "b" / "step_00000006" / "model.safetensors"))
     assert all(tensor.dtype == torch.float32 for tensor in saved.values())
+    # Another model is refused, naming what differs.
+    other = {**sections, "model": {"dropout": 0.2}}
+    with pytest.raises(ValueError, match=r"model\.dropout 0\.1 there, 0\.2 here"):
+        Trainer(tiny_config(tmp_path / "b", **other)).fit()
 
 
 def test_a_run_directory_stands_for_the_checkpoint_latest_names_else_its_newest_complete_one(tmp_path):

@@ -32,6 +32,7 @@ from minimind.model.checkpoint import (
     WEIGHTS_FILE,
     load_adapter,
     load_weights,
+    model_config_from_dict,
     read_meta,
     resolve_checkpoint,
     save_model,
@@ -117,8 +118,13 @@ def write_checkpoint(trainer, directory: Path, rng_states: list[dict]) -> None:
 def load_checkpoint(trainer, directory: Path) -> int:
     """Restore ``trainer`` from ``directory`` (every rank calls this); return the step to continue at."""
     meta = read_meta(directory)
-    if meta["model"] != config_to_dict(trainer.model.config):
-        raise ValueError(f"{directory} was written by a different model configuration than this run's")
+    # Read as a config, so fields added to ModelConfig since the checkpoint was written take their defaults:
+    # a run resumes under a newer version of this code as long as the model is the same.
+    saved, current = config_to_dict(model_config_from_dict(meta["model"])), config_to_dict(trainer.model.config)
+    if saved != current:
+        differ = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+        fields = ", ".join(f"model.{key} {saved.get(key)!r} there, {current.get(key)!r} here" for key in differ)
+        raise ValueError(f"{directory} was written by a different model configuration than this run's: {fields}")
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     optim = trainer.config.optim
     saved = (state["world_size"], state["batch_size"], state["grad_accum_steps"])
