@@ -165,13 +165,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     import ray
 
-    from minimind.tune.results import collect_records, write_sweep_report
+    from minimind.tune.results import write_sweep_report
     from minimind.tune.search import close_lost_optuna_trials
     from minimind.tune.sweep import build_tuner, restore_tuner, sweep_concurrency
 
     ray.init(ignore_reinit_error=True)
     if resume:
-        restore_tuner(settings, plan).fit()
+        results = restore_tuner(settings, plan).fit()
         close_lost_optuna_trials(settings)
     else:
         try:  # before anything is recorded: a refused sweep leaves no directory that a retry would differ from
@@ -180,14 +180,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"config error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
         record_sweep(settings)
-        build_tuner(settings, plan, concurrency).fit()
+        results = build_tuner(settings, plan, concurrency).fit()
     report, best = write_sweep_report(settings, plan)
     print(f"[sweep] report: {report} (and report.html)", flush=True)
     # Tune returns normally when interrupted (Ctrl-C, SIGTERM): the sweep is then not done, which a script
-    # driving it must be able to tell from the exit status.
-    ended = [r for r in collect_records(plan) if r.status in ("finished", "pruned", "failed")]
-    if len(ended) < settings.num_samples:
-        print(f"[sweep] interrupted with {len(ended)} of {settings.num_samples} trials ended; finish it with: "
+    # driving it must be able to tell from the exit status. Tune's own states count (a trial waiting at a
+    # rung is paused, not ended, whatever ASHA's records say of it).
+    ended = results.num_terminated + results.num_errors
+    if ended < settings.num_samples:
+        print(f"[sweep] interrupted with {ended} of {settings.num_samples} trials ended; finish it with: "
               f"python ray_jobs/tune.py --resume {plan.sweep_dir}", file=sys.stderr, flush=True)  # fmt: skip
         raise SystemExit(130)
     if best is not None:
