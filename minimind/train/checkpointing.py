@@ -120,10 +120,11 @@ def load_checkpoint(trainer, directory: Path) -> int:
     meta = read_meta(directory)
     # Read as a config, so fields added to ModelConfig since the checkpoint was written take their defaults:
     # a run resumes under a newer version of this code as long as the model is the same.
-    saved, current = config_to_dict(model_config_from_dict(meta["model"])), config_to_dict(trainer.model.config)
-    if saved != current:
-        differ = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
-        fields = ", ".join(f"model.{key} {saved.get(key)!r} there, {current.get(key)!r} here" for key in differ)
+    there = config_to_dict(model_config_from_dict(meta["model"]))
+    here = config_to_dict(trainer.model.config)
+    if there != here:
+        differ = sorted(key for key in there.keys() | here.keys() if there.get(key) != here.get(key))
+        fields = ", ".join(f"model.{key} {there.get(key)!r} there, {here.get(key)!r} here" for key in differ)
         raise ValueError(f"{directory} was written by a different model configuration than this run's: {fields}")
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     optim = trainer.config.optim
