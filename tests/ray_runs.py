@@ -22,9 +22,14 @@ def tiny_pretrain_args(steps: int, lr: str, checkpoint_every: int, placement: st
     ]  # fmt: skip
 
 
-def pretrain(storage, name, args, **popen):
-    command = [sys.executable, "ray_jobs/pretrain.py", *args, "--storage-path", str(storage), "--name", name]
+def job(entry, storage, name, args, **popen):
+    """``python ray_jobs/ENTRY.py ARGS`` started as a user starts it, writing the run STORAGE/NAME."""
+    command = [sys.executable, f"ray_jobs/{entry}.py", *args, "--storage-path", str(storage), "--name", name]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def pretrain(storage, name, args, **popen):
+    return job("pretrain", storage, name, args, **popen)
 
 
 def finish(process, timeout=300) -> str:

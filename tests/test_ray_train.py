@@ -15,6 +15,7 @@ from conftest import ROOT, SAMPLE, tiny_config
 from ray_runs import (
     final_weights,
     finish,
+    job,
     max_diff,
     metrics,
     pretrain,
@@ -195,7 +196,11 @@ def test_chained_stages_each_start_from_the_previous_weights(ray_cluster, tmp_pa
     ]  # fmt: skip
     uniform = math.log(6400)
     previous = None
+    others = {}
     for entry, name, args in stages:
+        if name == "p2":  # the other entry points train from p1 and s1 meanwhile, as users start them
+            others = {entry: job(entry, tmp_path, entry, [*other_args(entry, tmp_path), *OTHERS_COMMON])
+                      for entry in OTHER_STAGES}  # fmt: skip
         main(entry, [*args, *common, "--name", name])
         assert resolve_checkpoint(tmp_path / name).name == "step_00000024"
         first_loss = metrics(tmp_path / name)[0]["loss"]
@@ -212,19 +217,99 @@ def test_chained_stages_each_start_from_the_previous_weights(ray_cluster, tmp_pa
         assert after < before - 0.02, (name, before, after)
         previous = name
     assert previous == "p2"
+    for entry, process in others.items():
+        finish(process)
+        assert resolve_checkpoint(tmp_path / entry).name == f"step_{OTHERS_STEPS:08d}", entry
+    check_other_stages(tmp_path, uniform)
 
 
-def fixed_examples_loss(run_dir, config) -> float:
-    """Mean loss of ``run_dir``'s latest weights on the first 32 training examples of ``config``."""
+# ray_jobs/{lora,dpo,reasoning,distill}.py, each from its 26M recipe shrunk to the tiny preset, on the
+# sample's files for that stage: the fine-tunes start from the SFT run s1; distillation teaches the
+# pretrained p1 to imitate s1.
+OTHER_STAGES = {
+    "lora": ["--init-from", "s1", "--optim.lr", "1e-2"],
+    "dpo": ["--init-from", "s1", "--optim.lr", "1e-3"],
+    "reasoning": ["--init-from", "s1", "--optim.lr", "1e-3"],
+    "distill": ["--init-from", "p1", "--optim.lr", "3e-3"],
+}
+OTHERS_STEPS = 8
+OTHERS_COMMON = [
+    "--model.preset", "tiny", "--data.seq_len", "128", "--optim.batch_size", "8", "--optim.warmup_steps", "0",
+    f"--optim.max_steps={OTHERS_STEPS}", "--optim.epochs", "20", "--logging.every_steps", "1",
+    "--checkpoint.every_steps", str(OTHERS_STEPS),
+]  # fmt: skip
+
+
+def other_args(entry, storage) -> list[str]:
+    teacher = ["--objective.teacher", str(storage / "s1")] if entry == "distill" else []
+    return ["--config", f"recipes/minimind-26m/{entry}.yaml", *OTHER_STAGES[entry], *teacher]
+
+
+def check_other_stages(storage, uniform):
+    from safetensors.torch import load_file
+
+    from minimind.model.checkpoint import ADAPTER_FILE, WEIGHTS_FILE
+    from minimind.train.launch import config_from_args
+
+    def config(entry):
+        return config_from_args(entry, [*other_args(entry, storage), *OTHERS_COMMON, "--storage-path", str(storage),
+                                        "--name", entry])  # fmt: skip
+
+    # LoRA: only trained adapters are saved (the base is s1's file), and the adapted model learned the
+    # identity conversations (below).
+    lora_checkpoint = resolve_checkpoint(storage / "lora")
+    assert not (lora_checkpoint / WEIGHTS_FILE).exists()
+    adapter = load_file(lora_checkpoint / ADAPTER_FILE)
+    assert adapter and all("lora_" in name for name in adapter)
+    assert any(name.endswith("lora_B") and tensor.abs().max() > 0 for name, tensor in adapter.items())  # B starts at 0
+    base = load_model(storage / "s1").state_dict()
+    # DPO: at its first step the policy is its reference, so every margin is 0 and the loss -log sigmoid(0).
+    assert metrics(storage / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert max_diff(load_model(storage / "dpo").state_dict(), base) > 0
+    for entry, before in (("lora", "s1"), ("reasoning", "s1")):
+        assert metrics(storage / entry)[0]["loss"] < uniform - 0.5, entry  # started from s1, not from scratch
+        start, end = (fixed_examples_loss(storage / run, config(entry)) for run in (before, entry))
+        assert end < start - 0.02, (entry, start, end)
+    # Distillation: the student's KL to its teacher (by torch's kl_div, at temperature 1) went down.
+    start, end = (teacher_student_kl(storage / "s1", storage / run, config("distill")) for run in ("p1", "distill"))
+    assert end < start * 0.9, (start, end)
+
+
+def fixed_examples(config, count=32):
+    """The first ``count`` (at most) training examples of ``config``, in batches of 8."""
     from minimind.data.dataset import build_training_data, collate
-    from minimind.eval.evaluator import token_byte_lengths
-    from minimind.eval.metrics import perplexity
     from minimind.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()
     examples = build_training_data(config, tokenizer).examples
-    batches = [collate([examples[i] for i in range(start, start + 8)], tokenizer.pad_id) for start in range(0, 32, 8)]
-    return perplexity(load_model(run_dir), batches, token_byte_lengths(tokenizer))["val_loss"]
+    count = min(count, len(examples))
+    return [collate([examples[i] for i in range(start, min(start + 8, count))], tokenizer.pad_id)
+            for start in range(0, count, 8)]  # fmt: skip
+
+
+def fixed_examples_loss(run_dir, config) -> float:
+    """Mean loss of ``run_dir``'s latest weights on the first 32 training examples of ``config``."""
+    from minimind.eval.evaluator import token_byte_lengths
+    from minimind.eval.metrics import perplexity
+    from minimind.tokenizer import load_tokenizer
+
+    return perplexity(load_model(run_dir), fixed_examples(config), token_byte_lengths(load_tokenizer()))["val_loss"]
+
+
+@torch.no_grad()
+def teacher_student_kl(teacher_dir, student_dir, config) -> float:
+    """KL(teacher || student) per labelled target token on the first 32 training examples of ``config``."""
+    import torch.nn.functional as F
+
+    teacher, student = load_model(teacher_dir).eval(), load_model(student_dir).eval()
+    total, targets = 0.0, 0
+    for batch in fixed_examples(config):
+        mask = batch["labels"][:, 1:] != -100
+        teacher_log, student_log = (torch.log_softmax(m(batch["input_ids"])[0][:, :-1][mask].double(), -1)
+                                    for m in (teacher, student))  # fmt: skip
+        total += F.kl_div(student_log, teacher_log, log_target=True, reduction="sum").item()
+        targets += int(mask.sum())
+    return total / targets
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):

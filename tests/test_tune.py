@@ -268,28 +268,33 @@ def wait_until(condition, process, what: str, timeout: float = 240):
     return found
 
 
+def trials_in(sweep_dir, *statuses) -> set[str]:
+    return {tid for tid, t in trial_records(sweep_dir).items() if t["status"] in statuses}
+
+
+def checkpointed_running(sweep_dir) -> str | None:
+    """A trial training past its first checkpoint, if any."""
+    return next((tid for tid in trials_in(sweep_dir, "running") if (sweep_dir / "trials" / tid / "latest").exists()),
+                None)  # fmt: skip
+
+
 def ended_and_running(sweep_dir):
-    """(trials ended: finished or stopped by ASHA, a trial training past its first checkpoint) or None
-    while there is none."""
-    trials = trial_records(sweep_dir)
-    ended = {tid for tid, t in trials.items() if t["status"] in ("finished", "pruned")}
-    running = [
-        tid
-        for tid, t in trials.items()
-        if t["status"] == "running" and (sweep_dir / "trials" / tid / "latest").exists()
-    ]
-    return (ended, running[0]) if ended and running else None
+    """(the trials ended: finished or stopped by ASHA, a trial training past its first checkpoint) or None."""
+    ended, running = trials_in(sweep_dir, "finished", "pruned"), checkpointed_running(sweep_dir)
+    return (ended, running) if ended and running else None
 
 
-def kill_sweep(process, ray_cluster):
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+def kill_sweep(process, ray_cluster, how=signal.SIGKILL):
+    process.send_signal(how)
+    process.wait(timeout=180)
     deadline = time.time() + 60  # the driver owned its trials: wait for their workers to go
     while train_workers(ray_cluster) and time.time() < deadline:
         time.sleep(0.5)
 
 
-def test_a_killed_sweep_resumes_to_exactly_n_trials_without_training_an_ended_one_again(ray_cluster, tmp_path):
+def test_a_stopped_then_killed_sweep_resumes_to_exactly_n_trials_without_training_an_ended_one_again(
+    ray_cluster, tmp_path
+):
     space = write_space(tmp_path, RESUMABLE_SWEEP)
     sweep_dir, journal = tmp_path / "sweep", tmp_path / "study.log"
     start = [sys.executable, "ray_jobs/tune.py", "--space", str(space), "--num-samples", "3", "--name", "sweep",
@@ -297,11 +302,24 @@ def test_a_killed_sweep_resumes_to_exactly_n_trials_without_training_an_ended_on
     resume = [sys.executable, "ray_jobs/tune.py", "--resume", str(sweep_dir)]
     run_files = lambda tid: (sweep_dir / "trials" / tid / "metrics.jsonl").read_bytes()  # noqa: E731
 
-    # Killed while a trial trains past its first checkpoint and another has ended (two at a time).
+    # Stopped (Ctrl-C) while a trial waits, paused, at its first rung and another trains past its first
+    # checkpoint (two at a time). Tune saves its state and returns; the command must still say that the sweep
+    # is not done, in its exit status too (a script driving it would otherwise go on as if it were).
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(start, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        ended, interrupted = wait_until(lambda: ended_and_running(sweep_dir), first, "a checkpointed second trial")
-        kill_sweep(first, ray_cluster)
+        wait_until(lambda: trials_in(sweep_dir, "waiting") and checkpointed_running(sweep_dir), first,
+                   "a trial waiting at a rung beside a checkpointed one")  # fmt: skip
+        kill_sweep(first, ray_cluster, how=signal.SIGINT)
+    out = (tmp_path / "first.log").read_text()
+    assert first.returncode == 130, out[-3000:]
+    assert f"trials ended; finish it with: python ray_jobs/tune.py --resume {sweep_dir}" in out, out[-3000:]
+
+    # Resumed, then killed outright (a lost driver) once a trial has ended and another trains past a checkpoint.
+    with open(tmp_path / "second.log", "w") as log:
+        second = subprocess.Popen(resume, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        ended, interrupted = wait_until(lambda: ended_and_running(sweep_dir), second,
+                                        "an ended trial beside a checkpointed one")  # fmt: skip
+        kill_sweep(second, ray_cluster)
     kept = {tid: run_files(tid) for tid in ended}
 
     done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from minimind.tune.settings import SAMPLERS, SETTINGS_FILE, SweepSettings, load_
 from minimind.tune.space import load_space
 
 SPACE_COPY = "space.yaml"
+ENDED = ("finished", "pruned", "failed")  # a trial record's statuses once it will not train again
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,14 +168,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     import ray
 
+    from minimind.tune.records import TrialFile, trial_ids
     from minimind.tune.results import write_sweep_report
     from minimind.tune.search import close_lost_optuna_trials
     from minimind.tune.sweep import build_tuner, restore_tuner, sweep_concurrency
 
     ray.init(ignore_reinit_error=True)
     if resume:
-        results = restore_tuner(settings, plan).fit()
-        close_lost_optuna_trials(settings)
+        with StopSignals() as stop:
+            results = restore_tuner(settings, plan).fit()
     else:
         try:  # before anything is recorded: a refused sweep leaves no directory that a retry would differ from
             concurrency = sweep_concurrency(settings, plan)
@@ -180,14 +184,19 @@ def main(argv: list[str] | None = None) -> None:
             print(f"config error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
         record_sweep(settings)
-        results = build_tuner(settings, plan, concurrency).fit()
+        with StopSignals() as stop:
+            results = build_tuner(settings, plan, concurrency).fit()
+    interrupted = stop.received is not None or results.num_terminated + results.num_errors < settings.num_samples
+    if resume and not interrupted:
+        close_lost_optuna_trials(settings)
     report, best = write_sweep_report(settings, plan)
     print(f"[sweep] report: {report} (and report.html)", flush=True)
-    # Tune returns normally when interrupted (Ctrl-C, SIGTERM): the sweep is then not done, which a script
-    # driving it must be able to tell from the exit status. Tune's own states count (a trial waiting at a
-    # rung is paused, not ended, whatever ASHA's records say of it).
-    ended = results.num_terminated + results.num_errors
-    if ended < settings.num_samples:
+    # Tune returns normally when stopped: the sweep is then not done, which a script driving it must be able
+    # to tell from the exit status. The signal itself says so: Tune's trial states after the stop do not (its
+    # clean-up marks the trials it stops as terminated).
+    if interrupted:
+        ended = sum(TrialFile(storage.join(plan.sweep_dir, "trials", tid)).read().get("status") in ENDED
+                    for tid in trial_ids(plan.sweep_dir))  # fmt: skip
         print(f"[sweep] interrupted with {ended} of {settings.num_samples} trials ended; finish it with: "
               f"python ray_jobs/tune.py --resume {plan.sweep_dir}", file=sys.stderr, flush=True)  # fmt: skip
         raise SystemExit(130)
@@ -198,6 +207,35 @@ def main(argv: list[str] | None = None) -> None:
         if plan.space.target is not None:
             print(f"[sweep] the target's recipe: python ray_jobs/{plan.space.stage}.py --config "
                   f"{plan.sweep_dir}/best-target.yaml", flush=True)  # fmt: skip
+
+
+class StopSignals:
+    """Ctrl-C or SIGTERM while a sweep runs: remembered, and handed to Tune as the SIGUSR1 on which it saves
+    the experiment's state and returns from ``fit`` (its own Ctrl-C handler, disabled here, would leave the
+    driver no trace of the stop). A second signal stops at once; one before Tune is listening, too."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[number] = signal.signal(number, self._stop)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _stop(self, number, frame) -> None:
+        tune_listens = callable(signal.getsignal(signal.SIGUSR1))  # Tune's handler, set when its loop starts
+        if self.received is not None or not tune_listens:
+            raise KeyboardInterrupt
+        self.received = number
+        print(f"[sweep] {signal.Signals(number).name}: saving the sweep's state (again to stop at once)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def report_main(argv: list[str] | None = None) -> None:
