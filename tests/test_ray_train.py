@@ -4,10 +4,12 @@ Runs are started the way users start them (the entry points, as subprocess drive
 wrote to their run directories.
 """
 
+import json
 import math
 import re
 import shutil
 import signal
+import subprocess
 
 import pytest
 import torch
@@ -170,67 +172,70 @@ def test_working_dir_upload_stays_far_below_rays_limit():
     assert size < 25 * 2**20, f"{size / 2**20:.1f} MiB"  # Ray refuses more than 100 MiB
 
 
-def test_chained_stages_each_start_from_the_previous_weights(ray_cluster, tmp_path):
-    from minimind.data.pipeline.prepare import PrepareOptions, prepare
+def test_the_sample_job_and_every_stage_after_it_start_from_the_previous_weights(ray_cluster, tmp_path):
+    """The README's main job, ``scripts/run_sample.sh --smoke`` (its commands, 24 steps a stage), on the test
+    cluster; then a pretrain on a mixture from its SFT model and each other entry point from its runs."""
+    from minimind.eval.samples import CHAT_PROMPTS, CONTINUATION_PROMPTS
     from minimind.train.launch import config_from_args, main
 
-    prepared = {}
-    for name, files, seq_len in (("pretrain", ["pretrain.jsonl"], 64), ("sft", ["sft.jsonl"], 128)):
-        out = tmp_path / f"data-{name}"
-        prepare(PrepareOptions([str(SAMPLE / f) for f in files], str(out), seq_len=seq_len, val_fraction=0.0))
-        prepared[name] = out
-    common = ["--storage-path", str(tmp_path), "--optim.max_steps", "24", "--logging.every_steps", "4",
+    out = tmp_path / "sample"
+    done = subprocess.run(["bash", "scripts/run_sample.sh", str(out), "--smoke"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    scores = json.loads((out / "eval" / "eval.json").read_text())
+    assert 1 < scores["metrics"]["val_perplexity"] < 6400, scores  # finite, and better than a uniform guess
+    for stage, prompts in (("pretrain", CONTINUATION_PROMPTS), ("sft", CHAT_PROMPTS)):
+        samples = json.loads((out / f"{stage}_samples.json").read_text())
+        assert [sample["prompt"] for sample in samples] == list(prompts)
+        assert all(sample["output"] and sample["chat"] == (stage == "sft") for sample in samples), samples
+
+    common = ["--storage-path", str(out), "--optim.max_steps", "24", "--logging.every_steps", "4",
               "--checkpoint.every_steps", "24", "--optim.batch_size", "8"]  # fmt: skip
-    # The recipe's SFT lr (5e-3) suits a model new to conversations; one that has already seen them
-    # (after the mixture) overshoots at it and gets worse within 24 steps, so fine-tune gently.
-    sft_lr = ["--optim.lr", "1e-3"]
-    stages = [
-        ("pretrain", "p1", ["--config", "recipes/tiny/pretrain.yaml", "--data.seq_len", "64",
-                            "--data.train_files", f"[{prepared['pretrain']}]"]),
-        ("sft", "s1", ["--config", "recipes/tiny/sft.yaml", "--init-from", "p1", "--data.seq_len", "128",
-                       "--data.train_files", f"[{prepared['sft']}]", *sft_lr]),
-        ("pretrain", "p2", ["--config", "recipes/tiny/pretrain.yaml", "--init-from", "s1", "--data.seq_len", "128",
-                            "--data.train_files", "[]", "--data.mixture",
-                            f"[{{files: [{SAMPLE / 'pretrain.jsonl'}], weight: 3}}, "
-                            f"{{files: [{prepared['sft']}], weight: 1}}]"]),
-    ]  # fmt: skip
+    sample_runs = {  # what the script ran, for the checks below
+        "pretrain": ("pretrain", ["--config", "recipes/tiny/pretrain.yaml", "--data.train_files",
+                                  f"[{out / 'data' / 'pretrain'}]", *common]),
+        "sft": ("sft", ["--config", "recipes/tiny/sft.yaml", "--init-from", "pretrain", "--data.train_files",
+                        f"[{out / 'data' / 'sft'}]", *common]),
+    }  # fmt: skip
+    # The other entry points train from the script's runs while a pretrain continues from its SFT model on a
+    # mixture of a raw corpus and its prepared conversations.
+    others = {entry: job(entry, out, entry, [*other_args(entry, out), *OTHERS_COMMON]) for entry in OTHER_STAGES}
+    mixture = ["--config", "recipes/tiny/pretrain.yaml", "--init-from", "sft", "--data.seq_len", "256",
+               "--data.train_files", "[]", "--data.mixture",
+               f"[{{files: [{SAMPLE / 'pretrain.jsonl'}], weight: 3}}, {{files: [{out / 'data' / 'sft'}], weight: 1}}]",
+               *common]  # fmt: skip
+    main("pretrain", [*mixture, "--name", "mixture"])
+    sample_runs["mixture"] = ("pretrain", mixture)
+
     uniform = math.log(6400)
-    previous = None
-    others = {}
-    for entry, name, args in stages:
-        if name == "p2":  # the other entry points train from p1 and s1 meanwhile, as users start them
-            others = {entry: job(entry, tmp_path, entry, [*other_args(entry, tmp_path), *OTHERS_COMMON])
-                      for entry in OTHER_STAGES}  # fmt: skip
-        main(entry, [*args, *common, "--name", name])
-        assert resolve_checkpoint(tmp_path / name).name == "step_00000024"
-        first_loss = metrics(tmp_path / name)[0]["loss"]
+    for name, previous in (("pretrain", None), ("sft", "pretrain"), ("mixture", "sft")):
+        assert resolve_checkpoint(out / name).name == "step_00000024"
+        first_loss = metrics(out / name)[0]["loss"]
         if previous is None:
             assert first_loss == pytest.approx(uniform, abs=0.1)  # from scratch
-            previous = name
             continue
         # Started from the previous stage's weights, not from scratch ...
         assert first_loss < uniform - 0.5, (name, first_loss)
         # ... and this stage lowered the loss on its own data: the same examples scored with the
         # weights it started from and the weights it ended with (no batch-to-batch noise).
-        config = config_from_args(entry, [*args, *common, "--name", name])
-        before, after = (fixed_examples_loss(run, config) for run in (tmp_path / previous, tmp_path / name))
+        entry, args = sample_runs[name]
+        config = config_from_args(entry, [*args, "--name", name])
+        before, after = (fixed_examples_loss(run, config) for run in (out / previous, out / name))
         assert after < before - 0.02, (name, before, after)
-        previous = name
-    assert previous == "p2"
     for entry, process in others.items():
         finish(process)
-        assert resolve_checkpoint(tmp_path / entry).name == f"step_{OTHERS_STEPS:08d}", entry
-    check_other_stages(tmp_path, uniform)
+        assert resolve_checkpoint(out / entry).name == f"step_{OTHERS_STEPS:08d}", entry
+    check_other_stages(out, uniform)
 
 
 # ray_jobs/{lora,dpo,reasoning,distill}.py, each from its 26M recipe shrunk to the tiny preset, on the
-# sample's files for that stage: the fine-tunes start from the SFT run s1; distillation teaches the
-# pretrained p1 to imitate s1.
+# sample's files for that stage: the fine-tunes start from the sample job's SFT run; distillation teaches
+# its pretrained model to imitate the SFT model.
 OTHER_STAGES = {
-    "lora": ["--init-from", "s1", "--optim.lr", "1e-2"],
-    "dpo": ["--init-from", "s1", "--optim.lr", "1e-3"],
-    "reasoning": ["--init-from", "s1", "--optim.lr", "1e-3"],
-    "distill": ["--init-from", "p1", "--optim.lr", "3e-3"],
+    "lora": ["--init-from", "sft", "--optim.lr", "1e-2"],
+    "dpo": ["--init-from", "sft", "--optim.lr", "1e-3"],
+    "reasoning": ["--init-from", "sft", "--optim.lr", "1e-3"],
+    "distill": ["--init-from", "pretrain", "--optim.lr", "3e-3"],
 }
 OTHERS_STEPS = 8
 OTHERS_COMMON = [
@@ -241,7 +246,7 @@ OTHERS_COMMON = [
 
 
 def other_args(entry, storage) -> list[str]:
-    teacher = ["--objective.teacher", str(storage / "s1")] if entry == "distill" else []
+    teacher = ["--objective.teacher", str(storage / "sft")] if entry == "distill" else []
     return ["--config", f"recipes/minimind-26m/{entry}.yaml", *OTHER_STAGES[entry], *teacher]
 
 
@@ -255,23 +260,27 @@ def check_other_stages(storage, uniform):
         return config_from_args(entry, [*other_args(entry, storage), *OTHERS_COMMON, "--storage-path", str(storage),
                                         "--name", entry])  # fmt: skip
 
-    # LoRA: only trained adapters are saved (the base is s1's file), and the adapted model learned the
+    # LoRA: only trained adapters are saved (the base is the SFT run's file), and the adapted model learned the
     # identity conversations (below).
     lora_checkpoint = resolve_checkpoint(storage / "lora")
     assert not (lora_checkpoint / WEIGHTS_FILE).exists()
     adapter = load_file(lora_checkpoint / ADAPTER_FILE)
     assert adapter and all("lora_" in name for name in adapter)
     assert any(name.endswith("lora_B") and tensor.abs().max() > 0 for name, tensor in adapter.items())  # B starts at 0
-    base = load_model(storage / "s1").state_dict()
+    base = load_model(storage / "sft").state_dict()
     # DPO: at its first step the policy is its reference, so every margin is 0 and the loss -log sigmoid(0).
     assert metrics(storage / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert max_diff(load_model(storage / "dpo").state_dict(), base) > 0
-    for entry, before in (("lora", "s1"), ("reasoning", "s1")):
-        assert metrics(storage / entry)[0]["loss"] < uniform - 0.5, entry  # started from s1, not from scratch
+    for entry, before in (("lora", "sft"), ("reasoning", "sft")):
+        assert metrics(storage / entry)[0]["loss"] < uniform - 0.5, (
+            entry
+        )  # started from the SFT model, not from scratch
         start, end = (fixed_examples_loss(storage / run, config(entry)) for run in (before, entry))
         assert end < start - 0.02, (entry, start, end)
     # Distillation: the student's KL to its teacher (by torch's kl_div, at temperature 1) went down.
-    start, end = (teacher_student_kl(storage / "s1", storage / run, config("distill")) for run in ("p1", "distill"))
+    start, end = (
+        teacher_student_kl(storage / "sft", storage / run, config("distill")) for run in ("pretrain", "distill")
+    )
     assert end < start * 0.9, (start, end)
 
 
