@@ -5,12 +5,14 @@ a document gets a distinct suffix, so nothing is a duplicate), then prints side 
 
 - MB/s and tokens/s of ``prepare`` with 1 and 2 tokenizer actors, and of a single process that
   streams the same file through ``tokenizer.encode_batch`` in batches of 1,000 lines, with ratios;
-- peak memory of the whole pipeline (driver plus every Ray worker, sampled every 0.2 s) at two input
-  sizes, as summed RSS and as PSS (shared object-store pages counted once): it should stay flat,
-  because nothing holds the corpus in memory.
+- peak memory of the whole pipeline (driver plus every Ray worker, sampled every 0.2 s) at three or
+  more input sizes, as summed RSS and as PSS (shared object-store pages counted once): it should stay
+  flat, because nothing holds the corpus in memory.
 
-    python benchmarks/tokenize_throughput.py                       # 200 MB throughput; 0.5 and 2 GB memory
-    python benchmarks/tokenize_throughput.py --throughput-mb 50 --memory-mb 100 400   # quicker
+The single process runs before Ray starts, so neither its time nor its memory includes Ray's daemons.
+
+    python benchmarks/tokenize_throughput.py                 # 200 MB throughput; 0.5, 1 and 2 GB memory
+    python benchmarks/tokenize_throughput.py --throughput-mb 50 --memory-mb 100 200 400   # quicker
 """
 
 from __future__ import annotations
@@ -156,21 +158,21 @@ def run_single_process(path: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--throughput-mb", type=int, default=200)
-    parser.add_argument("--memory-mb", type=int, nargs=2, default=[500, 2000])
+    parser.add_argument("--memory-mb", type=int, nargs="+", default=[500, 1000, 2000], help="input sizes (3 or more)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--work-dir", default=None, help="where inputs and outputs go (default: a temp dir)")
     args = parser.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="mm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    ray.init(include_dashboard=False, log_to_driver=False)
-    cpus = int(ray.cluster_resources()["CPU"])
+    if len(args.memory_mb) < 3:
+        parser.error("--memory-mb: give at least three sizes (two points cannot show a trend)")
 
     source = build_input(work / f"corpus_{args.throughput_mb}mb.jsonl", args.throughput_mb)
-    rows = {
-        "single process encode_batch": run_single_process(source),
-        "Ray Data, 1 actor": run_pipeline(source, work / "out1", 1, args.seq_len),
-        "Ray Data, 2 actors": run_pipeline(source, work / "out2", 2, args.seq_len),
-    }
+    rows = {"single process encode_batch": run_single_process(source)}  # before Ray: no daemons beside it
+    ray.init(include_dashboard=False, log_to_driver=False)
+    cpus = int(ray.cluster_resources()["CPU"])
+    rows["Ray Data, 1 actor"] = run_pipeline(source, work / "out1", 1, args.seq_len)
+    rows["Ray Data, 2 actors"] = run_pipeline(source, work / "out2", 2, args.seq_len)
     base = rows["single process encode_batch"]
     print(
         f"\nthroughput on {base['megabytes']:.0f} MB of pretrain jsonl, {cpus} CPUs "
@@ -198,11 +200,12 @@ def main() -> None:
             f"{row['megabytes'] / row['seconds']:.2f} MB/s, {row['tokens']:,} tokens"
         )
         path.unlink()
-    small, large = peaks
-    print(
-        f"{args.memory_mb[1]} MB vs {args.memory_mb[0]} MB input ({args.memory_mb[1] / args.memory_mb[0]:.1f}x): "
-        f"peak RSS {large['peak_rss'] / small['peak_rss']:.2f}x, peak PSS {large['peak_pss'] / small['peak_pss']:.2f}x"
-    )
+    small = peaks[0]
+    for megabytes, row in zip(args.memory_mb[1:], peaks[1:]):
+        print(
+            f"{megabytes} MB vs {args.memory_mb[0]} MB input ({megabytes / args.memory_mb[0]:.1f}x): "
+            f"peak RSS {row['peak_rss'] / small['peak_rss']:.2f}x, peak PSS {row['peak_pss'] / small['peak_pss']:.2f}x"
+        )
     shutil.rmtree(work, ignore_errors=True)
 
 
