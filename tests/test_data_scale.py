@@ -1,6 +1,5 @@
 """Training reads prepared corpora lazily: memory-mapped rows, numpy sampling, mixtures, bounded validation."""
 
-import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
@@ -8,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SAMPLE, tiny_config
+from conftest import SAMPLE, tiny_config
 
 from minimind.data.dataset import build_training_data, collate, example_length, validation_limit
 from minimind.data.jsonl import load_examples, split_examples
@@ -237,9 +236,8 @@ def test_validation_files_are_read_only_as_far_as_needed(corpora, tokenizer, tmp
 
 
 def test_eval_job_reads_only_the_leading_documents(corpora, tokenizer):
-    spec = importlib.util.spec_from_file_location("eval_job", ROOT / "ray_jobs" / "eval.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    from minimind.eval.job import leading_documents
+
     root = corpora["pretrain"][1].root
-    documents = job.leading_documents([root], "pretrain", tokenizer, SEQ_LEN, 3)
+    documents = leading_documents([root], "pretrain", tokenizer, SEQ_LEN, 3)
     assert documents == [row["input_ids"] for row in Manifest.load(root).examples("val")[:3]]

@@ -6,10 +6,13 @@ from minimind.config.loading import (
     build_model_config,
     config_to_dict,
     dump_yaml,
+    from_dict,
     load_config,
     load_yaml,
     parse_override_args,
+    yaml_child,
     yaml_error_message,
+    yaml_key_lines,
 )
 from minimind.config.presets import PRESETS, preset_fields
 from minimind.config.schema import (
@@ -56,10 +59,13 @@ __all__ = [
     "build_model_config",
     "config_to_dict",
     "dump_yaml",
+    "from_dict",
     "load_config",
     "load_yaml",
     "model_config",
     "parse_override_args",
     "preset_fields",
+    "yaml_child",
     "yaml_error_message",
+    "yaml_key_lines",
 ]

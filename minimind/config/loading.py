@@ -47,6 +47,22 @@ def yaml_error_message(path: str | Path, error: yaml.YAMLError) -> str:
     return f"{path}{line}: not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
+def yaml_child(node, key: str):
+    """The value node under ``key`` of a composed YAML mapping node (``yaml.compose``), or None."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if key_node.value == key:
+                return value_node
+    return None
+
+
+def yaml_key_lines(node) -> dict[str, int]:
+    """1-based line of each key of a composed YAML mapping node (``{}`` for anything else)."""
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key_node.value: key_node.start_mark.line + 1 for key_node, _ in node.value}
+
+
 def parse_override_args(args: list[str]) -> dict[str, Any]:
     """``["--optim.lr", "3e-4", "--lora.enabled=true"]`` -> ``{"optim.lr": 3e-4, "lora.enabled": True}``."""
     overrides: dict[str, Any] = {}
@@ -135,6 +151,12 @@ def _merge_dicts(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """An instance of the dataclass ``cls`` from a mapping, each value checked against its field's type
+    (nested dataclasses too); errors name the dotted field under ``path``."""
+    return _from_dict(cls, data, path)
 
 
 def _from_dict(cls: type, data: Any, path: str) -> Any:

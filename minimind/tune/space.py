@@ -51,7 +51,16 @@ import optuna
 import yaml
 
 from minimind import storage
-from minimind.config import ConfigError, TrainConfig, apply_overrides, build_config, load_yaml, yaml_error_message
+from minimind.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    build_config,
+    load_yaml,
+    yaml_child,
+    yaml_error_message,
+    yaml_key_lines,
+)
 from minimind.train.launch import ENTRY_POINTS
 from minimind.tune.transfer import (
     TARGET_KEYS,
@@ -233,7 +242,7 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
         raise ConfigError(yaml_error_message(path, error)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}:1: the top level must be a mapping")
-    lines = _key_lines(root)
+    lines = yaml_key_lines(root)
 
     def fail(where: str, message: str, line: int | None = None) -> typing.NoReturn:
         line = line or lines.get(where.split(".")[0], 1)
@@ -256,19 +265,19 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
     params_raw = raw.get("params")
     if not isinstance(params_raw, dict) or not params_raw:
         fail("params", "must map at least one dotted field to a distribution")
-    param_lines = _key_lines(_child(root, "params"))
+    param_lines = yaml_key_lines(yaml_child(root, "params"))
     params = [_parse_param(name, spec, base, param_lines.get(name, lines.get("params", 1)), fail)
               for name, spec in params_raw.items()]  # fmt: skip
 
     then_raw = raw.get("then") or []
     if not isinstance(then_raw, list):
         fail("then", "must be a list of later stages ({stage, recipe, overrides, params})")
-    then_nodes = _child(root, "then")
+    then_nodes = yaml_child(root, "then")
     later_stages: list[LaterStage] = []
     for index, entry in enumerate(then_raw):
         where = f"then[{index}]"
         node = then_nodes.value[index] if isinstance(then_nodes, yaml.SequenceNode) else None
-        entry_lines = _key_lines(node) or {"": lines.get("then", 1)}
+        entry_lines = yaml_key_lines(node) or {"": lines.get("then", 1)}
         first_line = min(entry_lines.values())
         if not isinstance(entry, dict):
             fail(where, "must be a mapping with stage, recipe (and overrides, params)", first_line)
@@ -285,7 +294,7 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
         later_params = entry.get("params") or {}
         if not isinstance(later_params, dict):
             later_fail("params", "must map dotted fields to distributions")
-        later_lines = _key_lines(_child(node, "params")) if node is not None else {}
+        later_lines = yaml_key_lines(yaml_child(node, "params")) if node is not None else {}
         for field_name, spec in later_params.items():
             param = _parse_param(field_name, spec, later_base, later_lines.get(field_name, first_line), fail,
                                  where=f"{where}.params.{field_name}")  # fmt: skip
@@ -325,7 +334,7 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
     if not isinstance(points, list):
         fail("points", "must be a list of {dotted.field: value} mappings")
     by_name = {param.name: param for param in params}
-    point_nodes = _child(root, "points")
+    point_nodes = yaml_child(root, "points")
     for index, point in enumerate(points):
         where = f"points[{index}]"
         line = lines.get("points", 1)
@@ -385,7 +394,7 @@ def _parse_target(raw: dict, root, lines: dict[str, int], cli_overrides: dict, f
         entry = {"recipe": entry}
     if not isinstance(entry, dict):
         fail("target", "must be a recipe path or a mapping with recipe (and overrides, tokens)")
-    target_lines = _key_lines(_child(root, "target")) or {"": lines["target"]}
+    target_lines = yaml_key_lines(yaml_child(root, "target")) or {"": lines["target"]}
     target_fail = _at_lines(fail, "target", target_lines, lines["target"])
     for key in entry:
         if key not in TARGET_KEYS:
@@ -549,18 +558,3 @@ def _get(config: dict, dotted: str):
     for part in dotted.split("."):
         node = node[part]
     return node
-
-
-def _child(node, key: str):
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            if key_node.value == key:
-                return value_node
-    return None
-
-
-def _key_lines(node) -> dict[str, int]:
-    """1-based line of each key of a YAML mapping node."""
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {key_node.value: key_node.start_mark.line + 1 for key_node, _ in node.value}

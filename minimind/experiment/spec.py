@@ -1,0 +1,421 @@
+"""An experiment file: named steps that refer to each other by name, checked whole before anything runs.
+
+    name: sample-zh
+    storage_path: runs/experiments            # local, shared, s3:// or gs://
+    steps:
+      pretrain_data: {prepare: {inputs: [data/sample/pretrain.jsonl], seq_len: 128, val_fraction: 0.02}}
+      pretrain: {train: {stage: pretrain, recipe: recipes/tiny/pretrain.yaml, data: pretrain_data,
+                         overrides: {optim.max_steps: 200}}}
+      sft_data: {prepare: {inputs: [data/sample/sft.jsonl], seq_len: 256, val_fraction: 0.02}}
+      sft: {train: {stage: sft, recipe: recipes/tiny/sft.yaml, init_from: pretrain, data: sft_data}}
+      eval: {eval: {checkpoint: sft, data: sft_data}}
+
+Step kinds and their fields:
+
+- ``prepare``: :class:`~minimind.data.pipeline.prepare.PrepareOptions`' fields (``inputs`` required).
+- ``train``: ``stage`` (pretrain, sft, lora, dpo, reasoning, distill), ``recipe``, ``data`` (prepare steps or
+  paths), ``val_data`` (default: ``data`` when it names prepare steps, whose val splits are then scored),
+  ``init_from`` and ``teacher`` (train steps), ``overrides`` (dotted fields).
+- ``eval``: ``checkpoint`` (a train step), ``data``, and :class:`~minimind.eval.job.EvalOptions`' other fields;
+  ``format`` and ``seq_len`` default to the checkpoint step's.
+- ``export``: ``checkpoint`` (a train step), ``format`` (hf or minimind), ``dtype`` (minimind: bfloat16 or
+  float32).
+
+Each step's *resolved config* is what it runs with, where every other step's output appears as
+``${step}``: the hash of a step (``graph.py``) covers that config, not where outputs happen to live.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from minimind import storage
+from minimind.config import (
+    ConfigError,
+    build_config,
+    config_to_dict,
+    from_dict,
+    load_yaml,
+    yaml_child,
+    yaml_error_message,
+    yaml_key_lines,
+)
+
+KINDS = ("prepare", "train", "eval", "export")
+TOP_LEVEL = ("name", "storage_path", "description", "steps")
+STAGES = {  # a train step's stage -> the run's stage and the overrides that define it (LoRA is SFT with adapters)
+    "pretrain": ("pretrain", {}),
+    "sft": ("sft", {}),
+    "lora": ("sft", {"lora.enabled": True}),
+    "dpo": ("dpo", {}),
+    "reasoning": ("reasoning", {}),
+    "distill": ("distill", {}),
+}
+DATA_FORMAT = {"pretrain": "pretrain", "sft": "sft", "lora": "sft", "dpo": "dpo", "reasoning": "r1", "distill": "sft"}
+TRAIN_FIELDS = ("stage", "recipe", "data", "val_data", "init_from", "teacher", "overrides")
+EXPORT_FORMATS = ("hf", "minimind")
+SELF = "${self}"
+
+
+def output_of(step_name: str) -> str:
+    """The placeholder for a step's output directory in the resolved configs."""
+    return f"${{{step_name}}}"
+
+
+@dataclass
+class Step:
+    name: str
+    kind: str
+    line: int
+    """Line of the step's name in the experiment file."""
+    parents: dict[str, list[str]]
+    """Field -> the steps it names (``data`` may name several)."""
+    config: dict
+    """The resolved config, other steps' outputs as ``${step}`` and this step's as ``${self}``."""
+    inputs: list[str]
+    """Files and directories read that no step writes: their content identity is part of the hash."""
+
+    @property
+    def parent_names(self) -> list[str]:
+        return list(dict.fromkeys(name for names in self.parents.values() for name in names))
+
+
+@dataclass
+class Experiment:
+    path: str
+    name: str
+    storage_path: str
+    steps: dict[str, Step]
+    """In the file's order."""
+    text: str
+    """The file as read (for the provenance record)."""
+
+    @property
+    def root(self) -> str:
+        """Where this experiment's outputs, leases and records live: ``STORAGE_PATH/NAME``."""
+        return storage.join(self.storage_path, self.name)
+
+    def order(self) -> list[str]:
+        """The steps with every step after the steps it names (file order otherwise)."""
+        done: list[str] = []
+        pending = list(self.steps)
+        while pending:
+            ready = next(name for name in pending if all(p in done for p in self.steps[name].parent_names))
+            done.append(ready)
+            pending.remove(ready)
+        return done
+
+    def descendants(self, names: typing.Iterable[str]) -> set[str]:
+        """The steps that depend on any of ``names``, directly or not (``names`` themselves excluded)."""
+        found: set[str] = set()
+        frontier = set(names)
+        while frontier:
+            children = {s.name for s in self.steps.values() if frontier & set(s.parent_names)} - found
+            found |= children
+            frontier = children
+        return found
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Parse and check ``path`` whole (unknown keys, kinds and steps, cycles, every train step's config).
+
+    Raises :class:`ConfigError` naming ``FILE:LINE: steps.STEP.FIELD: what``."""
+    path = str(path)
+    try:
+        text = storage.read_text(path)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the experiment ({error.strerror or error})") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(yaml_error_message(path, error)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping (name, storage_path, steps)")
+    lines = yaml_key_lines(root)
+
+    def fail(where: str, message: str, line: int | None = None) -> typing.NoReturn:
+        raise ConfigError(f"{path}:{line or lines.get(where.split('.')[0], 1)}: {where}: {message}")
+
+    for key in raw:
+        if key not in TOP_LEVEL:
+            fail(str(key), f"unknown key (valid: {', '.join(TOP_LEVEL)})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name or "/" in name:
+        fail("name", "the experiment's name is required: a non-empty string without '/'")
+    storage_path = raw.get("storage_path", "runs/experiments")
+    if not isinstance(storage_path, str) or not storage_path:
+        fail("storage_path", "must be a path or a URI (s3://, gs://)")
+    steps_raw = raw.get("steps")
+    if not isinstance(steps_raw, dict) or not steps_raw:
+        fail("steps", "must map step names to steps (e.g. pretrain: {train: {...}})")
+    steps_node = yaml_child(root, "steps")
+    step_lines = yaml_key_lines(steps_node)
+
+    kinds: dict[str, str] = {}
+    for step_name, body in steps_raw.items():
+        where, line = f"steps.{step_name}", step_lines.get(str(step_name), lines.get("steps", 1))
+        if not isinstance(step_name, str) or not step_name.replace("_", "").replace("-", "").isalnum():
+            fail(where, "a step's name is letters, digits, '_' and '-'", line)
+        if step_name == "self":
+            fail(where, "'self' is reserved", line)
+        if not isinstance(body, dict) or len(body) != 1:
+            fail(where, f"must be a mapping with one key, the step's kind ({', '.join(KINDS)})", line)
+        [kind] = body
+        if kind not in KINDS:
+            kind_line = yaml_key_lines(yaml_child(steps_node, step_name)).get(str(kind), line)
+            fail(f"{where}.{kind}", f"unknown step kind (valid: {', '.join(KINDS)})", kind_line)
+        kinds[step_name] = kind
+
+    steps: dict[str, Step] = {}
+    for step_name, body in steps_raw.items():
+        kind = kinds[step_name]
+        fields = body[kind] if body[kind] is not None else {}
+        where, line = f"steps.{step_name}.{kind}", step_lines[step_name]
+        kind_node = yaml_child(yaml_child(steps_node, step_name), kind)
+        field_lines = yaml_key_lines(kind_node)
+        if not isinstance(fields, dict):
+            fail(where, "must be a mapping of the step's fields", line)
+        parser = _StepParser(path, step_name, kind, fields, where, line, field_lines, kind_node, kinds, steps_raw)
+        steps[step_name] = parser.parse()
+    experiment = Experiment(path, name, storage_path, steps, text)
+    _check_acyclic(experiment, fail, step_lines)
+    return experiment
+
+
+class _StepParser:
+    """One step's fields checked and resolved; steps it names are looked up in ``kinds``."""
+
+    def __init__(self, path, name, kind, fields, where, line, field_lines, node, kinds, steps_raw):
+        self.path, self.name, self.kind, self.fields = path, name, kind, fields
+        self.where, self.line, self.field_lines, self.node = where, line, field_lines, node
+        self.kinds, self.steps_raw = kinds, steps_raw
+        self.parents: dict[str, list[str]] = {}
+        self.inputs: list[str] = []
+
+    def fail(self, field: str | None, message: str, line: int | None = None) -> typing.NoReturn:
+        where = f"{self.where}.{field}" if field else self.where
+        line = line or (self.field_lines.get(field.split(".")[0]) if field else None) or self.line
+        raise ConfigError(f"{self.path}:{line}: {where}: {message}")
+
+    def parse(self) -> Step:
+        config = getattr(self, f"_{self.kind}")()
+        return Step(self.name, self.kind, self.line, self.parents, config, self.inputs)
+
+    # -- references ------------------------------------------------------------------------------
+
+    def step_ref(self, field: str, want: tuple[str, ...], required: bool = False) -> str | None:
+        """The step ``field`` names (one of the kinds ``want``), as its output placeholder."""
+        value = self.fields.get(field)
+        if value is None:
+            if required:
+                self.fail(field, f"required: the name of a {' or '.join(want)} step")
+            return None
+        if not isinstance(value, str) or value not in self.kinds:
+            self.fail(field, f"{value!r} is not a step of this experiment (steps: {', '.join(self.kinds)})")
+        if self.kinds[value] not in want:
+            self.fail(field, f"{value!r} is a {self.kinds[value]} step; this needs a {' or '.join(want)} step")
+        if value == self.name:
+            self.fail(field, "a step cannot use its own output")
+        self.parents.setdefault(field, []).append(value)
+        return output_of(value)
+
+    def data_ref(self, field: str, required: bool = False) -> list[str] | None:
+        """``field``'s data: prepare steps (their outputs) and paths, one or a list."""
+        value = self.fields.get(field)
+        if value is None:
+            if required:
+                self.fail(field, "required: a prepare step's name, or files (a list of either)")
+            return None
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(item, str) and item for item in items):
+            self.fail(field, "must be a prepare step's name or a path, or a list of them")
+        resolved = []
+        for item in items:
+            if item in self.kinds:
+                if self.kinds[item] != "prepare":
+                    self.fail(field, f"{item!r} is a {self.kinds[item]} step; data comes from prepare steps or files")
+                self.parents.setdefault(field, []).append(item)
+                resolved.append(output_of(item))
+            else:
+                self.input_path(field, item)
+                resolved.append(item)
+        return resolved
+
+    def input_path(self, field: str, value: str) -> None:
+        if not storage.is_uri(value) and not Path(value).exists():
+            self.fail(field, f"{value!r} is neither a step of this experiment nor an existing file or directory")
+        self.inputs.append(value)
+
+    def only(self, allowed: typing.Iterable[str]) -> None:
+        allowed = list(allowed)
+        for key in self.fields:
+            if key not in allowed:
+                self.fail(str(key), f"unknown field (valid: {', '.join(allowed)})")
+
+    # -- the kinds -------------------------------------------------------------------------------
+
+    def _prepare(self) -> dict:
+        from minimind.data.formats import FORMATS
+        from minimind.data.pipeline.prepare import PrepareOptions
+
+        names = [f.name for f in dataclasses.fields(PrepareOptions) if f.name != "out"]
+        self.only(names)
+        inputs = self.fields.get("inputs")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+            self.fail("inputs", "required: the jsonl files (or directories of them) to prepare")
+        for item in inputs:
+            self.input_path("inputs", item)
+        try:
+            options = from_dict(PrepareOptions, {**self.fields, "inputs": inputs, "out": SELF})
+        except ConfigError as error:
+            self._fail_config(error)
+        if options.format is not None and options.format not in FORMATS:
+            self.fail("format", f"unknown format {options.format!r} (valid: {', '.join(FORMATS)}, or leave it out)")
+        if options.seq_len <= 1:
+            self.fail("seq_len", "must be at least 2")
+        if not 0 <= options.val_fraction < 1:
+            self.fail("val_fraction", "must be in [0, 1)")
+        if options.tokenizer is not None:
+            self.input_path("tokenizer", options.tokenizer)
+        return dataclasses.asdict(options)
+
+    def _train(self) -> dict:
+        self.only(TRAIN_FIELDS)
+        stage = self.fields.get("stage")
+        if stage not in STAGES:
+            self.fail("stage", f"required, one of {', '.join(STAGES)}")
+        run_stage, defining = STAGES[stage]
+        recipe = self.fields.get("recipe")
+        raw: dict = {}
+        if recipe is not None:
+            if not isinstance(recipe, str):
+                self.fail("recipe", "must be a recipe's path (recipes/...yaml)")
+            self.input_path("recipe", recipe)
+            try:
+                raw = load_yaml(recipe)
+            except (OSError, ConfigError) as error:
+                self.fail("recipe", str(error))
+            if raw.get("stage", run_stage) != run_stage:
+                self.fail("recipe", f"{recipe} is a {raw['stage']!r} recipe; this step's stage is {stage!r}")
+        overrides = self.fields.get("overrides") or {}
+        if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+            self.fail("overrides", "must map dotted config fields to values (e.g. optim.lr: 3.0e-4)")
+        resolved = {"stage": run_stage, **defining, **overrides, "checkpoint.dir": SELF}
+        mixture = "data.mixture" in overrides  # the sources are named there (files only)
+        data = self.data_ref("data", required=not mixture)
+        resolved["data.train_files"] = data or []
+        if not mixture:
+            resolved["data.mixture"] = []  # not the recipe's: this step's data is what it names
+        val_data = self.data_ref("val_data")
+        if val_data is None and "val_data" not in self.fields and self.parents.get("data"):
+            val_data = [output_of(name) for name in self.parents["data"]]  # the prepared corpora's val splits
+        if val_data is not None:
+            resolved["eval.val_files"] = val_data
+        init_from = self.step_ref("init_from", ("train",))
+        if init_from is not None:
+            resolved["checkpoint.init_from"] = init_from
+        elif run_stage in ("dpo",) or stage == "lora":
+            self.fail("init_from", f"a {stage} step starts from a train step's model: name it here")
+        teacher = self.step_ref("teacher", ("train",), required=stage == "distill")
+        if teacher is not None:
+            if stage != "distill":
+                self.fail("teacher", "only a distill step has a teacher")
+            resolved["objective.teacher"] = teacher
+        try:
+            config = build_config(raw, resolved)
+        except ConfigError as error:
+            self._fail_config(error, overrides)
+        return config_to_dict(config)
+
+    def _eval(self) -> dict:
+        from minimind.data.formats import FORMATS
+        from minimind.eval.job import EvalOptions
+
+        names = [f.name for f in dataclasses.fields(EvalOptions) if f.name != "out"]
+        self.only(names)
+        checkpoint = self.step_ref("checkpoint", ("train",), required=True)
+        data = self.data_ref("data", required=True)
+        source = self.steps_raw[self.parents["checkpoint"][0]]["train"] or {}
+        source_stage = source.get("stage") if isinstance(source, dict) else None
+        fields = {**self.fields, "checkpoint": checkpoint, "data": data, "out": SELF}
+        fields.setdefault("format", DATA_FORMAT.get(source_stage, "pretrain"))
+        if fields["format"] not in FORMATS:
+            self.fail("format", f"unknown format {fields['format']!r} (valid: {', '.join(FORMATS)})")
+        reference = self.step_ref("reference", ("train",))
+        if reference is not None:
+            fields["reference"] = reference
+        elif fields["format"] == "dpo":
+            self.fail("reference", "a DPO evaluation compares with a reference model: name its train step")
+        if "seq_len" not in fields:  # the checkpoint's
+            try:
+                fields["seq_len"] = _train_seq_len(self.steps_raw, self.parents["checkpoint"][0])
+            except (OSError, ConfigError, TypeError, AttributeError):
+                self.fail("seq_len", f"cannot read it from step {self.parents['checkpoint'][0]!r}: give it here")
+        for field in ("adapter", "tokenizer"):
+            if fields.get(field) is not None:
+                self.input_path(field, fields[field])
+        try:
+            options = from_dict(EvalOptions, fields)
+        except ConfigError as error:
+            self._fail_config(error)
+        return dataclasses.asdict(options)
+
+    def _export(self) -> dict:
+        self.only(("checkpoint", "format", "dtype"))
+        checkpoint = self.step_ref("checkpoint", ("train",), required=True)
+        fmt = self.fields.get("format", "hf")
+        if fmt not in EXPORT_FORMATS:
+            self.fail("format", f"one of {', '.join(EXPORT_FORMATS)}")
+        dtype = self.fields.get("dtype", "bfloat16")
+        if dtype not in ("bfloat16", "float32"):
+            self.fail("dtype", "bfloat16 or float32")
+        return {"checkpoint": checkpoint, "format": fmt, "dtype": dtype, "out": SELF}
+
+    def _fail_config(self, error: ConfigError, overrides: dict | None = None) -> typing.NoReturn:
+        """A config error from the dataclasses, at the line of the field (or override) it names."""
+        message = str(error)
+        field = message.split(":", 1)[0]
+        line = None
+        if overrides is not None:
+            line_of = yaml_key_lines(yaml_child(self.node, "overrides"))
+            key = next((k for k in overrides if field == k or field.startswith(k + ".")), None)
+            if key is not None:
+                raise ConfigError(f"{self.path}:{line_of.get(key, self.line)}: {self.where}.overrides.{message}")
+            line = self.field_lines.get("recipe")
+        raise ConfigError(f"{self.path}:{line or self.field_lines.get(field, self.line)}: {self.where}.{message}")
+
+
+def _train_seq_len(steps_raw: dict, name: str) -> int:
+    """A train step's sequence length as it will run (its overrides, else its recipe's, else the default)."""
+    fields = steps_raw[name]["train"] or {}
+    overrides = fields.get("overrides") or {}
+    if "data.seq_len" in overrides:
+        return overrides["data.seq_len"]
+    recipe = load_yaml(fields["recipe"]) if fields.get("recipe") else {}
+    return build_config(recipe).data.seq_len
+
+
+def _check_acyclic(experiment: Experiment, fail, step_lines: dict[str, int]) -> None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = path[path.index(name) :] + [name]
+            fail(f"steps.{name}", f"the steps form a cycle: {' -> '.join(cycle)}", step_lines.get(name))
+        state[name] = 1
+        for parent in experiment.steps[name].parent_names:
+            visit(parent, [*path, name])
+        state[name] = 2
+
+    for name in experiment.steps:
+        visit(name, [])

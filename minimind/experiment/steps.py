@@ -1,0 +1,79 @@
+"""What each kind of step does, given its resolved config (output directories filled in).
+
+Each function runs inside the Ray task the runner starts for the step and returns a small summary for the
+provenance record. The work itself asks Ray for its resources: Ray Data's tasks and actors for ``prepare``
+and ``eval``, Ray Train's workers for ``train``.
+"""
+
+from __future__ import annotations
+
+from minimind import storage
+
+
+def run_prepare(config: dict) -> dict:
+    from minimind.config import from_dict
+    from minimind.data.pipeline.prepare import PrepareOptions, prepare
+
+    manifest = prepare(from_dict(PrepareOptions, config))
+    return {
+        "format": manifest.format,
+        "tokens": sum(split["tokens"] for split in manifest.splits.values()),
+        "rows": {name: split.get("rows") for name, split in manifest.splits.items()},
+    }
+
+
+def run_train(config: dict) -> dict:
+    from minimind.config import build_config
+    from minimind.train.compute import model_flops_per_token
+    from minimind.train.distributed import fit
+
+    train_config = build_config(config)
+    fit(train_config)
+    rows = [row for row in _metrics(train_config.checkpoint.dir) if "tokens" in row]
+    last = rows[-1] if rows else {}
+    tokens = int(last.get("tokens", 0)) + int(last.get("cooldown_tokens", 0) or 0)
+    evaluated = [row for row in rows if "val_loss" in row]
+    summary = {"tokens": tokens, "model_flops": model_flops_per_token(train_config) * tokens}
+    summary.update({key: evaluated[-1][key] for key in ("val_loss", "val_perplexity") if evaluated})
+    return summary
+
+
+def run_eval(config: dict) -> dict:
+    from minimind.config import from_dict
+    from minimind.eval.job import EvalOptions, run_eval
+
+    _, _, result = run_eval(from_dict(EvalOptions, config))
+    return {key: value for key, value in result["metrics"].items() if isinstance(value, (int, float))}
+
+
+def run_export(config: dict) -> dict:
+    from minimind.model.checkpoint import load_model
+
+    model = load_model(config["checkpoint"], merge=True)
+    if storage.is_uri(config["out"]):
+        raise ValueError("export: write exports to a local or shared path (object storage is not supported yet)")
+    if config["format"] == "hf":
+        from minimind.model.hf import export_hf
+        from minimind.tokenizer import load_tokenizer
+
+        written = export_hf(model, load_tokenizer(), config["out"])
+    else:
+        from pathlib import Path
+
+        from minimind.model.minimind_format import export_minimind_pth
+
+        Path(config["out"]).mkdir(parents=True, exist_ok=True)
+        written = export_minimind_pth(model, f"{config['out']}/model.pth", config["dtype"])
+    return {"written": str(written)}
+
+
+RUNNERS = {"prepare": run_prepare, "train": run_train, "eval": run_eval, "export": run_export}
+
+
+def _metrics(run_dir: str) -> list[dict]:
+    import json
+
+    path = storage.join(run_dir, "metrics.jsonl")
+    if not storage.is_file(path):
+        return []
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

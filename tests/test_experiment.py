@@ -1,0 +1,177 @@
+"""Experiments as step graphs: the file checked whole before anything runs, outputs named by hashes that change
+exactly where the graph changed, and leases that stop two invocations running one step."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import ROOT, SAMPLE
+
+from minimind.config import ConfigError
+from minimind.experiment.graph import plan
+from minimind.experiment.spec import load_experiment
+
+EXPERIMENT = f"""\
+name: tiny
+storage_path: {{storage}}
+steps:
+  pretrain_data:
+    prepare: {{{{inputs: [{{corpus}}], seq_len: 64, val_fraction: 0.1}}}}
+  sft_data:
+    prepare: {{{{inputs: [{SAMPLE / "sft.jsonl"}], seq_len: 128}}}}
+  pretrain:
+    train:
+      stage: pretrain
+      recipe: {ROOT / "recipes/tiny/pretrain.yaml"}
+      data: pretrain_data
+      overrides: {{{{optim.max_steps: 4, optim.batch_size: 4}}}}
+  sft:
+    train:
+      stage: sft
+      recipe: {ROOT / "recipes/tiny/sft.yaml"}
+      init_from: pretrain
+      data: sft_data
+      overrides:
+        optim.max_steps: 4
+        optim.lr: 1.0e-3
+  eval:
+    eval: {{{{checkpoint: sft, data: sft_data, continuation_docs: 2, max_new_tokens: 8, actors: 1}}}}
+  export:
+    export: {{{{checkpoint: pretrain}}}}
+"""
+
+
+def write(tmp_path, text: str, name: str = "experiment.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small pretrain corpus of its own (the hash covers its content)."""
+    lines = (SAMPLE / "pretrain.jsonl").read_text(encoding="utf-8").splitlines()[:200]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def experiment_file(tmp_path, corpus, storage=None, **replace):
+    text = EXPERIMENT.format(storage=storage or tmp_path / "runs", corpus=corpus)
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return write(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("replace", "line", "message"),
+    [
+        ({"    prepare: {inputs: [": "    prepair: {inputs: ["}, 5, "steps.pretrain_data.prepair: unknown step kind"),
+        ({"data: pretrain_data": "data: pretrain_dta"}, 12, "steps.pretrain.train.data: 'pretrain_dta' is neither"),
+        ({"init_from: pretrain": "init_from: sft_data"}, 18, "steps.sft.train.init_from: 'sft_data' is a prepare step"),
+        ({"optim.lr: 1.0e-3": "optim.lr: -1.0"}, 22, "steps.sft.train.overrides.optim.lr: must be positive"),
+        ({"optim.lr: 1.0e-3": "optim.lrr: 1.0"}, 22, "steps.sft.train.overrides.optim.lrr: unknown key"),
+        ({"continuation_docs: 2,": "continuation_docs: two,"}, 24, "steps.eval.eval.continuation_docs: expected an"),
+        ({"export: {checkpoint: pretrain}": "export: {checkpoint: pretrain, format: onnx}"}, 26,
+         "steps.export.export.format: one of hf, minimind"),
+        ({"      stage: sft\n": "      stage: sft\n      teacher: pretrain\n"}, 17,
+         "steps.sft.train.teacher: only a distill step has a teacher"),
+        # A cycle: pretrain starts from sft, which starts from pretrain.
+        ({"      data: pretrain_data\n": "      data: pretrain_data\n      init_from: sft\n"}, 8,
+         "steps.pretrain: the steps form a cycle: pretrain -> sft -> pretrain"),
+    ],
+)  # fmt: skip
+def test_a_bad_experiment_is_refused_naming_file_line_and_field(tmp_path, corpus, replace, line, message):
+    path = experiment_file(tmp_path, corpus, **replace)
+    with pytest.raises(ConfigError) as error:
+        load_experiment(path)
+    assert str(error.value).startswith(f"{path}:{line}: {message}"), str(error.value)
+
+
+def test_the_command_refuses_a_bad_file_before_ray_starts(tmp_path, corpus):
+    path = experiment_file(tmp_path, corpus, **{"stage: pretrain": "stage: pretrian"})
+    done = subprocess.run([sys.executable, "ray_jobs/experiment.py", str(path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"config error: {path}:10: steps.pretrain.train.stage: required, one of pretrain, sft" in done.stderr
+
+
+def test_hashes_change_exactly_downstream_of_what_changed_and_not_with_where_outputs_live(tmp_path, corpus):
+    def hashes(path):
+        return {name: entry.hash for name, entry in plan(load_experiment(path)).items()}
+
+    base = hashes(experiment_file(tmp_path, corpus))
+    assert len(set(base.values())) == len(base)
+    assert hashes(experiment_file(tmp_path, corpus)) == base  # read again: the same
+    moved = hashes(experiment_file(tmp_path, corpus, storage=tmp_path / "elsewhere"))
+    assert moved == base
+
+    def changed(**replace):
+        new = hashes(experiment_file(tmp_path, corpus, **replace))
+        return {name for name in base if new[name] != base[name]}
+
+    assert changed(**{"optim.lr: 1.0e-3": "optim.lr: 2.0e-3"}) == {"sft", "eval"}
+    assert changed(**{"max_new_tokens: 8": "max_new_tokens: 16"}) == {"eval"}
+    assert changed(**{"seq_len: 128}": "seq_len: 96}"}) == {"sft_data", "sft", "eval"}
+    assert changed(**{"optim.max_steps: 4, optim.batch_size: 4": "optim.max_steps: 5, optim.batch_size: 4"}) == {
+        "pretrain", "sft", "eval", "export"}  # fmt: skip
+    # The corpus's content, not its name or time, is what a prepare step's hash covers.
+    text = corpus.read_text(encoding="utf-8")
+    os.utime(corpus, (time.time() + 100, time.time() + 100))
+    assert hashes(experiment_file(tmp_path, corpus)) == base
+    corpus.write_text(text.replace("。", "，", 1), encoding="utf-8")
+    assert changed() == {"pretrain_data", "pretrain", "sft", "eval", "export"}
+
+
+def test_a_dry_run_says_what_would_run_and_why_and_writes_nothing(tmp_path, corpus):
+    from minimind.experiment.graph import DONE_FILE
+
+    path = experiment_file(tmp_path, corpus)
+    experiment = load_experiment(path)
+    planned = plan(experiment)
+    # pretrain_data as if a run had finished it, and a record of the last run with sft's old learning rate.
+    done = planned["pretrain_data"]
+    os.makedirs(done.output)
+    (tmp_path / "runs" / "tiny" / done.output.rsplit("/", 1)[1] / DONE_FILE).write_text(json.dumps({"hash": done.hash}))
+    record = {"steps": {name: {"hash": e.hash, "identity": e.identity} for name, e in planned.items()}}
+    (tmp_path / "runs" / "tiny" / "experiment.json").write_text(json.dumps(record, default=str))
+    path = experiment_file(tmp_path, corpus, **{"optim.lr: 1.0e-3": "optim.lr: 2.0e-3"})
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+
+    out = subprocess.run([sys.executable, "ray_jobs/experiment.py", str(path), "--dry-run"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+    lines = {line.split(" [")[0].strip(): line for line in out.splitlines() if line.startswith("  ")}
+    assert "cached: its output is complete" in lines["pretrain_data"]
+    assert "would run: not run yet" in lines["pretrain"]
+    assert "would run: config changed: optim.lr 0.001 -> 0.002" in lines["sft"]
+    assert "would run: new output of sft" in lines["eval"]
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_lease_is_held_by_one_invocation_and_taken_over_when_its_holder_stopped(tmp_path, monkeypatch):
+    import socket
+
+    from minimind.experiment import runner
+
+    output = str(tmp_path / "step-abc")
+    first = runner.Lease(output, f"{socket.gethostname()}:{os.getpid()}:first")
+    second = runner.Lease(output, f"{socket.gethostname()}:{os.getpid()}:second")
+    assert first.try_take() and not second.try_take()
+    first.renew()
+    assert not second.try_take()
+    # Not renewed for longer than STALE_S: its holder is taken to be gone.
+    monkeypatch.setattr(runner, "STALE_S", 0.0)
+    assert second.try_take() and second.holder()[0] == second.owner
+    monkeypatch.setattr(runner, "STALE_S", 60.0)
+    second.release()
+    # Held by a process of this machine that has ended: taken at once.
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = runner.Lease(output, f"{socket.gethostname()}:{ended.stdout.strip()}:gone")
+    assert gone.try_take()
+    assert second.try_take()
+    assert second.holder()[0] == second.owner
