@@ -81,6 +81,8 @@ def experiment_file(tmp_path, corpus, storage=None, **replace):
          "steps.export.export.format: one of hf, minimind"),
         ({"      stage: sft\n": "      stage: sft\n      teacher: pretrain\n"}, 17,
          "steps.sft.train.teacher: only a distill step has a teacher"),
+        ({"optim.max_steps: 4, optim.batch_size: 4}": "optim.max_steps: 4, data.seq_len: 128}"}, 13,
+         "steps.pretrain.train.overrides: data.seq_len 128 differs from its data's seq_len 64"),
         # A cycle: pretrain starts from sft, which starts from pretrain.
         ({"      data: pretrain_data\n": "      data: pretrain_data\n      init_from: sft\n"}, 8,
          "steps.pretrain: the steps form a cycle: pretrain -> sft -> pretrain"),
@@ -175,3 +177,34 @@ def test_a_lease_is_held_by_one_invocation_and_taken_over_when_its_holder_stoppe
     assert gone.try_take()
     assert second.try_take()
     assert second.holder()[0] == second.owner
+
+
+def test_an_experiment_runs_every_step_then_none_then_only_what_a_changed_field_needs(ray_cluster, tmp_path, corpus):
+    """On the test cluster: the first run runs every step (the two prepares at once), the second none, and
+    after an SFT override changes, only SFT and what evaluates it."""
+    from minimind.experiment.launch import main
+    from minimind.model.checkpoint import load_model
+
+    def run(path) -> dict:
+        main([str(path)])
+        record = json.loads((tmp_path / "runs" / "tiny" / "experiment.json").read_text())
+        return {name: step["status"] for name, step in record["steps"].items()}, record
+
+    first, record = run(experiment_file(tmp_path, corpus))
+    assert set(first.values()) == {"ran"}, first
+    steps = record["steps"]
+    assert steps["pretrain"]["summary"]["tokens"] == 4 * 4 * 64  # max_steps x batch x seq_len
+    assert steps["sft"]["config"]["checkpoint"]["init_from"] == steps["pretrain"]["output"]
+    assert steps["eval"]["config"]["checkpoint"] == steps["sft"]["output"]
+    assert 1 < steps["eval"]["summary"]["val_perplexity"] < 6400
+    exported = load_model(steps["pretrain"]["output"]).state_dict()
+    from minimind.model.hf import import_hf
+
+    assert all((import_hf(steps["export"]["output"]).state_dict()[k] == v).all() for k, v in exported.items())
+
+    second, _ = run(experiment_file(tmp_path, corpus))
+    assert set(second.values()) == {"cached"}, second
+
+    third, record = run(experiment_file(tmp_path, corpus, **{"optim.lr: 1.0e-3": "optim.lr: 2.0e-3"}))
+    assert {name for name, status in third.items() if status == "ran"} == {"sft", "eval"}, third
+    assert record["steps"]["sft"]["output"] != steps["sft"]["output"]

@@ -247,6 +247,18 @@ class _StepParser:
                 resolved.append(item)
         return resolved
 
+    def prepared_seq_len(self, field: str) -> int | None:
+        """The sequence length the prepare steps named in ``field`` pack to (they must agree), or None."""
+        from minimind.data.pipeline.prepare import PrepareOptions
+
+        lengths = set()
+        for name in self.parents.get(field, []):
+            fields = self.steps_raw[name]["prepare"] or {}
+            lengths.add(fields.get("seq_len", PrepareOptions.seq_len) if isinstance(fields, dict) else None)
+        if len(lengths) > 1:
+            self.fail(field, f"its prepare steps pack to different sequence lengths ({sorted(map(str, lengths))})")
+        return lengths.pop() if lengths else None
+
     def input_path(self, field: str, value: str) -> None:
         if not storage.is_uri(value) and not Path(value).exists():
             self.fail(field, f"{value!r} is neither a step of this experiment nor an existing file or directory")
@@ -319,6 +331,12 @@ class _StepParser:
             val_data = [output_of(name) for name in self.parents["data"]]  # the prepared corpora's val splits
         if val_data is not None:
             resolved["eval.val_files"] = val_data
+        prepared = self.prepared_seq_len("data")
+        if prepared is not None:  # training reads the blocks as they were packed
+            if "data.seq_len" in overrides and overrides["data.seq_len"] != prepared:
+                self.fail("overrides", f"data.seq_len {overrides['data.seq_len']} differs from its data's seq_len "
+                          f"{prepared} (prepare steps {', '.join(self.parents['data'])})")  # fmt: skip
+            resolved["data.seq_len"] = prepared
         init_from = self.step_ref("init_from", ("train",))
         if init_from is not None:
             resolved["checkpoint.init_from"] = init_from
@@ -354,6 +372,8 @@ class _StepParser:
             fields["reference"] = reference
         elif fields["format"] == "dpo":
             self.fail("reference", "a DPO evaluation compares with a reference model: name its train step")
+        if "seq_len" not in fields and self.prepared_seq_len("data") is not None:  # the data's
+            fields["seq_len"] = self.prepared_seq_len("data")
         if "seq_len" not in fields:  # the checkpoint's
             try:
                 fields["seq_len"] = _train_seq_len(self.steps_raw, self.parents["checkpoint"][0])
