@@ -95,6 +95,13 @@ def test_a_bad_experiment_is_refused_naming_file_line_and_field(tmp_path, corpus
     assert str(error.value).startswith(f"{path}:{line}: {message}"), str(error.value)
 
 
+def test_the_shipped_experiments_are_valid(monkeypatch):
+    monkeypatch.chdir(ROOT)  # their paths are relative to the repository, as the README runs them
+    for path in sorted((ROOT / "experiments").glob("*.yaml")):
+        experiment = load_experiment(path)
+        assert experiment.order()[-1] in experiment.steps
+
+
 def test_the_command_refuses_a_bad_file_before_ray_starts(tmp_path, corpus):
     path = experiment_file(tmp_path, corpus, **{"stage: pretrain": "stage: pretrian"})
     done = subprocess.run([sys.executable, "ray_jobs/experiment.py", str(path)], cwd=ROOT, capture_output=True,
