@@ -115,6 +115,10 @@ def test_hashes_change_exactly_downstream_of_what_changed_and_not_with_where_out
         return {name: entry.hash for name, entry in plan(load_experiment(path)).items()}
 
     base = hashes(experiment_file(tmp_path, corpus))
+    sft = load_experiment(experiment_file(tmp_path, corpus)).steps["sft"]
+    # What it sets, against recipes/tiny/sft.yaml (lr 5e-3; seq_len 256, but its data is packed at 128).
+    expected = {"optim.lr: 0.005 -> 0.001", "data.seq_len: 256 -> 128", "checkpoint.init_from: None -> '${pretrain}'"}
+    assert expected <= set(sft.changes), sft.changes
     assert len(set(base.values())) == len(base)
     assert hashes(experiment_file(tmp_path, corpus)) == base  # read again: the same
     moved = hashes(experiment_file(tmp_path, corpus, storage=tmp_path / "elsewhere"))
@@ -157,7 +161,7 @@ def test_a_dry_run_says_what_would_run_and_why_and_writes_nothing(tmp_path, corp
     lines = {line.split(" [")[0].strip(): line for line in out.splitlines() if line.startswith("  ")}
     assert "cached: its output is complete" in lines["pretrain_data"]
     assert "would run: not run yet" in lines["pretrain"]
-    assert "would run: config changed: optim.lr 0.001 -> 0.002" in lines["sft"]
+    assert "would run: config changed: optim.lr: 0.001 -> 0.002" in lines["sft"]
     assert "would run: new output of sft" in lines["eval"]
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
@@ -211,6 +215,10 @@ def test_an_experiment_runs_every_step_then_none_then_only_what_a_changed_field_
 
     second, _ = run(experiment_file(tmp_path, corpus))
     assert set(second.values()) == {"cached"}, second
+
+    page = (tmp_path / "runs" / "tiny" / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 1 and all(f"<td>{name}</td>" in page for name in steps)
+    assert "Evaluation: eval" in page and "val_perplexity" in page
 
     third, record = run(experiment_file(tmp_path, corpus, **{"optim.lr: 1.0e-3": "optim.lr: 2.0e-3"}))
     assert {name for name, status in third.items() if status == "ran"} == {"sft", "eval"}, third

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minimind import storage
-from minimind.experiment.spec import SELF, Experiment, Step, output_of
+from minimind.experiment.spec import SELF, Experiment, Step, dotted_changes, output_of
 
 HASH_VERSION = 1
 DONE_FILE = "step.json"
@@ -120,7 +120,7 @@ def _why_run(output: str, digest: str, identity: dict, before: dict | None) -> s
     if before is None or before.get("hash") in (None, digest):
         return "not run yet"
     old = before.get("identity") or {}
-    changes = _config_changes(old.get("config", {}), identity["config"])
+    changes = dotted_changes(old.get("config", {}), identity["config"])
     changed_parents = [p for p, h in identity["parents"].items() if old.get("parents", {}).get(p) != h]
     changed_inputs = [i for i, v in identity["inputs"].items() if old.get("inputs", {}).get(i) != v]
     reasons = []
@@ -131,18 +131,6 @@ def _why_run(output: str, digest: str, identity: dict, before: dict | None) -> s
     if changed_inputs:
         reasons.append("input changed: " + ", ".join(changed_inputs))
     return "; ".join(reasons) or "its hash changed"
-
-
-def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        where = f"{prefix}{key}"
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes.extend(_config_changes(a, b, where + "."))
-        elif a != b:
-            changes.append(f"{where} {a!r} -> {b!r}")
-    return changes
 
 
 def _exists(path: str) -> bool:

@@ -12,9 +12,11 @@ Exit status: 0 when every step is done, 1 when a step failed (the others ran as 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
+from minimind import storage
 from minimind.config import ConfigError
 from minimind.experiment.graph import plan
 from minimind.experiment.record import read_previous
@@ -29,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("experiment", help="the experiment file (YAML; see experiments/)")
     parser.add_argument("--dry-run", action="store_true", help="print the steps, what would run and why; run none")
     parser.add_argument("--only", nargs="+", metavar="STEP", help="run just these steps (what they need must be done)")
+    parser.add_argument(
+        "--gpu-hour-usd", type=float, help="price of a GPU-hour: the experiment page shows each step's cost"
+    )
     parser.add_argument(
         "--force", nargs="+", metavar="STEP", default=[], help="run these steps again, and the steps after them"
     )
@@ -55,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
+    from minimind.experiment.page import write_page
     from minimind.experiment.record import write_record
     from minimind.experiment.runner import run_experiment
 
@@ -62,8 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(ignore_reinit_error=True)
     outcomes = run_experiment(experiment, planned, force, set(args.only) if args.only else None)
     record = write_record(experiment, planned, outcomes, started)
+    page = write_page(experiment.root, json.loads(storage.read_text(record)), args.gpu_hour_usd)
     counts = {status: sum(o.status == status for o in outcomes.values()) for status in ("ran", "cached", "failed")}
-    print(f"[experiment] {counts['ran']} ran, {counts['cached']} cached, {counts['failed']} failed; record: {record}")
+    print(f"[experiment] {counts['ran']} ran, {counts['cached']} cached, {counts['failed']} failed")
+    print(f"[experiment] record: {record}; page: {page}")
     if counts["failed"] or any(o.status == "skipped" and o.error for o in outcomes.values()):
         raise SystemExit(1)
 

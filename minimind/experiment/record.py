@@ -44,6 +44,7 @@ def write_record(experiment: Experiment, planned: dict[str, PlannedStep], outcom
             "summary": outcome.summary if outcome else {},
             "error": outcome.error if outcome else None,
             "config": resolved_config(planned, name),
+            "changes": entry.step.changes,
             "identity": entry.identity,
         }
         if outcome is not None and outcome.status == "cached":

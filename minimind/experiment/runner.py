@@ -194,7 +194,8 @@ def _run_step(kind: str, config: dict, output: str, digest: str, name: str) -> d
     """One step, in its Ray task: run it, then mark its output done (``step.json``, written last)."""
     from minimind.experiment.steps import RUNNERS
 
-    summary = RUNNERS[kind](config)
+    started = time.time()
+    summary = {**RUNNERS[kind](config), "seconds": round(time.time() - started, 1)}
     marker = {"step": name, "kind": kind, "hash": digest, "finished_at": time.time(), "summary": summary}
     storage.write_text(storage.join(output, DONE_FILE), json.dumps(marker, indent=1, default=str))
     return summary

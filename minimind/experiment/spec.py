@@ -79,6 +79,8 @@ class Step:
     """The resolved config, other steps' outputs as ``${step}`` and this step's as ``${self}``."""
     inputs: list[str]
     """Files and directories read that no step writes: their content identity is part of the hash."""
+    changes: list[str] = dataclasses.field(default_factory=list)
+    """What the step sets, for people: a train step's fields that differ from its recipe, else its fields."""
 
     @property
     def parent_names(self) -> list[str]:
@@ -197,6 +199,7 @@ class _StepParser:
         self.kinds, self.steps_raw = kinds, steps_raw
         self.parents: dict[str, list[str]] = {}
         self.inputs: list[str] = []
+        self.recipe_changes: list[str] = []
 
     def fail(self, field: str | None, message: str, line: int | None = None) -> typing.NoReturn:
         where = f"{self.where}.{field}" if field else self.where
@@ -205,7 +208,8 @@ class _StepParser:
 
     def parse(self) -> Step:
         config = getattr(self, f"_{self.kind}")()
-        return Step(self.name, self.kind, self.line, self.parents, config, self.inputs)
+        changes = self.recipe_changes if self.kind == "train" else [f"{k}: {v}" for k, v in self.fields.items()]
+        return Step(self.name, self.kind, self.line, self.parents, config, self.inputs, changes)
 
     # -- references ------------------------------------------------------------------------------
 
@@ -348,10 +352,12 @@ class _StepParser:
                 self.fail("teacher", "only a distill step has a teacher")
             resolved["objective.teacher"] = teacher
         try:
-            config = build_config(raw, resolved)
+            config = config_to_dict(build_config(raw, resolved))
+            recipe = config_to_dict(build_config(raw, {"stage": run_stage, **defining}))
         except ConfigError as error:
             self._fail_config(error, overrides)
-        return config_to_dict(config)
+        self.recipe_changes = dotted_changes(recipe, config)
+        return config
 
     def _eval(self) -> dict:
         from minimind.data.formats import FORMATS
@@ -411,6 +417,19 @@ class _StepParser:
                 raise ConfigError(f"{self.path}:{line_of.get(key, self.line)}: {self.where}.overrides.{message}")
             line = self.field_lines.get("recipe")
         raise ConfigError(f"{self.path}:{line or self.field_lines.get(field, self.line)}: {self.where}.{message}")
+
+
+def dotted_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``field: old -> new`` for every dotted field whose value differs between two nested dicts."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        where = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.extend(dotted_changes(a, b, where + "."))
+        elif a != b:
+            changes.append(f"{where}: {a!r} -> {b!r}")
+    return changes
 
 
 def _train_seq_len(steps_raw: dict, name: str) -> int:

@@ -11,11 +11,8 @@ evaluated, or reported NaN/inf has none, never wins, and sorts last.
 
 from __future__ import annotations
 
-import base64
-import html
 import math
 import numbers
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and needs no pyplot backend
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+from minimind.pages import to_html, to_markdown
 from minimind.tune.fidelity import fidelity_verdict, rank_fidelity, value_at
 
 STATUSES = ("finished", "pruned", "failed", "running", "waiting", "pending")
@@ -124,8 +122,9 @@ def write_report(
     blocks += [("h2", "Trials"), _trial_table(summary, records, best)]
 
     md_path = sweep_dir / "report.md"
-    md_path.write_text(_to_markdown(blocks), encoding="utf-8")
-    (sweep_dir / "report.html").write_text(_to_html(blocks, summary.name, sweep_dir), encoding="utf-8")
+    md_path.write_text(to_markdown(blocks), encoding="utf-8")
+    html_page = to_html(blocks, f"Sweep report: {summary.name}", sweep_dir)
+    (sweep_dir / "report.html").write_text(html_page, encoding="utf-8")
     return md_path
 
 
@@ -648,75 +647,3 @@ def _in_space(params: dict[str, Any], distributions: dict[str, Any]) -> dict[str
             continue
         kept[name] = value
     return kept
-
-
-# ---- rendering -----------------------------------------------------------------------------------
-
-
-def _to_markdown(blocks: list[tuple]) -> str:
-    lines: list[str] = []
-    for block in blocks:
-        kind = block[0]
-        if kind in ("h1", "h2", "h3"):
-            lines += ["#" * int(kind[1]) + " " + block[1], ""]
-        elif kind == "p":
-            lines += [block[1], ""]
-        elif kind == "ul":
-            lines += [f"- {item}" for item in block[1]] + [""]
-        elif kind == "table":
-            _, header, rows = block
-            lines.append("| " + " | ".join(_md_cell(cell) for cell in header) + " |")
-            lines.append("|" + "---|" * len(header))
-            lines += ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in rows]
-            lines.append("")
-        elif kind == "img":
-            lines += [f"![{block[1]}]({block[2]})", ""]
-    return "\n".join(lines)
-
-
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
-th { background: #f2f2f2; }
-code { background: #f4f4f4; padding: 0 0.2em; }
-img { max-width: 100%; }
-"""
-
-
-def _to_html(blocks: list[tuple], title: str, sweep_dir: Path) -> str:
-    """The same blocks as one self-contained page: the PNGs inlined as data URIs, no external resources."""
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>Sweep report: {html.escape(title)}</title>",
-        f"<style>{_CSS}</style>",
-        "</head><body>",
-    ]
-    for block in blocks:
-        kind = block[0]
-        if kind in ("h1", "h2", "h3"):
-            parts.append(f"<{kind}>{_inline_html(block[1])}</{kind}>")
-        elif kind == "p":
-            parts.append(f"<p>{_inline_html(block[1])}</p>")
-        elif kind == "ul":
-            parts.append("<ul>" + "".join(f"<li>{_inline_html(item)}</li>" for item in block[1]) + "</ul>")
-        elif kind == "table":
-            _, header, rows = block
-            head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
-            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif kind == "img":
-            encoded = base64.b64encode((sweep_dir / block[2]).read_bytes()).decode("ascii")
-            parts.append(f'<p><img alt="{html.escape(block[1])}" src="data:image/png;base64,{encoded}"></p>')
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
-
-
-def _inline_html(text: str) -> str:
-    """Escaped text, with Markdown's `code` spans as <code>."""
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))

@@ -1,0 +1,184 @@
+"""The experiment page: ``STORAGE/NAME/index.html`` (and ``index.md``), one self-contained file.
+
+Built from the provenance record (``experiment.json``) and what the steps left in their outputs
+(``metrics.jsonl``, ``eval.json``), so it can be rebuilt from storage alone. It shows the graph with each
+step's status, what each step sets (a train step: how it differs from its recipe), the training curves,
+the evaluations with their samples, and the compute: tokens, model FLOPs (6N plus attention per token,
+the tied embedding counted once: ``train/compute.py``), MFU where a GPU logged it, GPU-hours, and their
+cost at ``--gpu-hour-usd``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+from minimind import storage
+from minimind.pages import to_html, to_markdown
+
+KEY_EVAL_METRICS = ("val_perplexity", "val_bits_per_byte", "continuation_accuracy", "chat_adherence")
+
+
+def write_page(root: str, record: dict, gpu_hour_usd: float | None = None) -> str:
+    """Write ``index.html`` and ``index.md`` into ``root`` (the experiment's directory); return the HTML's path."""
+    steps = record["steps"]
+    curves = {name: _rows(step["output"]) for name, step in steps.items() if step["kind"] == "train"}
+    evals = {name: _eval_result(step["output"]) for name, step in steps.items() if step["kind"] == "eval"}
+    blocks: list[tuple] = [("h1", f"Experiment {record['name']}")]
+    counts = ", ".join(f"{count} {status}" for status, count in _counts(steps).items())
+    blocks.append(("p", f"`{record['file']}` at commit `{record.get('git_commit') or 'unknown'}`; last invocation "
+                        f"{_when(record['started_at'])} to {_when(record['finished_at'])}: {counts}."))  # fmt: skip
+    blocks += _graph_blocks(steps)
+    blocks += _compute_blocks(steps, curves, gpu_hour_usd)
+    blocks += _settings_blocks(steps)
+    blocks += _curve_blocks(curves)
+    blocks += _eval_blocks(evals)
+    storage.write_text(storage.join(root, "index.md"), to_markdown(blocks))
+    page = storage.join(root, "index.html")
+    storage.write_text(page, to_html(blocks, f"Experiment {record['name']}", root))
+    return page
+
+
+def _graph_blocks(steps: dict) -> list[tuple]:
+    rows = []
+    for name, step in steps.items():
+        uses = ", ".join(f"{parent} ({field})" for field, parents in step["parents"].items() for parent in parents)
+        rows.append([name, step["kind"], step["status"] + (f": {step['error']}" if step.get("error") else ""),
+                     uses or "-", step["output"].rsplit("/", 1)[-1], _duration(step["seconds"])])  # fmt: skip
+    depth: dict[str, int] = {}
+    for name, step in steps.items():  # the record lists steps in dependency order
+        parents = [p for names in step["parents"].values() for p in names]
+        depth[name] = 1 + max((depth[p] for p in parents), default=-1)
+    drawing = "\n".join("    " * depth[name] + f"{name} [{step['kind']}, {step['status']}]"
+                        + (f"  <- {', '.join(dict.fromkeys(p for ps in step['parents'].values() for p in ps))}"
+                           if step["parents"] else "")
+                        for name, step in steps.items())  # fmt: skip
+    return [
+        ("h2", "Steps"),
+        (
+            "p",
+            "Status is this invocation's: `ran`, `cached` (its output was complete), `failed`, or `skipped` (a "
+            "step it needs did not finish, or it was not asked for); wall time is this invocation's.",
+        ),  # fmt: skip
+        ("table", ["step", "kind", "status", "uses", "output", "wall"], rows),
+        ("pre", drawing),
+    ]
+
+
+def _compute_blocks(steps: dict, curves: dict, gpu_hour_usd: float | None) -> list[tuple]:
+    rows, total_flops, total_gpu_hours = [], 0.0, 0.0
+    for name, step in steps.items():
+        if step["kind"] != "train":
+            continue
+        summary, config = step.get("summary") or {}, step["config"]
+        distributed = config.get("distributed", {})
+        seconds = _train_seconds(step)
+        gpus = distributed.get("num_workers", 1) * (distributed.get("gpus_per_worker", 1) or 1)
+        gpu_hours = gpus * seconds / 3600 if distributed.get("use_gpu") else 0.0
+        flops = float(summary.get("model_flops") or 0.0)
+        total_flops += flops
+        total_gpu_hours += gpu_hours
+        mfu = next((row["mfu"] for row in reversed(curves[name]) if row.get("mfu") is not None), None)
+        cost = f"${gpu_hours * gpu_hour_usd:,.2f}" if gpu_hour_usd is not None and gpu_hours else "-"
+        rows.append([name, f"{int(summary.get('tokens', 0)):,}", f"{flops:.3g}", f"{mfu:.1%}" if mfu else "-",
+                     f"{gpu_hours:.2f}" if gpu_hours else "CPU", cost])  # fmt: skip
+    if not rows:
+        return []
+    total_cost = f"${total_gpu_hours * gpu_hour_usd:,.2f}" if gpu_hour_usd is not None else "-"
+    rows.append(["all", "", f"{total_flops:.3g}", "", f"{total_gpu_hours:.2f}", total_cost])
+    price = f"at ${gpu_hour_usd}/GPU-hour" if gpu_hour_usd is not None else "(give --gpu-hour-usd for a cost)"
+    return [
+        ("h2", "Compute"),
+        (
+            "p",
+            "Model FLOPs: training FLOPs per token (6N plus attention, the tied embedding counted once) times the "
+            "tokens trained, cooldown branches included. MFU as the run logged it on a GPU. GPU-hours: workers x "
+            f"GPUs per worker x the step's time when it last ran (start-up included); cost {price}.",
+        ),  # fmt: skip
+        ("table", ["train step", "tokens", "model FLOPs", "MFU", "GPU-hours", "cost"], rows),
+    ]
+
+
+def _settings_blocks(steps: dict) -> list[tuple]:
+    items = []
+    for name, step in steps.items():
+        changes = step.get("changes") or []
+        what = "differs from its recipe in" if step["kind"] == "train" else "sets"
+        items.append(f"`{name}` {what}: " + ("; ".join(f"`{c}`" for c in changes) if changes else "nothing"))
+    return [("h2", "What each step sets"), ("ul", items)]
+
+
+def _curve_blocks(curves: dict) -> list[tuple]:
+    drawn = {name: rows for name, rows in curves.items() if any("loss" in row for row in rows)}
+    if not drawn:
+        return []
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 4.2))
+    loss_ax, val_ax = figure.subplots(1, 2)
+    for name, rows in drawn.items():
+        trained = [(row["tokens"], row["loss"]) for row in rows if "loss" in row and "tokens" in row]
+        evaluated = [(row["tokens"], row["val_loss"]) for row in rows if "val_loss" in row and "tokens" in row]
+        if trained:
+            loss_ax.plot(*zip(*trained), label=name, marker="." if len(trained) < 3 else None)
+        if evaluated:
+            val_ax.plot(*zip(*evaluated), label=name, marker="o")
+    for ax, title in ((loss_ax, "training loss"), (val_ax, "validation loss")):
+        ax.set_xlabel("tokens trained")
+        ax.set_title(title)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    figure.tight_layout()
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    return [("h2", "Training curves"), ("img", "Training and validation loss by step", png.getvalue())]
+
+
+def _eval_blocks(evals: dict) -> list[tuple]:
+    blocks: list[tuple] = []
+    for name, result in evals.items():
+        if result is None:
+            continue
+        metrics = result.get("metrics", {})
+        shown = [key for key in KEY_EVAL_METRICS if key in metrics] + sorted(
+            key for key, value in metrics.items() if key not in KEY_EVAL_METRICS and isinstance(value, (int, float))
+        )
+        blocks += [("h2", f"Evaluation: {name}"),
+                   ("table", ["metric", "value"], [[key, f"{metrics[key]:.4g}"] for key in shown])]  # fmt: skip
+        samples = result.get("samples") or []
+        if samples:
+            blocks.append(("table", ["prompt", "output"], [[s["prompt"], s["output"]] for s in samples]))
+    return blocks
+
+
+def _rows(output: str) -> list[dict]:
+    path = storage.join(output, "metrics.jsonl")
+    if not storage.is_file(path):
+        return []
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+def _eval_result(output: str) -> dict | None:
+    path = storage.join(output, "eval.json")
+    return json.loads(storage.read_text(path)) if storage.is_file(path) else None
+
+
+def _train_seconds(step: dict) -> float:
+    """The step's time as its task measured it when it last ran (a cached step's too)."""
+    return float((step.get("summary") or {}).get("seconds", step["seconds"]))
+
+
+def _counts(steps: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for step in steps.values():
+        counts[step["status"]] = counts.get(step["status"], 0) + 1
+    return counts
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
