@@ -10,6 +10,7 @@ import time
 
 import pytest
 from conftest import ROOT, SAMPLE
+from ray_runs import train_workers
 
 from minimind.config import ConfigError
 from minimind.experiment.graph import plan
@@ -190,36 +191,74 @@ def test_a_lease_is_held_by_one_invocation_and_taken_over_when_its_holder_stoppe
     assert second.holder()[0] == second.owner
 
 
-def test_an_experiment_runs_every_step_then_none_then_only_what_a_changed_field_needs(ray_cluster, tmp_path, corpus):
-    """On the test cluster: the first run runs every step (the two prepares at once), the second none, and
-    after an SFT override changes, only SFT and what evaluates it."""
+# Pretrain long enough to be killed part-way: a checkpoint every 4 of its 12 steps, a log row every step.
+LONGER_PRETRAIN = "optim.max_steps: 12, optim.batch_size: 4, checkpoint.every_steps: 4, logging.every_steps: 1"
+RESUMABLE = {"optim.max_steps: 4, optim.batch_size: 4": LONGER_PRETRAIN}
+
+
+def test_an_experiment_killed_mid_pretrain_and_run_twice_at_once_runs_each_step_once_and_then_none(
+    ray_cluster, tmp_path, corpus
+):
+    """On the test cluster. Killed once pretrain has a checkpoint; then two invocations at once: the steps
+    left run once in all (the lease), pretrain from its checkpoint. Then a run runs none, and after an SFT
+    override changes only SFT and what evaluates it."""
     from minimind.experiment.launch import main
     from minimind.model.checkpoint import load_model
+    from minimind.model.hf import import_hf
+
+    path = experiment_file(tmp_path, corpus, **RESUMABLE)
+    pretrain_dir = plan(load_experiment(path))["pretrain"].output
+    command = [sys.executable, "ray_jobs/experiment.py", str(path)]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not os.path.exists(f"{pretrain_dir}/latest"):
+        assert first.poll() is None and time.time() < deadline, first.communicate()[0][-3000:]
+        time.sleep(0.2)
+    first.kill()
+    first.communicate()
+    deadline = time.time() + 60  # the driver owned the step's task: wait for its Train workers to go
+    while train_workers(ray_cluster) and time.time() < deadline:
+        time.sleep(0.5)
+    killed_at = max(row["step"] for row in metrics_rows(pretrain_dir))
+    assert killed_at < 12
+
+    twice = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]  # fmt: skip
+    outputs = [process.communicate(timeout=600)[0] for process in twice]
+    assert [process.returncode for process in twice] == [0, 0], "\n".join(out[-3000:] for out in outputs)
+    started = [line.split(":")[0].split("] ")[1] for out in outputs for line in out.splitlines()
+               if line.startswith("[experiment]") and ": running " in line]  # fmt: skip
+    assert sorted(started) == ["eval", "export", "pretrain", "sft"], started  # the prepares were done before
+    # Pretrain went on from a checkpoint (step 4 or 8), not from scratch: its steps up to the kill, then again
+    # from the one after that checkpoint to the end.
+    steps = [row["step"] for row in metrics_rows(pretrain_dir)]
+    cut = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), killed_at)
+    assert steps[:cut] == list(range(1, killed_at + 1)) and steps[cut] in (5, 9), steps
+    assert steps[cut:] == list(range(steps[cut], 13)), steps
 
     def run(path) -> dict:
         main([str(path)])
         record = json.loads((tmp_path / "runs" / "tiny" / "experiment.json").read_text())
         return {name: step["status"] for name, step in record["steps"].items()}, record
 
-    first, record = run(experiment_file(tmp_path, corpus))
-    assert set(first.values()) == {"ran"}, first
+    again, record = run(path)
+    assert set(again.values()) == {"cached"}, again
     steps = record["steps"]
-    assert steps["pretrain"]["summary"]["tokens"] == 4 * 4 * 64  # max_steps x batch x seq_len
+    assert steps["pretrain"]["summary"]["tokens"] == 12 * 4 * 64  # max_steps x batch x seq_len
     assert steps["sft"]["config"]["checkpoint"]["init_from"] == steps["pretrain"]["output"]
     assert steps["eval"]["config"]["checkpoint"] == steps["sft"]["output"]
     assert 1 < steps["eval"]["summary"]["val_perplexity"] < 6400
     exported = load_model(steps["pretrain"]["output"]).state_dict()
-    from minimind.model.hf import import_hf
-
     assert all((import_hf(steps["export"]["output"]).state_dict()[k] == v).all() for k, v in exported.items())
-
-    second, _ = run(experiment_file(tmp_path, corpus))
-    assert set(second.values()) == {"cached"}, second
-
     page = (tmp_path / "runs" / "tiny" / "index.html").read_text()
     assert page.count("data:image/png;base64,") == 1 and all(f"<td>{name}</td>" in page for name in steps)
     assert "Evaluation: eval" in page and "val_perplexity" in page
 
-    third, record = run(experiment_file(tmp_path, corpus, **{"optim.lr: 1.0e-3": "optim.lr: 2.0e-3"}))
-    assert {name for name, status in third.items() if status == "ran"} == {"sft", "eval"}, third
+    changed, record = run(experiment_file(tmp_path, corpus, **RESUMABLE, **{"optim.lr: 1.0e-3": "optim.lr: 2.0e-3"}))
+    assert {name for name, status in changed.items() if status == "ran"} == {"sft", "eval"}, changed
     assert record["steps"]["sft"]["output"] != steps["sft"]["output"]
+
+
+def metrics_rows(run_dir: str) -> list[dict]:
+    with open(f"{run_dir}/metrics.jsonl", encoding="utf-8") as rows:
+        return [json.loads(line) for line in rows if line.strip()]
