@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from minimind import storage
 from minimind.config import ConfigError
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    if not storage.is_uri(experiment.storage_path):
+        # Steps run in Ray tasks, not in this directory: outputs go where the path says from here (across
+        # nodes, a path every node shares, or s3:// / gs://).
+        experiment.storage_path = str(Path(experiment.storage_path).resolve())
     planned = plan(experiment, read_previous(experiment))
     force = set(args.force) | experiment.descendants(args.force)
     print_plan(experiment, planned, force, set(args.only) if args.only else None)

@@ -1,9 +1,9 @@
 """Running an experiment on Ray: each step as soon as the steps it names are done, independent steps at once.
 
-Every Ray touchpoint of experiments is here. A step that is not done runs as one Ray task (``_run_step``):
-``prepare`` and ``train`` tasks hold no CPU themselves (the Ray Data tasks and Ray Train workers they start
-ask for theirs), ``eval`` and ``export`` hold one CPU for their in-process part. A failed step's descendants
-are skipped; the others go on.
+Every Ray touchpoint of experiments is here. A step that is not done runs as one Ray task (``_run_step``)
+that holds no CPU itself: the Ray Data tasks and actors and the Ray Train workers it starts ask for theirs
+(a task holding a CPU could starve its own actors on a small machine). A failed step's descendants are
+skipped; the others go on.
 
 A lease (``STEP-<hash>.lease`` beside the output, renewed every ``HEARTBEAT_S``) stops a second invocation
 from running the same step at the same time: it waits for the first one's output instead. A lease not
@@ -28,7 +28,6 @@ from minimind.experiment.spec import Experiment
 
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
-STEP_CPUS = {"prepare": 0, "train": 0, "eval": 1, "export": 1}
 
 
 @dataclass
@@ -159,10 +158,10 @@ def run_experiment(
                     force.discard(name)  # once, even if a second run of this invocation would find it
                 leases.append(lease)
                 pending.remove(name)
-                config = resolved_config(planned, name)
+                config = _for_workers(resolved_config(planned, name), entry.step.inputs)
                 kind = entry.step.kind
                 print(f"[experiment] {name}: running {kind} -> {entry.output}", flush=True)
-                ref = run_step.options(num_cpus=STEP_CPUS[kind], name=f"step:{name}").remote(
+                ref = run_step.options(num_cpus=0, name=f"step:{name}").remote(
                     kind, config, entry.output, entry.hash, name
                 )
                 running[ref] = (name, lease, time.time())
@@ -188,6 +187,28 @@ def run_experiment(
         for lease in leases:
             lease.release()
     return outcomes
+
+
+def _for_workers(config: dict, inputs: list[str]) -> dict:
+    """The config with the step's input paths made absolute: its task does not run in this process's
+    directory. Under ``ray job submit --working-dir`` every task runs in its own copy of that directory,
+    where relative paths already resolve (and absolute ones of the driver's copy might not)."""
+    import ray
+
+    if ray.get_runtime_context().runtime_env.get("working_dir"):
+        return config
+    local = {path: str(Path(path).resolve()) for path in inputs if not storage.is_uri(path)}
+
+    def substitute(value):
+        if isinstance(value, str):
+            return local.get(value, value)
+        if isinstance(value, list):
+            return [substitute(item) for item in value]
+        if isinstance(value, dict):
+            return {key: substitute(item) for key, item in value.items()}
+        return value
+
+    return substitute(config)
 
 
 def _run_step(kind: str, config: dict, output: str, digest: str, name: str) -> dict:
