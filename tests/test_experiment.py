@@ -262,3 +262,31 @@ def test_an_experiment_killed_mid_pretrain_and_run_twice_at_once_runs_each_step_
 def metrics_rows(run_dir: str) -> list[dict]:
     with open(f"{run_dir}/metrics.jsonl", encoding="utf-8") as rows:
         return [json.loads(line) for line in rows if line.strip()]
+
+
+def test_experiments_compared_mark_the_pareto_front_and_the_config_differences(tmp_path):
+    from minimind.experiment.compare import load_entry, pareto_front, write_comparison
+
+    # (model FLOPs, bits per byte): b has more compute and a better score than a; c more compute than b and a
+    # worse score, so b dominates it; d as much compute as a and a worse score.
+    points = {"a": (1e12, 3.0), "b": (2e12, 2.5), "c": (3e12, 2.8), "d": (1e12, 3.2)}
+    assert pareto_front(list(points.values())) == [0, 1]
+    assert pareto_front([(1.0, 0.2), (2.0, 0.1), (3.0, 0.3)], higher_is_better=True) == [0, 2]
+
+    roots = []
+    for name, (flops, bpb) in points.items():
+        root = tmp_path / name
+        config = {"optim": {"lr": 1e-3 if name != "c" else 2e-3}, "checkpoint": {"dir": str(root / "sft")},
+                  "distributed": {"use_gpu": False}}  # fmt: skip
+        steps = {
+            "sft": {"kind": "train", "config": config, "summary": {"model_flops": flops}},
+            "eval": {"kind": "eval", "config": {}, "summary": {"val_bits_per_byte": bpb}},
+        }
+        root.mkdir()
+        (root / "experiment.json").write_text(json.dumps({"name": name, "steps": steps}))
+        roots.append(str(root))
+    page = write_comparison([load_entry(root) for root in roots], str(tmp_path / "out"))
+    text = (tmp_path / "out" / "compare.md").read_text()
+    assert "On the Pareto front (val_bits_per_byte, model FLOPs): a, b." in text
+    assert "`sft`, a -> c: `optim.lr: 0.001 -> 0.002`" in text and "`sft`, a -> b: the same config" in text
+    assert "data:image/png;base64," in open(page).read()
