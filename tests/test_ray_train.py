@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, SAMPLE, tiny_config
+from conftest import ROOT, tiny_config
 from ray_runs import (
     final_weights,
     finish,
@@ -174,9 +174,9 @@ def test_working_dir_upload_stays_far_below_rays_limit():
 
 def test_the_sample_job_and_every_stage_after_it_start_from_the_previous_weights(ray_cluster, tmp_path):
     """The README's main job, ``scripts/run_sample.sh --smoke`` (its commands, 24 steps a stage), on the test
-    cluster; then a pretrain on a mixture from its SFT model and each other entry point from its runs."""
+    cluster; then each other entry point from its runs."""
     from minimind.eval.samples import CHAT_PROMPTS, CONTINUATION_PROMPTS
-    from minimind.train.launch import config_from_args, main
+    from minimind.train.launch import config_from_args
 
     out = tmp_path / "sample"
     done = subprocess.run(["bash", "scripts/run_sample.sh", str(out), "--smoke"], cwd=ROOT, capture_output=True,
@@ -197,18 +197,11 @@ def test_the_sample_job_and_every_stage_after_it_start_from_the_previous_weights
         "sft": ("sft", ["--config", "recipes/tiny/sft.yaml", "--init-from", "pretrain", "--data.train_files",
                         f"[{out / 'data' / 'sft'}]", *common]),
     }  # fmt: skip
-    # The other entry points train from the script's runs while a pretrain continues from its SFT model on a
-    # mixture of a raw corpus and its prepared conversations.
+    # The other entry points, as users start them, from the script's runs.
     others = {entry: job(entry, out, entry, [*other_args(entry, out), *OTHERS_COMMON]) for entry in OTHER_STAGES}
-    mixture = ["--config", "recipes/tiny/pretrain.yaml", "--init-from", "sft", "--data.seq_len", "256",
-               "--data.train_files", "[]", "--data.mixture",
-               f"[{{files: [{SAMPLE / 'pretrain.jsonl'}], weight: 3}}, {{files: [{out / 'data' / 'sft'}], weight: 1}}]",
-               *common]  # fmt: skip
-    main("pretrain", [*mixture, "--name", "mixture"])
-    sample_runs["mixture"] = ("pretrain", mixture)
 
     uniform = math.log(6400)
-    for name, previous in (("pretrain", None), ("sft", "pretrain"), ("mixture", "sft")):
+    for name, previous in (("pretrain", None), ("sft", "pretrain")):
         assert resolve_checkpoint(out / name).name == "step_00000024"
         first_loss = metrics(out / name)[0]["loss"]
         if previous is None:

@@ -278,10 +278,10 @@ def checkpointed_running(sweep_dir) -> str | None:
                 None)  # fmt: skip
 
 
-def ended_and_running(sweep_dir):
-    """(the trials ended: finished or stopped by ASHA, a trial training past its first checkpoint) or None."""
-    ended, running = trials_in(sweep_dir, "finished", "pruned"), checkpointed_running(sweep_dir)
-    return (ended, running) if ended and running else None
+def waiting_and_running(sweep_dir):
+    """(the trials waiting at a rung, a trial training past its first checkpoint) or None."""
+    waiting, running = trials_in(sweep_dir, "waiting"), checkpointed_running(sweep_dir)
+    return (waiting, running) if waiting and running else None
 
 
 def kill_sweep(process, ray_cluster, how=signal.SIGKILL):
@@ -292,9 +292,7 @@ def kill_sweep(process, ray_cluster, how=signal.SIGKILL):
         time.sleep(0.5)
 
 
-def test_a_stopped_then_killed_sweep_resumes_to_exactly_n_trials_without_training_an_ended_one_again(
-    ray_cluster, tmp_path
-):
+def test_a_sweep_stopped_while_a_trial_waits_at_a_rung_exits_130_and_resumes_to_exactly_n_trials(ray_cluster, tmp_path):
     space = write_space(tmp_path, RESUMABLE_SWEEP)
     sweep_dir, journal = tmp_path / "sweep", tmp_path / "study.log"
     start = [sys.executable, "ray_jobs/tune.py", "--space", str(space), "--num-samples", "3", "--name", "sweep",
@@ -304,22 +302,17 @@ def test_a_stopped_then_killed_sweep_resumes_to_exactly_n_trials_without_trainin
 
     # Stopped (Ctrl-C) while a trial waits, paused, at its first rung and another trains past its first
     # checkpoint (two at a time). Tune saves its state and returns; the command must still say that the sweep
-    # is not done, in its exit status too (a script driving it would otherwise go on as if it were).
+    # is not done, in its exit status too (a script driving it would otherwise go on as if it were). A driver
+    # killed outright, and a trial that had ended left as it was, are in tests/test_cluster_flow.py.
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(start, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(lambda: trials_in(sweep_dir, "waiting") and checkpointed_running(sweep_dir), first,
-                   "a trial waiting at a rung beside a checkpointed one")  # fmt: skip
+        waiting, interrupted = wait_until(lambda: waiting_and_running(sweep_dir), first,
+                                          "a trial waiting at a rung beside a checkpointed one")  # fmt: skip
         kill_sweep(first, ray_cluster, how=signal.SIGINT)
     out = (tmp_path / "first.log").read_text()
     assert first.returncode == 130, out[-3000:]
     assert f"trials ended; finish it with: python ray_jobs/tune.py --resume {sweep_dir}" in out, out[-3000:]
-
-    # Resumed, then killed outright (a lost driver) once a trial has ended and another trains past a checkpoint.
-    with open(tmp_path / "second.log", "w") as log:
-        second = subprocess.Popen(resume, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        ended, interrupted = wait_until(lambda: ended_and_running(sweep_dir), second,
-                                        "an ended trial beside a checkpointed one")  # fmt: skip
-        kill_sweep(second, ray_cluster)
+    ended = trials_in(sweep_dir, "finished", "pruned")
     kept = {tid: run_files(tid) for tid in ended}
 
     done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -329,6 +322,7 @@ def test_a_stopped_then_killed_sweep_resumes_to_exactly_n_trials_without_trainin
     trials = trial_records(sweep_dir)
     pruned = pruned_trials(str(sweep_dir))
     assert len(trials) == 3 and all(t["status"] == "finished" or tid in pruned for tid, t in trials.items()), trials
+    assert waiting <= set(trials)  # the trials that waited at the stop ended after it (above)
     for tid, before in kept.items():
         assert run_files(tid) == before, f"trial {tid} had ended and was trained again"
     # The interrupted trial continued from its checkpoint, not from scratch: its first logged step ran once.
