@@ -290,3 +290,44 @@ def test_experiments_compared_mark_the_pareto_front_and_the_config_differences(t
     assert "On the Pareto front (val_bits_per_byte, model FLOPs): a, b." in text
     assert "`sft`, a -> c: `optim.lr: 0.001 -> 0.002`" in text and "`sft`, a -> b: the same config" in text
     assert "data:image/png;base64," in open(page).read()
+
+
+SWEPT = f"""\
+name: swept
+storage_path: {{storage}}
+steps:
+  data:
+    prepare: {{{{inputs: [{SAMPLE / "pretrain.jsonl"}], seq_len: 64}}}}
+  lr_sweep:
+    sweep: {{{{space: {ROOT / "search_spaces/tiny.yaml"}, num_samples: 4, data: data}}}}
+  best:
+    train: {{{{stage: pretrain, recipe: {{{{best: lr_sweep}}}}, data: data, overrides: {{{{optim.max_steps: 6}}}}}}}}
+"""
+
+
+def test_a_sweep_step_feeds_its_best_configuration_to_a_train_step(tmp_path):
+    from minimind.experiment.graph import resolved_config
+
+    def swept(**replace):
+        text = SWEPT.format(storage=tmp_path / "runs")
+        for old, new in replace.items():
+            text = text.replace(old, new)
+        return write(tmp_path, text)
+
+    planned = plan(load_experiment(swept()))
+    sweep, best = planned["lr_sweep"], planned["best"]
+    assert best.step.parent_names == ["lr_sweep", "data"]
+    config = resolved_config(planned, "best")
+    assert config["recipe_from"] == f"{sweep.output}/best.yaml"  # read when it runs, after the sweep
+    assert config["recipe_overrides"]["data.seq_len"] == 64 and config["optim"]["max_steps"] == 6
+    assert resolved_config(planned, "lr_sweep")["overrides"]["data.train_files"] == [planned["data"].output]
+    # More trials: a new sweep, and a new best run from it.
+    more = plan(load_experiment(swept(**{"num_samples: 4": "num_samples: 6"})))
+    assert {n for n in planned if more[n].hash != planned[n].hash} == {"lr_sweep", "best"}
+    for replace, message in [
+        ({"recipe: {best: lr_sweep}": "recipe: {best: data}"}, "steps.best.train.recipe: 'data' is a prepare step"),
+        ({"num_samples: 4": "num_samples: 0"}, "steps.lr_sweep.sweep.num_samples: a positive integer"),
+        ({"tiny.yaml": "tiny.yml"}, "steps.lr_sweep.sweep.space: "),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_experiment(swept(**replace))

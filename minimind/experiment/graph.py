@@ -77,8 +77,9 @@ def resolved_config(planned: dict[str, PlannedStep], name: str):
     outputs[SELF] = planned[name].output
 
     def substitute(value):
-        if isinstance(value, str):
-            return outputs.get(value, value)
+        if isinstance(value, str) and value.startswith("${"):
+            placeholder, slash, rest = value.partition("/")  # a file in another step's output: ${sweep}/best.yaml
+            return outputs[placeholder] + slash + rest if placeholder in outputs else value
         if isinstance(value, list):
             return [substitute(item) for item in value]
         if isinstance(value, dict):

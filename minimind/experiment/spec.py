@@ -16,6 +16,9 @@ Step kinds and their fields:
 - ``train``: ``stage`` (pretrain, sft, lora, dpo, reasoning, distill), ``recipe``, ``data`` (prepare steps or
   paths), ``val_data`` (default: ``data`` when it names prepare steps, whose val splits are then scored),
   ``init_from`` and ``teacher`` (train steps), ``overrides`` (dotted fields).
+- ``sweep``: ``space`` (a search space file), ``num_samples``, ``max_concurrent``, ``sampler``, ``seed``,
+  ``early_stopping``, and ``data``, ``val_data``, ``init_from``, ``overrides`` for every trial. A train step
+  with ``recipe: {best: SWEEP}`` trains the sweep's ``best.yaml`` (checked now against the space's base).
 - ``eval``: ``checkpoint`` (a train step), ``data``, and :class:`~minimind.eval.job.EvalOptions`' other fields;
   ``format`` and ``seq_len`` default to the checkpoint step's.
 - ``export``: ``checkpoint`` (a train step), ``format`` (hf or minimind), ``dtype`` (minimind: bfloat16 or
@@ -46,7 +49,7 @@ from minimind.config import (
     yaml_key_lines,
 )
 
-KINDS = ("prepare", "train", "eval", "export")
+KINDS = ("prepare", "train", "sweep", "eval", "export")
 TOP_LEVEL = ("name", "storage_path", "description", "steps")
 STAGES = {  # a train step's stage -> the run's stage and the overrides that define it (LoRA is SFT with adapters)
     "pretrain": ("pretrain", {}),
@@ -58,6 +61,8 @@ STAGES = {  # a train step's stage -> the run's stage and the overrides that def
 }
 DATA_FORMAT = {"pretrain": "pretrain", "sft": "sft", "lora": "sft", "dpo": "dpo", "reasoning": "r1", "distill": "sft"}
 TRAIN_FIELDS = ("stage", "recipe", "data", "val_data", "init_from", "teacher", "overrides")
+SWEEP_FIELDS = ("space", "num_samples", "max_concurrent", "sampler", "seed", "early_stopping", "data", "val_data",
+                "init_from", "overrides")  # fmt: skip
 EXPORT_FORMATS = ("hf", "minimind")
 SELF = "${self}"
 
@@ -213,9 +218,9 @@ class _StepParser:
 
     # -- references ------------------------------------------------------------------------------
 
-    def step_ref(self, field: str, want: tuple[str, ...], required: bool = False) -> str | None:
+    def step_ref(self, field: str, want: tuple[str, ...], required: bool = False, value=None) -> str | None:
         """The step ``field`` names (one of the kinds ``want``), as its output placeholder."""
-        value = self.fields.get(field)
+        value = self.fields.get(field) if value is None else value
         if value is None:
             if required:
                 self.fail(field, f"required: the name of a {' or '.join(want)} step")
@@ -311,9 +316,15 @@ class _StepParser:
         run_stage, defining = STAGES[stage]
         recipe = self.fields.get("recipe")
         raw: dict = {}
-        if recipe is not None:
+        best_of = None
+        if isinstance(recipe, dict):  # {best: SWEEP}: the sweep's best.yaml, once the sweep is done
+            if set(recipe) != {"best"}:
+                self.fail("recipe", "a recipe's path, or {best: SWEEP_STEP} for a sweep's best configuration")
+            best_of = self.step_ref("recipe", ("sweep",), value=recipe["best"])
+            raw = _sweep_base(self.steps_raw, recipe["best"])  # what best.yaml will be, but for the searched values
+        elif recipe is not None:
             if not isinstance(recipe, str):
-                self.fail("recipe", "must be a recipe's path (recipes/...yaml)")
+                self.fail("recipe", "must be a recipe's path (recipes/...yaml), or {best: SWEEP_STEP}")
             self.input_path("recipe", recipe)
             try:
                 raw = load_yaml(recipe)
@@ -357,7 +368,54 @@ class _StepParser:
         except ConfigError as error:
             self._fail_config(error, overrides)
         self.recipe_changes = dotted_changes(recipe, config)
+        if best_of is not None:  # built again at run time from the sweep's best.yaml with these overrides
+            config = {**config, "recipe_from": f"{best_of}/best.yaml", "recipe_overrides": resolved}
         return config
+
+    def _sweep(self) -> dict:
+        from minimind.tune.settings import SAMPLERS
+        from minimind.tune.space import load_space
+
+        self.only(SWEEP_FIELDS)
+        space = self.fields.get("space")
+        if not isinstance(space, str):
+            self.fail("space", "required: a search space file (search_spaces/...yaml)")
+        self.input_path("space", space)
+        overrides = self.fields.get("overrides") or {}
+        if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+            self.fail("overrides", "must map dotted config fields to values, applied to every trial")
+        trial_overrides = dict(overrides)
+        data = self.data_ref("data")
+        if data is not None:
+            trial_overrides.update({"data.train_files": data, "data.mixture": []})
+            prepared = self.prepared_seq_len("data")
+            if prepared is not None:
+                trial_overrides["data.seq_len"] = prepared
+        val_data = self.data_ref("val_data")
+        if val_data is None and "val_data" not in self.fields and self.parents.get("data"):
+            val_data = [output_of(name) for name in self.parents["data"]]
+        if val_data is not None:
+            trial_overrides["eval.val_files"] = val_data
+        init_from = self.step_ref("init_from", ("train",))
+        if init_from is not None:
+            trial_overrides["checkpoint.init_from"] = init_from
+        try:
+            load_space(space, trial_overrides)
+        except ConfigError as error:
+            self.fail("space", str(error))
+        settings = {"num_samples": 8, "max_concurrent": None, "sampler": "tpe", "seed": 0, "early_stopping": True}
+        for field, default in settings.items():
+            value = self.fields.get(field, default)
+            if field == "sampler" and value not in SAMPLERS:
+                self.fail(field, f"one of {', '.join(SAMPLERS)}")
+            if field == "early_stopping" and not isinstance(value, bool):
+                self.fail(field, "true or false")
+            if field in ("num_samples", "max_concurrent", "seed") and value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or value < (0 if field == "seed" else 1):
+                    self.fail(field, "a positive integer" if field != "seed" else "an integer >= 0")
+            settings[field] = value
+        return {"space_file": space, "space": load_yaml(space), **settings, "overrides": trial_overrides,
+                "out": SELF}  # fmt: skip
 
     def _eval(self) -> dict:
         from minimind.data.formats import FORMATS
@@ -430,6 +488,18 @@ def dotted_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             changes.append(f"{where}: {a!r} -> {b!r}")
     return changes
+
+
+def _sweep_base(steps_raw: dict, name: str) -> dict:
+    """The base config of a sweep step's space (its recipe with the space's and the step's overrides)."""
+    from minimind.tune.space import load_space
+
+    fields = steps_raw[name]["sweep"] or {}
+    overrides = {k: v for k, v in (fields.get("overrides") or {}).items()}
+    try:
+        return load_space(fields["space"], overrides).base
+    except (KeyError, TypeError, OSError, ConfigError):
+        return {}  # the sweep step's own checks name what is wrong
 
 
 def _train_seq_len(steps_raw: dict, name: str) -> int:

@@ -27,7 +27,12 @@ def run_train(config: dict) -> dict:
     from minimind.train.compute import model_flops_per_token
     from minimind.train.distributed import fit
 
-    train_config = build_config(config)
+    if "recipe_from" in config:  # a sweep's best configuration, with the step's own fields on top
+        from minimind.config import load_yaml
+
+        train_config = build_config(load_yaml(config["recipe_from"]), config["recipe_overrides"])
+    else:
+        train_config = build_config(config)
     fit(train_config)
     rows = [row for row in _metrics(train_config.checkpoint.dir) if "tokens" in row]
     last = rows[-1] if rows else {}
@@ -36,6 +41,34 @@ def run_train(config: dict) -> dict:
     summary = {"tokens": tokens, "model_flops": model_flops_per_token(train_config) * tokens}
     summary.update({key: evaluated[-1][key] for key in ("val_loss", "val_perplexity") if evaluated})
     return summary
+
+
+def run_sweep(config: dict) -> dict:
+    """``ray_jobs/tune.py`` for the step's space, its sweep directory the step's output (run again: resumed)."""
+    import json
+
+    from minimind.tune.launch import main
+    from minimind.tune.records import TrialFile, trial_ids
+
+    parent, name = config["out"].rstrip("/").rsplit("/", 1)
+    argv = ["--space", config["space_file"], "--num-samples", str(config["num_samples"]), "--storage-path", parent,
+            "--name", name, "--sampler", config["sampler"], "--seed", str(config["seed"])]  # fmt: skip
+    if config["max_concurrent"] is not None:
+        argv += ["--max-concurrent", str(config["max_concurrent"])]
+    if not config["early_stopping"]:
+        argv.append("--no-early-stopping")
+    for field, value in config["overrides"].items():
+        argv += [f"--{field}", json.dumps(value)]  # JSON is YAML, as the command line parses its values
+    try:
+        main(argv)
+    except SystemExit as stopped:  # the command's exit status: 2 a bad space, 130 interrupted
+        if stopped.code not in (0, None):
+            raise RuntimeError(f"the sweep ended with exit status {stopped.code} (see its output)") from None
+    trials = [TrialFile(storage.join(config["out"], "trials", tid)).read() for tid in trial_ids(config["out"])]
+    statuses = [trial.get("status") for trial in trials]
+    if not storage.is_file(storage.join(config["out"], "best.yaml")):
+        raise RuntimeError(f"the sweep in {config['out']} wrote no best.yaml: no trial finished ({statuses})")
+    return {"trials": len(trials), "finished": statuses.count("finished"), "pruned": statuses.count("pruned")}
 
 
 def run_eval(config: dict) -> dict:
@@ -67,7 +100,7 @@ def run_export(config: dict) -> dict:
     return {"written": str(written)}
 
 
-RUNNERS = {"prepare": run_prepare, "train": run_train, "eval": run_eval, "export": run_export}
+RUNNERS = {"prepare": run_prepare, "train": run_train, "sweep": run_sweep, "eval": run_eval, "export": run_export}
 
 
 def _metrics(run_dir: str) -> list[dict]:

@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from minimind import storage
@@ -219,6 +220,8 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals reach only the main thread (a sweep run from an experiment's task may not be)
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         for number in (signal.SIGINT, signal.SIGTERM):
             self._previous[number] = signal.signal(number, self._stop)
