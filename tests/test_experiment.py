@@ -96,8 +96,19 @@ def test_a_bad_experiment_is_refused_naming_file_line_and_field(tmp_path, corpus
     assert str(error.value).startswith(f"{path}:{line}: {message}"), str(error.value)
 
 
-def test_the_shipped_experiments_are_valid(monkeypatch):
-    monkeypatch.chdir(ROOT)  # their paths are relative to the repository, as the README runs them
+def test_the_shipped_experiments_are_valid(tmp_path, monkeypatch):
+    """Checked from a copy of the repository's layout (their paths are relative to it, as the README runs
+    them), with a few lines of the sample standing in for MiniMind's own corpora under data/minimind/."""
+    for folder in ("recipes", "search_spaces", "experiments"):
+        (tmp_path / folder).symlink_to(ROOT / folder)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sample").symlink_to(SAMPLE)
+    stand_ins = {"pretrain_hq": "pretrain", "sft_mini_512": "sft", "dpo": "dpo", "r1_mix_1024": "r1"}
+    (tmp_path / "data" / "minimind").mkdir()
+    for name, sample in stand_ins.items():
+        lines = (SAMPLE / f"{sample}.jsonl").read_text(encoding="utf-8").splitlines()[:3]
+        (tmp_path / "data" / "minimind" / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
     for path in sorted((ROOT / "experiments").glob("*.yaml")):
         experiment = load_experiment(path)
         assert experiment.order()[-1] in experiment.steps
