@@ -131,6 +131,10 @@ def test_hashes_change_exactly_downstream_of_what_changed_and_not_with_where_out
     # What it sets, against recipes/tiny/sft.yaml (lr 5e-3; seq_len 256, but its data is packed at 128).
     expected = {"optim.lr: 0.005 -> 0.001", "data.seq_len: 256 -> 128", "checkpoint.init_from: None -> '${pretrain}'"}
     assert expected <= set(sft.changes), sft.changes
+    # Scored on its data's held-out split, unless the prepare step holds none out.
+    assert sft.config["eval"]["val_files"] == ["${sft_data}"]
+    unheld = load_experiment(experiment_file(tmp_path, corpus, **{"seq_len: 128}": "seq_len: 128, val_fraction: 0}"}))
+    assert unheld.steps["sft"].config["eval"]["val_files"] == []
     assert len(set(base.values())) == len(base)
     assert hashes(experiment_file(tmp_path, corpus)) == base  # read again: the same
     moved = hashes(experiment_file(tmp_path, corpus, storage=tmp_path / "elsewhere"))

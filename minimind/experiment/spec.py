@@ -268,6 +268,17 @@ class _StepParser:
             self.fail(field, f"its prepare steps pack to different sequence lengths ({sorted(map(str, lengths))})")
         return lengths.pop() if lengths else None
 
+    def held_out(self, field: str) -> list[str]:
+        """The outputs of the prepare steps ``field`` names that hold a validation split (val_fraction > 0)."""
+        from minimind.data.pipeline.prepare import PrepareOptions
+
+        held = []
+        for name in self.parents.get(field, []):
+            fields = self.steps_raw[name]["prepare"] or {}
+            if isinstance(fields, dict) and fields.get("val_fraction", PrepareOptions.val_fraction):
+                held.append(output_of(name))
+        return held
+
     def input_path(self, field: str, value: str) -> None:
         if not storage.is_uri(value) and not Path(value).exists():
             self.fail(field, f"{value!r} is neither a step of this experiment nor an existing file or directory")
@@ -342,8 +353,8 @@ class _StepParser:
         if not mixture:
             resolved["data.mixture"] = []  # not the recipe's: this step's data is what it names
         val_data = self.data_ref("val_data")
-        if val_data is None and "val_data" not in self.fields and self.parents.get("data"):
-            val_data = [output_of(name) for name in self.parents["data"]]  # the prepared corpora's val splits
+        if val_data is None and "val_data" not in self.fields:
+            val_data = self.held_out("data") or None
         if val_data is not None:
             resolved["eval.val_files"] = val_data
         prepared = self.prepared_seq_len("data")
@@ -392,8 +403,8 @@ class _StepParser:
             if prepared is not None:
                 trial_overrides["data.seq_len"] = prepared
         val_data = self.data_ref("val_data")
-        if val_data is None and "val_data" not in self.fields and self.parents.get("data"):
-            val_data = [output_of(name) for name in self.parents["data"]]
+        if val_data is None and "val_data" not in self.fields:
+            val_data = self.held_out("data") or None
         if val_data is not None:
             trial_overrides["eval.val_files"] = val_data
         init_from = self.step_ref("init_from", ("train",))
