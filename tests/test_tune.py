@@ -206,56 +206,6 @@ FAILING_SWEEP = (
 )
 
 
-def test_a_sweep_runs_its_trials_fails_the_diverging_one_and_reports_a_best_config_that_runs(ray_cluster, tmp_path):
-    space = write_space(tmp_path, FAILING_SWEEP)
-    journal = tmp_path / "study.log"
-    command = [sys.executable, "ray_jobs/tune.py", "--space", str(space), "--num-samples", "3", "--name", "sweep",
-               "--storage-path", str(tmp_path), "--optuna-storage", str(journal), "--seed", "1"]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    sweep_dir = tmp_path / "sweep"
-
-    trials = trial_records(sweep_dir)
-    assert len(trials) == 3
-    baseline = [t for t in trials.values() if t["baseline"]]
-    recipe_values = {"optim.lr": 1e-2, "optim.batch_size": 16, "model.intermediate_size": None}
-    assert [t["params"] for t in baseline] == [recipe_values]
-    [diverged] = [t for t in trials.values() if t["params"]["optim.lr"] == 1e30]
-    assert diverged["status"] == "failed" and "NaN/inf" in diverged["reason"]
-    [too_big] = [t for t in trials.values() if t["params"]["model.intermediate_size"]]
-    assert too_big["status"] == "failed" and too_big["reason"].startswith("out of memory: "), too_big
-    finished = {tid: t for tid, t in trials.items() if t["status"] == "finished"}
-    assert finished, trials
-    # Every finished trial trained the same budget of tokens, whatever its batch size.
-    for trial_id in finished:
-        assert metrics(sweep_dir / "trials" / trial_id)[-1]["tokens"] == 5120
-
-    report = (sweep_dir / "report.md").read_text()
-    assert diverged["reason"] in report and too_big["reason"][:60] in report
-    best_id = min(finished, key=lambda tid: metrics(sweep_dir / "trials" / tid)[-1]["val_perplexity"])
-    assert f"Best trial: `{best_id}`" in report
-    html = (sweep_dir / "report.html").read_text()
-    # Objective per trial and loss curves inline (parallel coordinates and importance need two finished
-    # trials; tests/test_tune_report.py checks them).
-    assert html.count("data:image/png;base64,") >= 2 and "<script src" not in html
-    assert "[sweep] 3/3 trials done" in done.stdout
-
-    # Optuna's own tools open the study: the baseline first, the diverged trial failed.
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    study = optuna.load_study(study_name="sweep", storage=storage)
-    assert len(study.trials) == 3 and study.trials[0].params == baseline[0]["params"]
-    assert optuna.trial.TrialState.FAIL in {t.state for t in study.trials}
-
-    # best.yaml runs as is and reproduces the best trial.
-    rerun = [sys.executable, "ray_jobs/pretrain.py", "--config", str(sweep_dir / "best.yaml"),
-             "--storage-path", str(tmp_path / "best")]  # fmt: skip
-    done = subprocess.run(rerun, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    [run_dir] = (tmp_path / "best").iterdir()
-    best_final = metrics(sweep_dir / "trials" / best_id)[-1]
-    assert metrics(run_dir)[-1]["val_perplexity"] == pytest.approx(best_final["val_perplexity"], rel=1e-6)
-
-
 RESUMABLE_SWEEP = TINY_SWEEP.replace("max_tokens: 5120", "max_tokens: 8192").split("points:")[0]
 
 
@@ -292,18 +242,26 @@ def kill_sweep(process, ray_cluster, how=signal.SIGKILL):
         time.sleep(0.5)
 
 
-def test_a_sweep_stopped_while_a_trial_waits_at_a_rung_exits_130_and_resumes_to_exactly_n_trials(ray_cluster, tmp_path):
-    space = write_space(tmp_path, RESUMABLE_SWEEP)
+# The failing sweep at the resumable budget: the baseline, a point that diverges at once, one too big for
+# memory, and two sampled trials, two at a time.
+STOPPED_SWEEP = FAILING_SWEEP.replace("max_tokens: 5120", "max_tokens: 8192")
+
+
+def test_a_sweep_fails_its_bad_trials_exits_130_when_stopped_at_a_rung_resumes_and_reports_a_best_config_that_runs(
+    ray_cluster, tmp_path
+):
+    space = write_space(tmp_path, STOPPED_SWEEP)
     sweep_dir, journal = tmp_path / "sweep", tmp_path / "study.log"
-    start = [sys.executable, "ray_jobs/tune.py", "--space", str(space), "--num-samples", "3", "--name", "sweep",
-             "--storage-path", str(tmp_path), "--optuna-storage", str(journal), "--max-concurrent", "2"]  # fmt: skip
+    start = [sys.executable, "ray_jobs/tune.py", "--space", str(space), "--num-samples", "5", "--name", "sweep",
+             "--storage-path", str(tmp_path), "--optuna-storage", str(journal), "--max-concurrent", "2",
+             "--seed", "1"]  # fmt: skip
     resume = [sys.executable, "ray_jobs/tune.py", "--resume", str(sweep_dir)]
     run_files = lambda tid: (sweep_dir / "trials" / tid / "metrics.jsonl").read_bytes()  # noqa: E731
 
     # Stopped (Ctrl-C) while a trial waits, paused, at its first rung and another trains past its first
-    # checkpoint (two at a time). Tune saves its state and returns; the command must still say that the sweep
-    # is not done, in its exit status too (a script driving it would otherwise go on as if it were). A driver
-    # killed outright, and a trial that had ended left as it was, are in tests/test_cluster_flow.py.
+    # checkpoint. Tune saves its state and returns; the command must still say that the sweep is not done, in
+    # its exit status too (a script driving it would otherwise go on as if it were). A driver killed outright
+    # is in tests/test_cluster_flow.py.
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(start, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         waiting, interrupted = wait_until(lambda: waiting_and_running(sweep_dir), first,
@@ -312,32 +270,62 @@ def test_a_sweep_stopped_while_a_trial_waits_at_a_rung_exits_130_and_resumes_to_
     out = (tmp_path / "first.log").read_text()
     assert first.returncode == 130, out[-3000:]
     assert f"trials ended; finish it with: python ray_jobs/tune.py --resume {sweep_dir}" in out, out[-3000:]
-    ended = trials_in(sweep_dir, "finished", "pruned")
-    kept = {tid: run_files(tid) for tid in ended}
+    # Trials that had ended stay as they were (one failed for lack of memory is retried: trial.already_ended).
+    kept = {tid: run_files(tid) for tid in trials_in(sweep_dir, "finished", "pruned")}
 
     done = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "[sweep] 3/3 trials done" in done.stdout, done.stdout[-3000:]
+    assert "[sweep] 5/5 trials done" in done.stdout, done.stdout[-3000:]
 
     trials = trial_records(sweep_dir)
     pruned = pruned_trials(str(sweep_dir))
-    assert len(trials) == 3 and all(t["status"] == "finished" or tid in pruned for tid, t in trials.items()), trials
-    assert waiting <= set(trials)  # the trials that waited at the stop ended after it (above)
+    assert len(trials) == 5 and waiting <= set(trials)
+    baseline = [t for t in trials.values() if t["baseline"]]
+    recipe_values = {"optim.lr": 1e-2, "optim.batch_size": 16, "model.intermediate_size": None}
+    assert [t["params"] for t in baseline] == [recipe_values]
+    [diverged] = [t for t in trials.values() if t["params"]["optim.lr"] == 1e30]
+    assert diverged["status"] == "failed" and "NaN/inf" in diverged["reason"]
+    # The point too big for memory, and any sampled trial that drew its size, fail before training.
+    too_big = [t for t in trials.values() if t["params"]["model.intermediate_size"]]
+    assert too_big and all(t["status"] == "failed" and t["reason"].startswith("out of memory: ") for t in too_big)
+    good = {tid: t for tid, t in trials.items() if t["status"] != "failed"}
+    assert len(good) == 5 - 1 - len(too_big) and all(t["status"] == "finished" or tid in pruned
+                                                      for tid, t in good.items()), trials  # fmt: skip
     for tid, before in kept.items():
         assert run_files(tid) == before, f"trial {tid} had ended and was trained again"
     # The interrupted trial continued from its checkpoint, not from scratch: its first logged step ran once.
     steps = [row["step"] for row in metrics(sweep_dir / "trials" / interrupted)]
     assert steps.count(steps[0]) == 1
-    for tid in trials:  # each to its budget, unless ASHA stopped it
-        assert tid in pruned or metrics(sweep_dir / "trials" / tid)[-1]["tokens"] == 8192
-    report = (sweep_dir / "report.md").read_text()
-    assert "Trials asked for: 3; recorded: 3" in report and all(f"\n| {tid}" in report for tid in trials)
+    finished = {tid: t for tid, t in good.items() if t["status"] == "finished"}
+    assert finished and all(metrics(sweep_dir / "trials" / tid)[-1]["tokens"] == 8192 for tid in finished)
 
-    # Optuna's study knows the three trials as ended (pruned: stopped while waiting at a rung), none running.
+    report = (sweep_dir / "report.md").read_text()
+    assert "Trials asked for: 5; recorded: 5" in report and all(f"\n| {tid}" in report for tid in trials)
+    assert diverged["reason"] in report and all(t["reason"][:60] in report for t in too_big)
+    best_id = min(finished, key=lambda tid: metrics(sweep_dir / "trials" / tid)[-1]["val_perplexity"])
+    assert f"Best trial: `{best_id}`" in report
+    html = (sweep_dir / "report.html").read_text()
+    # Objective per trial and loss curves inline (parallel coordinates and importance need more finished
+    # trials; tests/test_tune_report.py checks them).
+    assert html.count("data:image/png;base64,") >= 2 and "<script src" not in html
+
+    # Optuna's own tools open the study: the baseline first, the bad trials failed, none left running.
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    states = [t.state for t in optuna.load_study(study_name="sweep", storage=storage).trials]
-    ended = {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
-    assert len(states) == 3 and set(states) <= ended and optuna.trial.TrialState.COMPLETE in states, states
+    study = optuna.load_study(study_name="sweep", storage=storage)
+    states = [t.state for t in study.trials]
+    assert len(states) == 5 and study.trials[0].params == baseline[0]["params"]
+    failed = optuna.trial.TrialState.FAIL
+    assert states.count(failed) == 1 + len(too_big) and optuna.trial.TrialState.COMPLETE in states, states
+    assert optuna.trial.TrialState.RUNNING not in states
+
+    # best.yaml runs as is and reproduces the best trial.
+    rerun = [sys.executable, "ray_jobs/pretrain.py", "--config", str(sweep_dir / "best.yaml"),
+             "--storage-path", str(tmp_path / "best")]  # fmt: skip
+    done = subprocess.run(rerun, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    [run_dir] = (tmp_path / "best").iterdir()
+    best_final = metrics(sweep_dir / "trials" / best_id)[-1]
+    assert metrics(run_dir)[-1]["val_perplexity"] == pytest.approx(best_final["val_perplexity"], rel=1e-6)
 
 
 def test_the_same_sweep_command_again_resumes_it_and_a_different_one_is_refused(tmp_path):
