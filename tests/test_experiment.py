@@ -10,7 +10,7 @@ import time
 
 import pytest
 from conftest import ROOT, SAMPLE
-from ray_runs import train_workers
+from ray_runs import metrics, train_workers
 
 from minimind.config import ConfigError
 from minimind.experiment.graph import plan
@@ -234,7 +234,7 @@ def test_an_experiment_killed_mid_pretrain_and_run_twice_at_once_runs_each_step_
     deadline = time.time() + 60  # the driver owned the step's task: wait for its Train workers to go
     while train_workers(ray_cluster) and time.time() < deadline:
         time.sleep(0.5)
-    killed_at = max(row["step"] for row in metrics_rows(pretrain_dir))
+    killed_at = max(row["step"] for row in metrics(pretrain_dir))
     assert killed_at < 12
 
     twice = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -246,7 +246,7 @@ def test_an_experiment_killed_mid_pretrain_and_run_twice_at_once_runs_each_step_
     assert sorted(started) == ["eval", "export", "pretrain", "sft"], started  # the prepares were done before
     # Pretrain went on from a checkpoint (step 4 or 8), not from scratch: its steps up to the kill, then again
     # from the one after that checkpoint to the end.
-    steps = [row["step"] for row in metrics_rows(pretrain_dir)]
+    steps = [row["step"] for row in metrics(pretrain_dir)]
     cut = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), killed_at)
     assert steps[:cut] == list(range(1, killed_at + 1)) and steps[cut] in (5, 9), steps
     assert steps[cut:] == list(range(steps[cut], 13)), steps
@@ -272,11 +272,6 @@ def test_an_experiment_killed_mid_pretrain_and_run_twice_at_once_runs_each_step_
     changed, record = run(experiment_file(tmp_path, corpus, **RESUMABLE, **{"optim.lr: 1.0e-3": "optim.lr: 2.0e-3"}))
     assert {name for name, status in changed.items() if status == "ran"} == {"sft", "eval"}, changed
     assert record["steps"]["sft"]["output"] != steps["sft"]["output"]
-
-
-def metrics_rows(run_dir: str) -> list[dict]:
-    with open(f"{run_dir}/metrics.jsonl", encoding="utf-8") as rows:
-        return [json.loads(line) for line in rows if line.strip()]
 
 
 def test_experiments_compared_mark_the_pareto_front_and_the_config_differences(tmp_path):

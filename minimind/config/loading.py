@@ -47,6 +47,26 @@ def yaml_error_message(path: str | Path, error: yaml.YAMLError) -> str:
     return f"{path}{line}: not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
+def load_yaml_document(path: str, what: str, top_level: str = "") -> tuple[dict[str, Any], Any, str]:
+    """A YAML mapping file (local or object storage), its composed node tree (for errors naming lines) and
+    its text.
+
+    ``what`` names the file in a read error ("the search space"); ``top_level`` says what the mapping holds,
+    for the error when the file is not one. Raises :class:`ConfigError` with ``FILE[:LINE]: ...``."""
+    try:
+        text = storage.read_text(path)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read {what} ({error.strerror or error})") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(yaml_error_message(path, error)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping{top_level}")
+    return raw, root, text
+
+
 def yaml_child(node, key: str):
     """The value node under ``key`` of a composed YAML mapping node (``yaml.compose``), or None."""
     if isinstance(node, yaml.MappingNode):

@@ -76,17 +76,24 @@ def resolved_config(planned: dict[str, PlannedStep], name: str):
     outputs = {output_of(other): entry.output for other, entry in planned.items()}
     outputs[SELF] = planned[name].output
 
-    def substitute(value):
-        if isinstance(value, str) and value.startswith("${"):
+    def substitute(value: str) -> str:
+        if value.startswith("${"):
             placeholder, slash, rest = value.partition("/")  # a file in another step's output: ${sweep}/best.yaml
             return outputs[placeholder] + slash + rest if placeholder in outputs else value
-        if isinstance(value, list):
-            return [substitute(item) for item in value]
-        if isinstance(value, dict):
-            return {key: substitute(item) for key, item in value.items()}
         return value
 
-    return substitute(planned[name].step.config)
+    return map_strings(planned[name].step.config, substitute)
+
+
+def map_strings(value, change):
+    """``value`` (nested dicts and lists) with every string ``s`` replaced by ``change(s)``."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, list):
+        return [map_strings(item, change) for item in value]
+    if isinstance(value, dict):
+        return {key: map_strings(item, change) for key, item in value.items()}
+    return value
 
 
 def input_identity(path: str) -> dict:

@@ -16,6 +16,7 @@ import time
 
 from minimind import storage
 from minimind.pages import to_html, to_markdown
+from minimind.tune.records import read_rows
 
 KEY_EVAL_METRICS = ("val_perplexity", "val_bits_per_byte", "continuation_accuracy", "chat_adherence")
 
@@ -23,7 +24,8 @@ KEY_EVAL_METRICS = ("val_perplexity", "val_bits_per_byte", "continuation_accurac
 def write_page(root: str, record: dict, gpu_hour_usd: float | None = None) -> str:
     """Write ``index.html`` and ``index.md`` into ``root`` (the experiment's directory); return the HTML's path."""
     steps = record["steps"]
-    curves = {name: _rows(step["output"]) for name, step in steps.items() if step["kind"] == "train"}
+    curves = {name: read_rows(storage.join(step["output"], "metrics.jsonl"))
+              for name, step in steps.items() if step["kind"] == "train"}  # fmt: skip
     evals = {name: _eval_result(step["output"]) for name, step in steps.items() if step["kind"] == "eval"}
     blocks: list[tuple] = [("h1", f"Experiment {record['name']}")]
     counts = ", ".join(f"{count} {status}" for status, count in _counts(steps).items())
@@ -150,13 +152,6 @@ def _eval_blocks(evals: dict) -> list[tuple]:
         if samples:
             blocks.append(("table", ["prompt", "output"], [[s["prompt"], s["output"]] for s in samples]))
     return blocks
-
-
-def _rows(output: str) -> list[dict]:
-    path = storage.join(output, "metrics.jsonl")
-    if not storage.is_file(path):
-        return []
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def _eval_result(output: str) -> dict | None:

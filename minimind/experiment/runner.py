@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minimind import storage
-from minimind.experiment.graph import DONE_FILE, PlannedStep, is_done, resolved_config
+from minimind.experiment.graph import DONE_FILE, PlannedStep, is_done, map_strings, resolved_config
 from minimind.experiment.spec import Experiment
 
 HEARTBEAT_S = 10.0
@@ -198,17 +198,7 @@ def _for_workers(config: dict, inputs: list[str]) -> dict:
     if ray.get_runtime_context().runtime_env.get("working_dir"):
         return config
     local = {path: str(Path(path).resolve()) for path in inputs if not storage.is_uri(path)}
-
-    def substitute(value):
-        if isinstance(value, str):
-            return local.get(value, value)
-        if isinstance(value, list):
-            return [substitute(item) for item in value]
-        if isinstance(value, dict):
-            return {key: substitute(item) for key, item in value.items()}
-        return value
-
-    return substitute(config)
+    return map_strings(config, lambda value: local.get(value, value))
 
 
 def _run_step(kind: str, config: dict, output: str, digest: str, name: str) -> dict:

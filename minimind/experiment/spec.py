@@ -35,8 +35,6 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from minimind import storage
 from minimind.config import (
     ConfigError,
@@ -44,21 +42,14 @@ from minimind.config import (
     config_to_dict,
     from_dict,
     load_yaml,
+    load_yaml_document,
     yaml_child,
-    yaml_error_message,
     yaml_key_lines,
 )
+from minimind.train.launch import ENTRY_POINTS as STAGES  # a train step's stage is an entry point's
 
 KINDS = ("prepare", "train", "sweep", "eval", "export")
 TOP_LEVEL = ("name", "storage_path", "description", "steps")
-STAGES = {  # a train step's stage -> the run's stage and the overrides that define it (LoRA is SFT with adapters)
-    "pretrain": ("pretrain", {}),
-    "sft": ("sft", {}),
-    "lora": ("sft", {"lora.enabled": True}),
-    "dpo": ("dpo", {}),
-    "reasoning": ("reasoning", {}),
-    "distill": ("distill", {}),
-}
 DATA_FORMAT = {"pretrain": "pretrain", "sft": "sft", "lora": "sft", "dpo": "dpo", "reasoning": "r1", "distill": "sft"}
 TRAIN_FIELDS = ("stage", "recipe", "data", "val_data", "init_from", "teacher", "overrides")
 SWEEP_FIELDS = ("space", "num_samples", "max_concurrent", "sampler", "seed", "early_stopping", "data", "val_data",
@@ -133,17 +124,7 @@ def load_experiment(path: str | Path) -> Experiment:
 
     Raises :class:`ConfigError` naming ``FILE:LINE: steps.STEP.FIELD: what``."""
     path = str(path)
-    try:
-        text = storage.read_text(path)
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read the experiment ({error.strerror or error})") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(yaml_error_message(path, error)) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}:1: the top level must be a mapping (name, storage_path, steps)")
+    raw, root, text = load_yaml_document(path, "the experiment", " (name, storage_path, steps)")
     lines = yaml_key_lines(root)
 
     def fail(where: str, message: str, line: int | None = None) -> typing.NoReturn:

@@ -26,6 +26,7 @@ def run_train(config: dict) -> dict:
     from minimind.config import build_config
     from minimind.train.compute import model_flops_per_token
     from minimind.train.distributed import fit
+    from minimind.tune.records import read_rows
 
     if "recipe_from" in config:  # a sweep's best configuration, with the step's own fields on top
         from minimind.config import load_yaml
@@ -34,7 +35,7 @@ def run_train(config: dict) -> dict:
     else:
         train_config = build_config(config)
     fit(train_config)
-    rows = [row for row in _metrics(train_config.checkpoint.dir) if "tokens" in row]
+    rows = [row for row in read_rows(storage.join(train_config.checkpoint.dir, "metrics.jsonl")) if "tokens" in row]
     last = rows[-1] if rows else {}
     tokens = int(last.get("tokens", 0)) + int(last.get("cooldown_tokens", 0) or 0)
     evaluated = [row for row in rows if "val_loss" in row]
@@ -101,12 +102,3 @@ def run_export(config: dict) -> dict:
 
 
 RUNNERS = {"prepare": run_prepare, "train": run_train, "sweep": run_sweep, "eval": run_eval, "export": run_export}
-
-
-def _metrics(run_dir: str) -> list[dict]:
-    import json
-
-    path = storage.join(run_dir, "metrics.jsonl")
-    if not storage.is_file(path):
-        return []
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

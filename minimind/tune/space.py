@@ -50,15 +50,14 @@ from typing import Any
 import optuna
 import yaml
 
-from minimind import storage
 from minimind.config import (
     ConfigError,
     TrainConfig,
     apply_overrides,
     build_config,
     load_yaml,
+    load_yaml_document,
     yaml_child,
-    yaml_error_message,
     yaml_key_lines,
 )
 from minimind.train.launch import ENTRY_POINTS
@@ -231,17 +230,7 @@ class SearchSpace:
 def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) -> SearchSpace:
     """Parse and validate ``path``; the command line's dotted overrides apply on top of the space's."""
     path = str(path)
-    try:
-        text = storage.read_text(path)
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read the search space ({error.strerror or error})") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(yaml_error_message(path, error)) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}:1: the top level must be a mapping")
+    raw, root, _ = load_yaml_document(path, "the search space")
     lines = yaml_key_lines(root)
 
     def fail(where: str, message: str, line: int | None = None) -> typing.NoReturn:
