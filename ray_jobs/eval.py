@@ -1,6 +1,6 @@
 """Evaluate a checkpoint (or Hugging Face export) on a validation set, spread over Ray.
 
-    python ray_jobs/eval.py --checkpoint runs/sample/sft --data data/sample/sft.jsonl --format sft --out runs/eval
+    python ray_jobs/eval.py --checkpoint runs/experiments/sample/sft --data data/sample/sft.jsonl --format sft --out runs/eval
     ray job submit --working-dir . -- python ray_jobs/eval.py --checkpoint ... --data s3://bucket/val.jsonl ...
 
 Writes eval.json and eval.md to --out: perplexity and bits per byte (or, for DPO pairs with

@@ -2,19 +2,24 @@
 exactly where the graph changed, and leases that stop two invocations running one step."""
 
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, SAMPLE
-from ray_runs import metrics, train_workers
+from ray_runs import finish, job, max_diff, metrics, train_workers
 
-from minimind.config import ConfigError
+from minimind.config import ConfigError, build_config, load_yaml
 from minimind.experiment.graph import plan
 from minimind.experiment.spec import load_experiment
+from minimind.model.checkpoint import load_model, resolve_checkpoint
 
 EXPERIMENT = f"""\
 name: tiny
@@ -149,6 +154,21 @@ def test_hashes_change_exactly_downstream_of_what_changed_and_not_with_where_out
     assert changed(**{"seq_len: 128}": "seq_len: 96}"}) == {"sft_data", "sft", "eval"}
     assert changed(**{"optim.max_steps: 4, optim.batch_size: 4": "optim.max_steps: 5, optim.batch_size: 4"}) == {
         "pretrain", "sft", "eval", "export"}  # fmt: skip
+    # The command line's settings are those edits: the same hashes as the edited file.
+    path = experiment_file(tmp_path, corpus)
+    settings = ["sft.overrides.optim.lr=2.0e-3", "eval.max_new_tokens=16", f"storage_path={tmp_path / 'elsewhere'}"]
+    set_on_the_command_line = {name: entry.hash for name, entry in plan(load_experiment(path, settings)).items()}
+    edits = {"optim.lr: 1.0e-3": "optim.lr: 2.0e-3", "max_new_tokens: 8": "max_new_tokens: 16"}
+    assert set_on_the_command_line == hashes(experiment_file(tmp_path, corpus, **edits)) != base
+    path = experiment_file(tmp_path, corpus)
+    for setting, message in [
+        ("sft.overrides.optim.lr", "expected KEY=VALUE"),
+        ("sfx.overrides.optim.lr=1", "no step 'sfx'"),
+        ("eval.max_new_tokens.x=1", "only overrides take a dotted field"),
+        ("sft.overrides.optim.lrr=1", r"steps\.sft\.train\.overrides.*optim\.lrr"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_experiment(path, [setting])
     # The corpus's content, not its name or time, is what a prepare step's hash covers.
     text = corpus.read_text(encoding="utf-8")
     os.utime(corpus, (time.time() + 100, time.time() + 100))
@@ -206,72 +226,193 @@ def test_a_lease_is_held_by_one_invocation_and_taken_over_when_its_holder_stoppe
     assert second.holder()[0] == second.owner
 
 
-# Pretrain long enough to be killed part-way: a checkpoint every 4 of its 12 steps, a log row every step.
-LONGER_PRETRAIN = "optim.max_steps: 12, optim.batch_size: 4, checkpoint.every_steps: 4, logging.every_steps: 1"
-RESUMABLE = {"optim.max_steps: 4, optim.batch_size: 4": LONGER_PRETRAIN}
-
-
-def test_an_experiment_killed_mid_pretrain_and_run_twice_at_once_runs_each_step_once_and_then_none(
-    ray_cluster, tmp_path, corpus
+def test_the_readme_job_killed_then_run_twice_at_once_runs_each_step_once_then_none_and_the_other_stages_follow(
+    ray_cluster, tmp_path
 ):
-    """On the test cluster. Killed once pretrain has a checkpoint; then two invocations at once: the steps
-    left run once in all (the lease), pretrain from its checkpoint. Then a run runs none, and after an SFT
-    override changes only SFT and what evaluates it."""
+    """The README's main job, ``scripts/run_sample.sh --smoke`` (experiments/sample.yaml at 24 steps a stage), on
+    the test cluster. Killed once pretrain has a checkpoint; then two invocations at once: the steps left run once
+    in all (the lease), pretrain from its checkpoint. Then a run runs none, and after an SFT override changes only
+    SFT and what follows it. Meanwhile each other entry point runs from the job's models."""
+    from minimind.eval.samples import CHAT_PROMPTS, CONTINUATION_PROMPTS
     from minimind.experiment.launch import main
-    from minimind.model.checkpoint import load_model
     from minimind.model.hf import import_hf
 
-    path = experiment_file(tmp_path, corpus, **RESUMABLE)
-    pretrain_dir = plan(load_experiment(path))["pretrain"].output
-    command = [sys.executable, "ray_jobs/experiment.py", str(path)]
-    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = tmp_path / "out"
+    root = out / "sample"
+    command = ["bash", "scripts/run_sample.sh", str(out), "--smoke"]
+    popen = dict(cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = subprocess.Popen(command, **popen)
     deadline = time.time() + 300
-    while not os.path.exists(f"{pretrain_dir}/latest"):
+    while not (checkpointed := list(root.glob("pretrain-*/latest"))):
         assert first.poll() is None and time.time() < deadline, first.communicate()[0][-3000:]
         time.sleep(0.2)
-    first.kill()
+    os.killpg(first.pid, signal.SIGKILL)  # the script and the experiment's driver
     first.communicate()
+    pretrain_dir = checkpointed[0].parent
     deadline = time.time() + 60  # the driver owned the step's task: wait for its Train workers to go
     while train_workers(ray_cluster) and time.time() < deadline:
         time.sleep(0.5)
-    killed_at = max(row["step"] for row in metrics(pretrain_dir))
-    assert killed_at < 12
+    before_kill = [row["step"] for row in metrics(pretrain_dir)]
+    assert before_kill == list(range(4, before_kill[-1] + 1, 4)) and before_kill[-1] < 24, before_kill
 
-    twice = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]  # fmt: skip
+    twice = [subprocess.Popen(command, **popen) for _ in range(2)]
     outputs = [process.communicate(timeout=600)[0] for process in twice]
     assert [process.returncode for process in twice] == [0, 0], "\n".join(out[-3000:] for out in outputs)
     started = [line.split(":")[0].split("] ")[1] for out in outputs for line in out.splitlines()
                if line.startswith("[experiment]") and ": running " in line]  # fmt: skip
-    assert sorted(started) == ["eval", "export", "pretrain", "sft"], started  # the prepares were done before
-    # Pretrain went on from a checkpoint (step 4 or 8), not from scratch: its steps up to the kill, then again
-    # from the one after that checkpoint to the end.
+    assert {"pretrain", "sft", "eval", "export"} <= set(started) and len(started) == len(set(started)), started
+    # Pretrain went on from a checkpoint (step 8 or 16; a row every 4 steps), not from scratch: its rows up to the
+    # kill, then from the first after that checkpoint to the end.
     steps = [row["step"] for row in metrics(pretrain_dir)]
-    cut = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), killed_at)
-    assert steps[:cut] == list(range(1, killed_at + 1)) and steps[cut] in (5, 9), steps
-    assert steps[cut:] == list(range(steps[cut], 13)), steps
+    resumed = steps[len(before_kill) :]
+    assert steps[: len(before_kill)] == before_kill and resumed == list(range(resumed[0], 25, 4)), steps
+    assert resumed[0] - 4 in (8, 16) and resumed[0] - 4 <= before_kill[-1], steps
 
-    def run(path) -> dict:
-        main([str(path)])
-        record = json.loads((tmp_path / "runs" / "tiny" / "experiment.json").read_text())
+    # The job's samples, and its models: pretrain from scratch, SFT from pretrain's weights, each lowering the
+    # loss on its own data (the same examples scored with the weights it started from and ended with).
+    for stage, prompts in (("pretrain", CONTINUATION_PROMPTS), ("sft", CHAT_PROMPTS)):
+        samples = json.loads((root / f"{stage}_samples.json").read_text())
+        assert [sample["prompt"] for sample in samples] == list(prompts)
+        assert all(sample["output"] and sample["chat"] == (stage == "sft") for sample in samples), samples
+    uniform = math.log(6400)
+    assert metrics(root / "pretrain")[0]["loss"] == pytest.approx(uniform, abs=0.1)
+    assert metrics(root / "sft")[0]["loss"] < uniform - 0.5
+    sft_config = build_config(load_yaml(root / "sft" / "config.yaml"))
+    before, after = (fixed_examples_loss(root / run, sft_config) for run in ("pretrain", "sft"))
+    assert after < before - 0.02, (before, after)
+
+    # The other entry points, as users start them, from the job's models (their real paths: SFT runs again below).
+    models = {name: (root / name).resolve() for name in ("pretrain", "sft")}
+    others = {entry: job(entry, tmp_path / "others", entry, [*other_args(entry, models), *OTHERS_COMMON])
+              for entry in OTHER_STAGES}  # fmt: skip
+
+    record_path = root / "experiment.json"
+    settings = json.loads(record_path.read_text())["settings"]
+    assert "pretrain.overrides.optim.max_steps=24" in settings
+
+    def run(*extra) -> tuple[dict, dict]:
+        main(["experiments/sample.yaml", "--set", *settings, *extra])
+        record = json.loads(record_path.read_text())
         return {name: step["status"] for name, step in record["steps"].items()}, record
 
-    again, record = run(path)
+    again, record = run()
     assert set(again.values()) == {"cached"}, again
     steps = record["steps"]
-    assert steps["pretrain"]["summary"]["tokens"] == 12 * 4 * 64  # max_steps x batch x seq_len
+    assert steps["pretrain"]["summary"]["tokens"] == 24 * 8 * 128  # max_steps x batch x seq_len
     assert steps["sft"]["config"]["checkpoint"]["init_from"] == steps["pretrain"]["output"]
     assert steps["eval"]["config"]["checkpoint"] == steps["sft"]["output"]
     assert 1 < steps["eval"]["summary"]["val_perplexity"] < 6400
-    exported = load_model(steps["pretrain"]["output"]).state_dict()
-    assert all((import_hf(steps["export"]["output"]).state_dict()[k] == v).all() for k, v in exported.items())
-    page = (tmp_path / "runs" / "tiny" / "index.html").read_text()
+    assert (root / "sft").resolve() == Path(steps["sft"]["output"])
+    exported = load_model(root / "sft").state_dict()
+    assert all((import_hf(root / "export").state_dict()[k] == v).all() for k, v in exported.items())
+    page = (root / "index.html").read_text()
     assert page.count("data:image/png;base64,") == 1 and all(f"<td>{name}</td>" in page for name in steps)
     assert "Evaluation: eval" in page and "val_perplexity" in page
 
-    changed, record = run(experiment_file(tmp_path, corpus, **RESUMABLE, **{"optim.lr: 1.0e-3": "optim.lr: 2.0e-3"}))
-    assert {name for name, status in changed.items() if status == "ran"} == {"sft", "eval"}, changed
+    changed, record = run("sft.overrides.optim.lr=2.0e-3")
+    assert {name for name, status in changed.items() if status == "ran"} == {"sft", "eval", "export"}, changed
     assert record["steps"]["sft"]["output"] != steps["sft"]["output"]
+    assert (root / "sft").resolve() == Path(record["steps"]["sft"]["output"])  # the link follows the last run
+
+    for entry, process in others.items():
+        finish(process)
+        assert resolve_checkpoint(tmp_path / "others" / entry).name == f"step_{OTHERS_STEPS:08d}", entry
+    check_other_stages(tmp_path / "others", models, uniform)
+
+
+# ray_jobs/{lora,dpo,reasoning,distill}.py, each from its 26M recipe shrunk to the tiny preset, on the
+# sample's files for that stage: the fine-tunes start from the sample job's SFT model; distillation teaches
+# its pretrained model to imitate the SFT model.
+OTHER_STAGES = {
+    "lora": ["--init-from", "sft", "--optim.lr", "1e-2"],
+    "dpo": ["--init-from", "sft", "--optim.lr", "1e-3"],
+    "reasoning": ["--init-from", "sft", "--optim.lr", "1e-3"],
+    "distill": ["--init-from", "pretrain", "--optim.lr", "3e-3"],
+}
+OTHERS_STEPS = 8
+OTHERS_COMMON = [
+    "--model.preset", "tiny", "--data.seq_len", "128", "--optim.batch_size", "8", "--optim.warmup_steps", "0",
+    f"--optim.max_steps={OTHERS_STEPS}", "--optim.epochs", "20", "--logging.every_steps", "1",
+    "--checkpoint.every_steps", str(OTHERS_STEPS),
+]  # fmt: skip
+
+
+def other_args(entry, models: dict) -> list[str]:
+    """``models``: the job's pretrain and sft model directories."""
+    flags = [str(models[value]) if flag == "--init-from" else value
+             for flag, value in zip(OTHER_STAGES[entry][::2], OTHER_STAGES[entry][1::2])]  # fmt: skip
+    args = [part for pair in zip(OTHER_STAGES[entry][::2], flags) for part in pair]
+    teacher = ["--objective.teacher", str(models["sft"])] if entry == "distill" else []
+    return ["--config", f"recipes/minimind-26m/{entry}.yaml", *args, *teacher]
+
+
+def check_other_stages(storage, models, uniform):
+    from safetensors.torch import load_file
+
+    from minimind.model.checkpoint import ADAPTER_FILE, WEIGHTS_FILE
+    from minimind.train.launch import config_from_args
+
+    def config(entry):
+        return config_from_args(entry, [*other_args(entry, models), *OTHERS_COMMON, "--storage-path", str(storage),
+                                        "--name", entry])  # fmt: skip
+
+    # LoRA: only trained adapters are saved (the base is the SFT model's file), and the adapted model learned the
+    # identity conversations (below).
+    lora_checkpoint = resolve_checkpoint(storage / "lora")
+    assert not (lora_checkpoint / WEIGHTS_FILE).exists()
+    adapter = load_file(lora_checkpoint / ADAPTER_FILE)
+    assert adapter and all("lora_" in name for name in adapter)
+    assert any(name.endswith("lora_B") and tensor.abs().max() > 0 for name, tensor in adapter.items())  # B starts at 0
+    base = load_model(models["sft"]).state_dict()
+    # DPO: at its first step the policy is its reference, so every margin is 0 and the loss -log sigmoid(0).
+    assert metrics(storage / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert max_diff(load_model(storage / "dpo").state_dict(), base) > 0
+    for entry in ("lora", "reasoning"):
+        # Started from the SFT model, not from scratch, and lowered the loss on its own data.
+        assert metrics(storage / entry)[0]["loss"] < uniform - 0.5, entry
+        start, end = (fixed_examples_loss(run, config(entry)) for run in (models["sft"], storage / entry))
+        assert end < start - 0.02, (entry, start, end)
+    # Distillation: the student's KL to its teacher (by torch's kl_div, at temperature 1) went down.
+    start, end = (teacher_student_kl(models["sft"], run, config("distill"))
+                  for run in (models["pretrain"], storage / "distill"))  # fmt: skip
+    assert end < start * 0.9, (start, end)
+
+
+def fixed_examples(config, count=32):
+    """The first ``count`` (at most) training examples of ``config``, in batches of 8."""
+    from minimind.data.dataset import build_training_data, collate
+    from minimind.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    examples = build_training_data(config, tokenizer).examples
+    count = min(count, len(examples))
+    return [collate([examples[i] for i in range(start, min(start + 8, count))], tokenizer.pad_id)
+            for start in range(0, count, 8)]  # fmt: skip
+
+
+def fixed_examples_loss(run_dir, config) -> float:
+    """Mean loss of ``run_dir``'s latest weights on the first 32 training examples of ``config``."""
+    from minimind.eval.evaluator import token_byte_lengths
+    from minimind.eval.metrics import perplexity
+    from minimind.tokenizer import load_tokenizer
+
+    return perplexity(load_model(run_dir), fixed_examples(config), token_byte_lengths(load_tokenizer()))["val_loss"]
+
+
+@torch.no_grad()
+def teacher_student_kl(teacher_dir, student_dir, config) -> float:
+    """KL(teacher || student) per labelled target token on the first 32 training examples of ``config``."""
+    import torch.nn.functional as F
+
+    teacher, student = load_model(teacher_dir).eval(), load_model(student_dir).eval()
+    total, targets = 0.0, 0
+    for batch in fixed_examples(config):
+        mask = batch["labels"][:, 1:] != -100
+        teacher_log, student_log = (torch.log_softmax(m(batch["input_ids"])[0][:, :-1][mask].double(), -1)
+                                    for m in (teacher, student))  # fmt: skip
+        total += F.kl_div(student_log, teacher_log, log_target=True, reduction="sum").item()
+        targets += int(mask.sum())
+    return total / targets
 
 
 def test_experiments_compared_mark_the_pareto_front_and_the_config_differences(tmp_path):

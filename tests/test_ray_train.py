@@ -4,12 +4,9 @@ Runs are started the way users start them (the entry points, as subprocess drive
 wrote to their run directories.
 """
 
-import json
-import math
 import re
 import shutil
 import signal
-import subprocess
 
 import pytest
 import torch
@@ -17,7 +14,6 @@ from conftest import ROOT, tiny_config
 from ray_runs import (
     final_weights,
     finish,
-    job,
     max_diff,
     metrics,
     pretrain,
@@ -170,148 +166,6 @@ def test_working_dir_upload_stays_far_below_rays_limit():
     assert not [n for n in names if n.endswith((".pth", "upload-probe.jsonl"))]
     assert "ray_jobs/pretrain.py" in names and "data/sample/pretrain.jsonl" in names
     assert size < 25 * 2**20, f"{size / 2**20:.1f} MiB"  # Ray refuses more than 100 MiB
-
-
-def test_the_sample_job_and_every_stage_after_it_start_from_the_previous_weights(ray_cluster, tmp_path):
-    """The README's main job, ``scripts/run_sample.sh --smoke`` (its commands, 24 steps a stage), on the test
-    cluster; then each other entry point from its runs."""
-    from minimind.eval.samples import CHAT_PROMPTS, CONTINUATION_PROMPTS
-    from minimind.train.launch import config_from_args
-
-    out = tmp_path / "sample"
-    done = subprocess.run(["bash", "scripts/run_sample.sh", str(out), "--smoke"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    scores = json.loads((out / "eval" / "eval.json").read_text())
-    assert 1 < scores["metrics"]["val_perplexity"] < 6400, scores  # finite, and better than a uniform guess
-    for stage, prompts in (("pretrain", CONTINUATION_PROMPTS), ("sft", CHAT_PROMPTS)):
-        samples = json.loads((out / f"{stage}_samples.json").read_text())
-        assert [sample["prompt"] for sample in samples] == list(prompts)
-        assert all(sample["output"] and sample["chat"] == (stage == "sft") for sample in samples), samples
-
-    common = ["--storage-path", str(out), "--optim.max_steps", "24", "--logging.every_steps", "4",
-              "--checkpoint.every_steps", "24", "--optim.batch_size", "8"]  # fmt: skip
-    sample_runs = {  # what the script ran, for the checks below
-        "pretrain": ("pretrain", ["--config", "recipes/tiny/pretrain.yaml", "--data.train_files",
-                                  f"[{out / 'data' / 'pretrain'}]", *common]),
-        "sft": ("sft", ["--config", "recipes/tiny/sft.yaml", "--init-from", "pretrain", "--data.train_files",
-                        f"[{out / 'data' / 'sft'}]", *common]),
-    }  # fmt: skip
-    # The other entry points, as users start them, from the script's runs.
-    others = {entry: job(entry, out, entry, [*other_args(entry, out), *OTHERS_COMMON]) for entry in OTHER_STAGES}
-
-    uniform = math.log(6400)
-    for name, previous in (("pretrain", None), ("sft", "pretrain")):
-        assert resolve_checkpoint(out / name).name == "step_00000024"
-        first_loss = metrics(out / name)[0]["loss"]
-        if previous is None:
-            assert first_loss == pytest.approx(uniform, abs=0.1)  # from scratch
-            continue
-        # Started from the previous stage's weights, not from scratch ...
-        assert first_loss < uniform - 0.5, (name, first_loss)
-        # ... and this stage lowered the loss on its own data: the same examples scored with the
-        # weights it started from and the weights it ended with (no batch-to-batch noise).
-        entry, args = sample_runs[name]
-        config = config_from_args(entry, [*args, "--name", name])
-        before, after = (fixed_examples_loss(run, config) for run in (out / previous, out / name))
-        assert after < before - 0.02, (name, before, after)
-    for entry, process in others.items():
-        finish(process)
-        assert resolve_checkpoint(out / entry).name == f"step_{OTHERS_STEPS:08d}", entry
-    check_other_stages(out, uniform)
-
-
-# ray_jobs/{lora,dpo,reasoning,distill}.py, each from its 26M recipe shrunk to the tiny preset, on the
-# sample's files for that stage: the fine-tunes start from the sample job's SFT run; distillation teaches
-# its pretrained model to imitate the SFT model.
-OTHER_STAGES = {
-    "lora": ["--init-from", "sft", "--optim.lr", "1e-2"],
-    "dpo": ["--init-from", "sft", "--optim.lr", "1e-3"],
-    "reasoning": ["--init-from", "sft", "--optim.lr", "1e-3"],
-    "distill": ["--init-from", "pretrain", "--optim.lr", "3e-3"],
-}
-OTHERS_STEPS = 8
-OTHERS_COMMON = [
-    "--model.preset", "tiny", "--data.seq_len", "128", "--optim.batch_size", "8", "--optim.warmup_steps", "0",
-    f"--optim.max_steps={OTHERS_STEPS}", "--optim.epochs", "20", "--logging.every_steps", "1",
-    "--checkpoint.every_steps", str(OTHERS_STEPS),
-]  # fmt: skip
-
-
-def other_args(entry, storage) -> list[str]:
-    teacher = ["--objective.teacher", str(storage / "sft")] if entry == "distill" else []
-    return ["--config", f"recipes/minimind-26m/{entry}.yaml", *OTHER_STAGES[entry], *teacher]
-
-
-def check_other_stages(storage, uniform):
-    from safetensors.torch import load_file
-
-    from minimind.model.checkpoint import ADAPTER_FILE, WEIGHTS_FILE
-    from minimind.train.launch import config_from_args
-
-    def config(entry):
-        return config_from_args(entry, [*other_args(entry, storage), *OTHERS_COMMON, "--storage-path", str(storage),
-                                        "--name", entry])  # fmt: skip
-
-    # LoRA: only trained adapters are saved (the base is the SFT run's file), and the adapted model learned the
-    # identity conversations (below).
-    lora_checkpoint = resolve_checkpoint(storage / "lora")
-    assert not (lora_checkpoint / WEIGHTS_FILE).exists()
-    adapter = load_file(lora_checkpoint / ADAPTER_FILE)
-    assert adapter and all("lora_" in name for name in adapter)
-    assert any(name.endswith("lora_B") and tensor.abs().max() > 0 for name, tensor in adapter.items())  # B starts at 0
-    base = load_model(storage / "sft").state_dict()
-    # DPO: at its first step the policy is its reference, so every margin is 0 and the loss -log sigmoid(0).
-    assert metrics(storage / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert max_diff(load_model(storage / "dpo").state_dict(), base) > 0
-    for entry, before in (("lora", "sft"), ("reasoning", "sft")):
-        assert metrics(storage / entry)[0]["loss"] < uniform - 0.5, (
-            entry
-        )  # started from the SFT model, not from scratch
-        start, end = (fixed_examples_loss(storage / run, config(entry)) for run in (before, entry))
-        assert end < start - 0.02, (entry, start, end)
-    # Distillation: the student's KL to its teacher (by torch's kl_div, at temperature 1) went down.
-    start, end = (
-        teacher_student_kl(storage / "sft", storage / run, config("distill")) for run in ("pretrain", "distill")
-    )
-    assert end < start * 0.9, (start, end)
-
-
-def fixed_examples(config, count=32):
-    """The first ``count`` (at most) training examples of ``config``, in batches of 8."""
-    from minimind.data.dataset import build_training_data, collate
-    from minimind.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer()
-    examples = build_training_data(config, tokenizer).examples
-    count = min(count, len(examples))
-    return [collate([examples[i] for i in range(start, min(start + 8, count))], tokenizer.pad_id)
-            for start in range(0, count, 8)]  # fmt: skip
-
-
-def fixed_examples_loss(run_dir, config) -> float:
-    """Mean loss of ``run_dir``'s latest weights on the first 32 training examples of ``config``."""
-    from minimind.eval.evaluator import token_byte_lengths
-    from minimind.eval.metrics import perplexity
-    from minimind.tokenizer import load_tokenizer
-
-    return perplexity(load_model(run_dir), fixed_examples(config), token_byte_lengths(load_tokenizer()))["val_loss"]
-
-
-@torch.no_grad()
-def teacher_student_kl(teacher_dir, student_dir, config) -> float:
-    """KL(teacher || student) per labelled target token on the first 32 training examples of ``config``."""
-    import torch.nn.functional as F
-
-    teacher, student = load_model(teacher_dir).eval(), load_model(student_dir).eval()
-    total, targets = 0.0, 0
-    for batch in fixed_examples(config):
-        mask = batch["labels"][:, 1:] != -100
-        teacher_log, student_log = (torch.log_softmax(m(batch["input_ids"])[0][:, :-1][mask].double(), -1)
-                                    for m in (teacher, student))  # fmt: skip
-        total += F.kl_div(student_log, teacher_log, log_target=True, reduction="sum").item()
-        targets += int(mask.sum())
-    return total / targets
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):

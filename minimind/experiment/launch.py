@@ -3,7 +3,11 @@
     python ray_jobs/experiment.py experiments/sample.yaml --dry-run    # what would run, what is cached, why
     python ray_jobs/experiment.py experiments/sample.yaml              # run it (again: only what changed)
     python ray_jobs/experiment.py experiments/sample.yaml --force sft  # run sft (and what follows) again
+    python ray_jobs/experiment.py experiments/sample.yaml --set pretrain.overrides.optim.max_steps=24  # over the file
     ray job submit --working-dir . -- python ray_jobs/experiment.py experiments/sample.yaml
+
+On local storage, ``STORAGE/NAME/STEP`` links to the output each step had in the last invocation
+(``minimind chat --checkpoint runs/experiments/sample/sft``); ``experiment.json`` lists them everywhere.
 
 Exit status: 0 when every step is done, 1 when a step failed (the others ran as far as they could),
 2 for a bad experiment file (refused before Ray starts, naming file, line and field).
@@ -30,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run an experiment's steps on Ray; steps whose output is complete are skipped.",
     )
     parser.add_argument("experiment", help="the experiment file (YAML; see experiments/)")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="settings",
+        help="values over the file's (YAML): name, storage_path, STEP.FIELD or STEP.overrides.DOTTED.FIELD",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the steps, what would run and why; run none")
     parser.add_argument("--only", nargs="+", metavar="STEP", help="run just these steps (what they need must be done)")
     parser.add_argument(
@@ -44,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        experiment = load_experiment(args.experiment)
+        experiment = load_experiment(args.experiment, args.settings)
         for flag, names in (("--only", args.only or []), ("--force", args.force)):
             unknown = [name for name in names if name not in experiment.steps]
             if unknown:
@@ -67,11 +79,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from minimind.experiment.page import write_page
     from minimind.experiment.record import write_record
-    from minimind.experiment.runner import run_experiment
+    from minimind.experiment.runner import link_outputs, run_experiment
 
     started = time.time()
     ray.init(ignore_reinit_error=True)
     outcomes = run_experiment(experiment, planned, force, set(args.only) if args.only else None)
+    link_outputs(experiment, planned, outcomes)
     record = write_record(experiment, planned, outcomes, started)
     page = write_page(experiment.root, json.loads(storage.read_text(record)), args.gpu_hour_usd)
     counts = {status: sum(o.status == status for o in outcomes.values()) for status in ("ran", "cached", "failed")}

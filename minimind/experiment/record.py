@@ -1,9 +1,9 @@
 """The provenance record of an experiment's invocation: ``STORAGE/NAME/experiment.json``.
 
-It holds the git commit, the experiment file as it was, and for every step its resolved config, hash,
-output, status for this invocation (cached, ran, failed, skipped), wall time, and what the step reported
-(tokens and model FLOPs for training, the scores for evaluation). The previous record is what lets the
-next invocation say *why* a step runs again (``graph.plan``).
+It holds the git commit, the experiment file as it was (and the command line's settings over it), and for
+every step its resolved config, hash, output, status for this invocation (cached, ran, failed, skipped), wall
+time, and what the step reported (tokens and model FLOPs for training, the scores for evaluation). The previous
+record is what lets the next invocation say *why* a step runs again (``graph.plan``).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def write_record(experiment: Experiment, planned: dict[str, PlannedStep], outcom
         "name": experiment.name,
         "file": experiment.path,
         "file_text": experiment.text,
+        "settings": experiment.settings,
         "git_commit": git_commit(),
         "started_at": started,
         "finished_at": time.time(),

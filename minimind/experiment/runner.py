@@ -189,6 +189,24 @@ def run_experiment(
     return outcomes
 
 
+def link_outputs(experiment: Experiment, planned: dict[str, PlannedStep], outcomes: dict[str, StepOutcome]) -> None:
+    """On local storage, point ``STORAGE/NAME/STEP`` at each done step's output: a path that stays put while
+    the hashed outputs change (``minimind chat --checkpoint runs/experiments/sample/sft``). Object storage has
+    no links; ``experiment.json`` names the outputs there."""
+    if storage.is_uri(experiment.root):
+        return
+    for name, outcome in outcomes.items():
+        if outcome.status not in ("ran", "cached"):
+            continue
+        link = Path(experiment.root) / name
+        if link.exists() and not link.is_symlink():
+            print(f"[experiment] {name}: {link} is not a link; not pointing it at {planned[name].output}")
+            continue
+        staged = link.with_name(f".{name}.{uuid.uuid4().hex[:8]}")
+        staged.symlink_to(Path(planned[name].output).name)  # relative: the tree may be moved or mounted elsewhere
+        staged.replace(link)  # atomic: a concurrent invocation sees the old link or the new one
+
+
 def _for_workers(config: dict, inputs: list[str]) -> dict:
     """The config with the step's input paths made absolute: its task does not run in this process's
     directory. Under ``ray job submit --working-dir`` every task runs in its own copy of that directory,

@@ -24,16 +24,23 @@ Step kinds and their fields:
 - ``export``: ``checkpoint`` (a train step), ``format`` (hf or minimind), ``dtype`` (minimind: bfloat16 or
   float32).
 
+Settings from the command line (``--set KEY=VALUE``, the value read as YAML) go over the file's values before
+it is checked: ``name``, ``storage_path``, ``STEP.FIELD`` (``eval.max_new_tokens=16``) or
+``STEP.overrides.DOTTED.FIELD`` (``pretrain.overrides.optim.max_steps=24``).
+
 Each step's *resolved config* is what it runs with, where every other step's output appears as
 ``${step}``: the hash of a step (``graph.py``) covers that config, not where outputs happen to live.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from minimind import storage
 from minimind.config import (
@@ -92,6 +99,8 @@ class Experiment:
     """In the file's order."""
     text: str
     """The file as read (for the provenance record)."""
+    settings: list[str] = dataclasses.field(default_factory=list)
+    """The command line's ``--set KEY=VALUE`` settings, applied over the file."""
 
     @property
     def root(self) -> str:
@@ -119,12 +128,15 @@ class Experiment:
         return found
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    """Parse and check ``path`` whole (unknown keys, kinds and steps, cycles, every train step's config).
+def load_experiment(path: str | Path, settings: typing.Sequence[str] = ()) -> Experiment:
+    """Parse and check ``path`` whole (unknown keys, kinds and steps, cycles, every train step's config), with
+    ``settings`` (``KEY=VALUE``, see the module's docstring) over the file's values.
 
-    Raises :class:`ConfigError` naming ``FILE:LINE: steps.STEP.FIELD: what``."""
+    Raises :class:`ConfigError` naming ``FILE:LINE: steps.STEP.FIELD: what`` (for a value set on the command
+    line, the line of the step or field it replaced)."""
     path = str(path)
     raw, root, text = load_yaml_document(path, "the experiment", " (name, storage_path, steps)")
+    raw = apply_settings(raw, settings)
     lines = yaml_key_lines(root)
 
     def fail(where: str, message: str, line: int | None = None) -> typing.NoReturn:
@@ -171,9 +183,52 @@ def load_experiment(path: str | Path) -> Experiment:
             fail(where, "must be a mapping of the step's fields", line)
         parser = _StepParser(path, step_name, kind, fields, where, line, field_lines, kind_node, kinds, steps_raw)
         steps[step_name] = parser.parse()
-    experiment = Experiment(path, name, storage_path, steps, text)
+    experiment = Experiment(path, name, storage_path, steps, text, list(settings))
     _check_acyclic(experiment, fail, step_lines)
     return experiment
+
+
+def apply_settings(raw: dict, settings: typing.Sequence[str]) -> dict:
+    """The experiment's mapping with each ``KEY=VALUE`` of ``settings`` set (a copy; VALUE read as YAML)."""
+    raw = copy.deepcopy(raw)
+    for setting in settings:
+        key, equals, text = setting.partition("=")
+
+        def fail(message: str, setting=setting) -> typing.NoReturn:
+            raise ConfigError(f"--set {setting}: {message}")
+
+        if not equals or not key:
+            fail("expected KEY=VALUE (name, storage_path, STEP.FIELD or STEP.overrides.DOTTED.FIELD)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            fail(f"the value is not YAML ({str(error).splitlines()[0]})")
+        if key in ("name", "storage_path"):
+            raw[key] = value
+            continue
+        step, _, field = key.partition(".")
+        steps = raw.get("steps") if isinstance(raw.get("steps"), dict) else {}
+        if step not in steps:
+            fail(f"no step {step!r} (steps: {', '.join(map(str, steps))}; or name, storage_path)")
+        body = steps[step]
+        if not isinstance(body, dict) or len(body) != 1:
+            fail(f"steps.{step} is not a step with one kind")
+        [kind] = body
+        fields = body[kind] if isinstance(body[kind], dict) else {}
+        body[kind] = fields
+        head, _, rest = field.partition(".")
+        if not head:
+            fail("name the field to set: STEP.FIELD")
+        if rest and head != "overrides":
+            fail(f"{head} is set whole (only overrides take a dotted field: {step}.overrides.optim.lr=...)")
+        if rest:
+            overrides = fields.setdefault("overrides", {})
+            if not isinstance(overrides, dict):
+                fail(f"steps.{step}.{kind}.overrides is not a mapping")
+            overrides[rest] = value
+        else:
+            fields[head] = value
+    return raw
 
 
 class _StepParser:
