@@ -1,11 +1,15 @@
 """Evaluate a checkpoint (or Hugging Face export) on a validation set, spread over Ray.
 
-    python ray_jobs/eval.py --checkpoint runs/experiments/sample/sft --data data/sample/sft.jsonl --format sft --out runs/eval
+    python ray_jobs/eval.py --checkpoint runs/experiments/sample/sft --data data/sample/sft.jsonl --format sft \
+        --out runs/eval
+    python ray_jobs/eval.py --checkpoint C --choices ceval/val/*.csv --dev ceval/dev/*.csv --shots 5 --out runs/ceval
     ray job submit --working-dir . -- python ray_jobs/eval.py --checkpoint ... --data s3://bucket/val.jsonl ...
 
 Writes eval.json and eval.md to --out: perplexity and bits per byte (or, for DPO pairs with
 --reference, reward accuracy and margin), the continuation score, chat-format adherence for chat
-formats, and samples for MiniMind's prompts. Connects to RAY_ADDRESS when set, else starts Ray locally.
+formats, and samples for MiniMind's prompts; with --choices, multiple-choice accuracy overall and per subject
+(C-Eval/CMMLU CSV or jsonl, each option scored by its log-likelihood; minimind/eval/choices.py), with
+each question's scores in choices.jsonl. Connects to RAY_ADDRESS when set, else starts Ray locally.
 Scoring actors run on CPUs unless --use-gpu; the driver's part runs on --device (auto: a GPU when present).
 """
 
@@ -28,10 +32,19 @@ def main() -> None:
     parser.add_argument(
         "--data",
         nargs="+",
-        required=True,
+        default=[],
         help="validation jsonl files (local or pyarrow URIs), or a prepared corpus (its val split)",
     )
-    parser.add_argument("--format", choices=FORMATS, required=True)
+    parser.add_argument("--format", choices=FORMATS, help="the --data files' format")
+    parser.add_argument(
+        "--choices",
+        nargs="+",
+        default=[],
+        help="multiple-choice questions: C-Eval/CMMLU CSV files (one per subject) or jsonl "
+        '({"question", "choices": [...], "answer": index or letter, "subject"})',
+    )
+    parser.add_argument("--dev", nargs="+", default=[], help="solved questions to take --shots from, per subject")
+    parser.add_argument("--shots", type=int, default=0, help="solved questions of its subject before each question")
     parser.add_argument("--out", required=True)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--tokenizer", default=None)
@@ -62,6 +75,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if not args.data and not args.choices:
+        parser.error("give --data (with --format), --choices, or both")
+    if args.data and not args.format:
+        parser.error("--data needs --format")
+    if args.shots < 0 or (args.shots and not args.dev):
+        parser.error("--shots takes a count of solved questions from --dev files")
     if args.format == "dpo" and not args.reference:
         parser.error("--format dpo needs --reference (the model the implicit reward compares against)")
 

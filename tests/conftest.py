@@ -1,3 +1,4 @@
+import json
 import os
 import secrets
 from pathlib import Path
@@ -110,3 +111,31 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def ray_address(ray_cluster):
     return ray_cluster.address
+
+
+# Multiple-choice files in C-Eval's layout (with its dev split's explanation column), CMMLU's (an unnamed index
+# column, capitalised names) and jsonl.
+CEVAL_VAL = """id,question,A,B,C,D,answer
+0,中国的首都是哪座城市？,上海,北京,广州,深圳,B
+1,"一年有几个季节？",两个,三个,四个,五个,C
+2,水在标准大气压下的沸点是多少摄氏度？,50,80,100,120,C
+"""
+CEVAL_DEV = """id,question,A,B,C,D,answer,explanation
+0,太阳从哪个方向升起？,东方,西方,南方,北方,A,常识
+"""
+CMMLU = """,Question,A,B,C,D,Answer
+0,1加1等于几？,1,2,3,4,B
+1,"三角形有几条边？",三条,四条,五条,六条,A
+"""
+CHOICES_JSONL = [
+    {"question": "下面哪个是水果？", "choices": ["苹果", "石头", "铁"], "answer": 0, "subject": "常识"},
+    {"question": "天空通常是什么颜色？", "choices": ["绿色", "蓝色"], "answer": "B"},
+]
+
+
+def choice_files(directory: Path) -> dict[str, Path]:
+    files = {"history_val.csv": CEVAL_VAL, "history_dev.csv": CEVAL_DEV, "arithmetic.csv": CMMLU,
+             "mixed.jsonl": "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in CHOICES_JSONL)}  # fmt: skip
+    for name, text in files.items():
+        (directory / name).write_text(text, encoding="utf-8")
+    return {name: directory / name for name in files}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SAMPLE, tiny_config
+from conftest import ROOT, SAMPLE, choice_files, tiny_config
 
 from minimind.config import model_config
 from minimind.data.dataset import build_training_data
@@ -144,3 +144,79 @@ def test_chat_command_answers_through_a_pseudo_terminal(base_checkpoint):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_multiple_choice_files_load_with_subjects_and_answers_and_bad_rows_are_named(tmp_path):
+    from minimind.config import ConfigError
+    from minimind.eval.choices import load_questions
+
+    files = choice_files(tmp_path)
+    questions = load_questions([str(files[name]) for name in ("history_val.csv", "arithmetic.csv", "mixed.jsonl")])
+    assert [(q.subject, q.answer, len(q.choices)) for q in questions] == [
+        ("history", 1, 4), ("history", 2, 4), ("history", 2, 4), ("arithmetic", 1, 4), ("arithmetic", 0, 4),
+        ("常识", 0, 3), ("mixed", 1, 2),
+    ]  # fmt: skip
+    assert questions[0].question == "中国的首都是哪座城市？" and questions[0].choices[1] == "北京"
+    assert questions[3].source == f"{files['arithmetic.csv']}:2"
+    [dev] = load_questions([str(files["history_dev.csv"])])
+    assert (dev.subject, dev.answer) == ("history", 0)
+
+    bad = {
+        "test.csv": ("id,question,A,B,C,D,answer\n0,q,a,b,c,d,A\n1,q,a,b,c,d,\n", ":3: answer: missing"),
+        "range.csv": ("id,question,A,B,answer\n0,q,a,b,C\n", ":2: answer: 'C' names no option"),
+        "header.csv": ("id,stem,A,B,answer\n0,q,a,b,A\n", ":1: the header has no question"),
+        "multi.csv": ('id,question,A,B,answer\n0,"two\nlines",a,b,A\n1,,a,b,A\n', ":4: question: empty"),
+        "q.jsonl": ('{"question": "q", "choices": ["a", "b"], "answer": 1}\n{"question": "q", "choices": "ab"}\n',
+                    ":2: choices: a list of at least two strings"),
+        "letter.jsonl": ('{"question": "q", "choices": ["a", "b"], "answer": "AB"}\n',
+                         ":1: answer: 'AB' is neither an option's letter nor its index"),
+    }  # fmt: skip
+    for name, (text, message) in bad.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError) as error:
+            load_questions([str(tmp_path / name)])
+        assert str(error.value).startswith(f"{tmp_path / name}{message}"), str(error.value)
+
+
+def test_multiple_choice_scores_are_transformers_log_likelihoods_and_accuracy_is_counted_by_hand(
+    pretrained_run, tokenizer, tmp_path
+):
+    import transformers
+
+    from minimind.eval.choices import load_questions, score_question, shots_by_subject, summarize
+    from minimind.model.hf import export_hf
+
+    trainer, _, _ = pretrained_run
+    model = trainer.model.eval()
+    files = choice_files(tmp_path)
+    questions = load_questions([str(files[name]) for name in ("history_val.csv", "arithmetic.csv", "mixed.jsonl")])
+    shots = shots_by_subject(load_questions([str(files["history_dev.csv"])]), 1)
+    records = [score_question(model, tokenizer, q, shots.get(q.subject, []), seq_len=128) for q in questions]
+
+    # The reference: transformers' Llama on the exported weights, one unpadded sequence per option, the
+    # option's tokens' log-probabilities summed by hand.
+    hf = transformers.LlamaForCausalLM.from_pretrained(export_hf(model, tokenizer, tmp_path / "hf")).eval()
+    expected_correct, expected_per_byte = [], []
+    for question, record in zip(questions, records):
+        solved = "".join(f"{s.question}\n答案：{s.choices[s.answer]}\n\n" for s in shots.get(question.subject, []))
+        context = [tokenizer.eos_id, *tokenizer.encode(f"{solved}{question.question}\n答案：")]
+        scores = []
+        for option in question.choices:
+            option_ids = tokenizer.encode(option)
+            with torch.no_grad():
+                logits = hf(torch.tensor([context + option_ids])).logits[0].double()
+            log_probs = torch.log_softmax(logits, -1)
+            scores.append(sum(float(log_probs[len(context) - 1 + i, t]) for i, t in enumerate(option_ids)))
+        assert record["scores"] == pytest.approx(scores, abs=2e-4), question.source
+        expected_correct.append(max(range(len(scores)), key=scores.__getitem__) == question.answer)
+        per_byte = [score / len(option.encode()) for score, option in zip(scores, question.choices)]
+        expected_per_byte.append(max(range(len(per_byte)), key=per_byte.__getitem__) == question.answer)
+    assert records[0]["shots"] == 1 and records[3]["shots"] == 0  # history has a dev question, arithmetic none
+
+    summary = summarize(records)
+    assert summary["choice_accuracy"] == sum(expected_correct) / 7
+    assert summary["choice_accuracy_per_byte"] == sum(expected_per_byte) / 7
+    assert summary["choice_chance"] == pytest.approx((5 * 0.25 + 1 / 3 + 0.5) / 7)
+    assert summary["choice_subjects"]["history"]["accuracy"] == sum(expected_correct[:3]) / 3
+    assert summary["choice_subjects"]["mixed"] == {"accuracy": float(expected_correct[6]),
+        "accuracy_per_byte": float(expected_per_byte[6]), "chance": 0.5, "questions": 1}  # fmt: skip

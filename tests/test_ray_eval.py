@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SAMPLE
+from conftest import ROOT, SAMPLE, choice_files
 
 from minimind.data.dataset import collate
 from minimind.data.jsonl import load_examples
@@ -40,8 +40,11 @@ def test_ray_scoring_equals_in_process_perplexity(ray_address, base_checkpoint, 
     assert metrics["rejected_records"] == {"invalid_json": 1, "wrong_type": 1}
 
 
-def test_eval_job_writes_json_and_markdown(ray_address, base_checkpoint, subset, local, tmp_path):
+def test_eval_job_writes_json_and_markdown(ray_address, base_checkpoint, subset, local, tokenizer, tmp_path):
+    from minimind.eval.choices import load_questions, score_question, shots_by_subject
+
     env = dict(os.environ, RAY_ADDRESS=ray_address)
+    files = choice_files(tmp_path)
     subprocess.run(
         [
             sys.executable,
@@ -60,6 +63,12 @@ def test_eval_job_writes_json_and_markdown(ray_address, base_checkpoint, subset,
             "8",
             "--continuation-docs",
             "4",
+            "--choices",
+            *(str(files[name]) for name in ("history_val.csv", "arithmetic.csv", "mixed.jsonl")),
+            "--dev",
+            str(files["history_dev.csv"]),
+            "--shots",
+            "1",
         ],
         cwd=ROOT,
         env=env,
@@ -76,6 +85,20 @@ def test_eval_job_writes_json_and_markdown(ray_address, base_checkpoint, subset,
     assert [s["prompt"] for s in result["samples"]][0] == "你好，请介绍一下你自己。"
     markdown = (tmp_path / "eval.md").read_text(encoding="utf-8")
     assert f"| val_perplexity | {scores['val_perplexity']:.4f} |" in markdown and "## Samples" in markdown
+    # Multiple choice over Ray: each question's scores as in this process (tests/test_eval.py holds those to
+    # transformers' log-likelihoods), in file order, and the accuracies counted from them.
+    model = load_model(base_checkpoint).eval()
+    questions = load_questions([str(files[name]) for name in ("history_val.csv", "arithmetic.csv", "mixed.jsonl")])
+    shots = shots_by_subject(load_questions([str(files["history_dev.csv"])]), 1)
+    expected = [score_question(model, tokenizer, q, shots.get(q.subject, []), 256) for q in questions]
+    records = [json.loads(line) for line in (tmp_path / "choices.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["source"] for r in records] == [q.source for q in questions]
+    for record, reference in zip(records, expected):
+        assert record["scores"] == pytest.approx(reference["scores"], abs=1e-5)
+        assert (record["pick"], record["shots"]) == (reference["pick"], reference["shots"])
+    assert scores["choice_accuracy"] == sum(r["pick"] == q.answer for r, q in zip(expected, questions)) / 7
+    assert scores["choice_subjects"]["arithmetic"]["questions"] == 2 and scores["choice_chance"] < 0.5
+    assert "## Multiple choice by subject" in markdown and "| arithmetic | 2 |" in markdown
 
 
 def test_ray_preference_scoring_equals_in_process_for_a_policy_apart_from_its_reference(

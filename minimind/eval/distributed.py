@@ -4,7 +4,8 @@ Validation jsonl is streamed with ``ray.data.read_text`` (one row per line, so r
 shape survive and nothing is loaded whole), and scored by a pool of actors that each load the
 model once. Every actor returns sums (NLL, tokens, bytes; or DPO wins and margins) and reject
 counts per batch of lines; the driver adds them up, so the result does not depend on how the
-lines were spread. The continuation score, chat adherence and samples need few documents and run
+lines were spread. Multiple-choice questions (``score_choices``) go to actors of the same kind, which return
+each question's record. The continuation score, chat adherence and samples need few documents and run
 on the driver. Actors run on CPUs by default; with ``gpus_per_actor`` each asks Ray for that share of a GPU and
 scores on it (the autoscaler adds GPU nodes for them; a cluster that has and can get no GPU is refused).
 """
@@ -165,3 +166,53 @@ def score_files(
         raise ValueError(f"{error} in {files}; rejected records: {dict(rejects)}") from None
     metrics["rejected_records"] = dict(rejects)
     return metrics
+
+
+class ChoiceScorer:
+    """Ray Data actor: scores a batch of multiple-choice questions (``minimind.eval.choices``)."""
+
+    def __init__(self, job: ScoringJob):
+        torch.set_num_threads(1)
+        self.job = job
+        self.device = select_device(job.device, "--use-gpu: a scoring actor's device")
+        self.tokenizer = load_tokenizer(job.tokenizer)
+        self.model = load_for_inference(job.checkpoint, self.device, job.adapter)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from minimind.eval.choices import Question, score_question
+
+        records = []
+        for item in batch["item"]:
+            task = json.loads(item)
+            question, shots = Question(**task["question"]), [Question(**s) for s in task["shots"]]
+            record = score_question(self.model, self.tokenizer, question, shots, self.job.seq_len)
+            records.append(json.dumps({"index": task["index"], **record}, ensure_ascii=False))
+        return {"record": np.array(records)}
+
+
+def score_choices(
+    questions: list, shots: dict, job: ScoringJob, num_actors: int, gpus_per_actor: float | None = None
+) -> list[dict]:
+    """Every question's record (``choices.score_question``), in the order of ``questions``, scored over Ray;
+    ``shots`` maps a subject to the solved questions put before each of its questions."""
+    from dataclasses import asdict
+
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    limits = cluster_limits() if gpus_per_actor else None
+    actors = actor_pool_size(num_actors, nodes, limits, gpus_per_actor, kuberay=on_kuberay())
+    items = [
+        {"item": json.dumps({"index": i, "question": asdict(q), "shots": [asdict(s) for s in shots.get(q.subject, [])]},
+                            ensure_ascii=False)}
+        for i, q in enumerate(questions)
+    ]  # fmt: skip
+    scored = ray.data.from_items(items).map_batches(
+        ChoiceScorer,
+        fn_constructor_args=(job,),
+        batch_size=16,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+        **({"num_gpus": gpus_per_actor} if gpus_per_actor else {}),
+    )
+    records = [json.loads(row["record"]) for row in scored.iter_rows()]
+    return [{k: v for k, v in r.items() if k != "index"} for r in sorted(records, key=lambda r: r["index"])]

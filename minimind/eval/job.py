@@ -1,20 +1,27 @@
-"""The evaluation job: a checkpoint scored on a validation set over Ray, written as eval.json and eval.md.
+"""The evaluation job: a checkpoint scored on a validation set and multiple-choice questions over Ray, written as
+eval.json and eval.md (and each question's scores in choices.jsonl).
 
 ``ray_jobs/eval.py`` is its command line; experiments (``minimind/experiment``) run it as a step. The
-perplexity (or DPO reward) scoring is spread over Ray Data actors; the continuation score, chat
-adherence and samples run in this process on ``device``.
+perplexity (or DPO reward) scoring and the multiple-choice questions (``minimind.eval.choices``) are spread over
+Ray Data actors; the continuation score, chat adherence and samples run in this process on ``device``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from minimind.config import ConfigError
 from minimind.data.formats import RecordError, encode_record, iter_jsonl
 from minimind.data.formats.pretrain import pack_documents
 from minimind.data.pipeline import Manifest, is_prepared
 from minimind.data.token_store import TokenStore
+
+CHOICES_FILE = "choices.jsonl"
+"""Each multiple-choice question's record (its options' scores, the picks, whether they were right)."""
 
 
 @dataclass
@@ -24,9 +31,15 @@ class EvalOptions:
     checkpoint: str
     """Checkpoint, run or Hugging Face export directory."""
     data: list[str]
-    """Validation jsonl files (local or pyarrow URIs), or a prepared corpus (its val split)."""
+    """Validation jsonl files (local or pyarrow URIs), or a prepared corpus (its val split); may be empty when
+    ``choices`` are given."""
     format: str
     out: str
+    choices: list[str] = dataclasses.field(default_factory=list)
+    """Multiple-choice question files (C-Eval/CMMLU CSV, or jsonl): ``choice_accuracy`` overall and per subject."""
+    dev: list[str] = dataclasses.field(default_factory=list)
+    """Solved questions (C-Eval's dev split) to put before each question of the same subject (``shots``)."""
+    shots: int = 0
     seq_len: int = 512
     tokenizer: str | None = None
     adapter: str | None = None
@@ -72,14 +85,15 @@ def run_eval(options: EvalOptions) -> tuple[Path, Path, dict]:
     Needs Ray started (``ray.init``). Raises ``ConfigError`` or ``DeviceError`` for what cannot run.
     """
     from minimind.devices import select_device
-    from minimind.eval.distributed import ScoringJob, score_files
-    from minimind.eval.metrics import chat_adherence, continuation_score
+    from minimind.eval.choices import load_questions, shots_by_subject, summarize
+    from minimind.eval.distributed import ScoringJob, score_choices, score_files
     from minimind.eval.report import write_report
-    from minimind.eval.samples import CHAT_PROMPTS, CONTINUATION_PROMPTS, generate_samples
-    from minimind.model.hf import load_for_inference
-    from minimind.tokenizer import load_tokenizer
 
     device = select_device(options.device)  # before any scoring: a GPU asked for here must be usable
+    if not options.data and not options.choices:
+        raise ConfigError("nothing to score: give validation data, multiple-choice questions (choices), or both")
+    if options.shots and not options.dev:
+        raise ConfigError(f"shots: {options.shots} solved questions need a dev file to take them from (dev)")
     job = ScoringJob(
         options.checkpoint,
         options.format,
@@ -91,7 +105,36 @@ def run_eval(options: EvalOptions) -> tuple[Path, Path, dict]:
         device="cuda" if options.use_gpu else "cpu",
     )
     gpus = options.gpus_per_actor if options.use_gpu else None
-    metrics = score_files(options.data, job, options.actors, gpus_per_actor=gpus)
+    metrics: dict = {}
+    samples: list = []
+    if options.choices:
+        questions = load_questions(options.choices)  # a bad file fails before any model loads
+        shots = shots_by_subject(load_questions(options.dev), options.shots) if options.shots else {}
+        records = score_choices(questions, shots, job, options.actors, gpus_per_actor=gpus)
+        metrics.update(summarize(records))
+        Path(options.out).mkdir(parents=True, exist_ok=True)
+        with open(Path(options.out) / CHOICES_FILE, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    if options.data:
+        metrics = {**score_files(options.data, job, options.actors, gpus_per_actor=gpus), **metrics}
+        samples = _driver_scores(options, device, metrics)
+    result = {
+        "checkpoint": options.checkpoint,
+        "data": options.data,
+        "format": options.format,
+        "metrics": metrics,
+        "samples": samples,
+    }
+    json_path, md_path = write_report(options.out, result)
+    return json_path, md_path, result
+
+
+def _driver_scores(options: EvalOptions, device, metrics: dict) -> list[dict]:
+    """The continuation score and chat adherence (into ``metrics``) and the samples, in this process."""
+    from minimind.eval.metrics import chat_adherence, continuation_score
+    from minimind.eval.samples import CHAT_PROMPTS, CONTINUATION_PROMPTS, generate_samples
+    from minimind.model.hf import load_for_inference
+    from minimind.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(options.tokenizer)
     model = load_for_inference(options.checkpoint, device, options.adapter)
@@ -117,12 +160,4 @@ def run_eval(options: EvalOptions) -> tuple[Path, Path, dict]:
         temperature=0.7,
         repetition_penalty=1.2,
     )
-    result = {
-        "checkpoint": options.checkpoint,
-        "data": options.data,
-        "format": options.format,
-        "metrics": metrics,
-        "samples": samples,
-    }
-    json_path, md_path = write_report(options.out, result)
-    return json_path, md_path, result
+    return samples

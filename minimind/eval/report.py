@@ -12,18 +12,28 @@ def write_report(out_dir: str | Path, result: dict) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "eval.json"
     json_path.write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
+    data = ", ".join(f"`{f}`" for f in result["data"])
     lines = [
         f"# Evaluation of `{result['checkpoint']}`",
         "",
-        f"Data: {', '.join(f'`{f}`' for f in result['data'])} (format `{result['format']}`)",
-        "",
+        *([f"Data: {data} (format `{result['format']}`)", ""] if data else []),
         "| metric | value |",
         "|---|---|",
     ]
     for name, value in result["metrics"].items():
+        if name == "choice_subjects":
+            continue
         shown = f"{value:.4f}" if isinstance(value, float) else f"{value}"
         lines.append(f"| {name} | {shown} |")
-    lines += ["", "## Samples", ""]
+    subjects = result["metrics"].get("choice_subjects")
+    if subjects:
+        lines += ["", "## Multiple choice by subject", "", "| subject | questions | accuracy | per byte | chance |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for name, block in subjects.items():
+            lines.append(f"| {name} | {block['questions']} | {block['accuracy']:.4f} | "
+                         f"{block['accuracy_per_byte']:.4f} | {block['chance']:.4f} |")  # fmt: skip
+    if result["samples"]:
+        lines += ["", "## Samples", ""]
     for sample in result["samples"]:
         output = sample["output"].replace("\n", " ⏎ ")
         lines.append(f"- **{sample['prompt']}** → {output}")

@@ -19,7 +19,8 @@ Step kinds and their fields:
 - ``sweep``: ``space`` (a search space file), ``num_samples``, ``max_concurrent``, ``sampler``, ``seed``,
   ``early_stopping``, and ``data``, ``val_data``, ``init_from``, ``overrides`` for every trial. A train step
   with ``recipe: {best: SWEEP}`` trains the sweep's ``best.yaml`` (checked now against the space's base).
-- ``eval``: ``checkpoint`` (a train step), ``data``, and :class:`~minimind.eval.job.EvalOptions`' other fields;
+- ``eval``: ``checkpoint`` (a train step), ``data``, and :class:`~minimind.eval.job.EvalOptions`' other fields
+  (``choices``, ``dev`` and ``shots`` for multiple-choice questions);
   ``format`` and ``seq_len`` default to the checkpoint step's.
 - ``export``: ``checkpoint`` (a train step), ``format`` (hf or minimind), ``dtype`` (minimind: bfloat16 or
   float32).
@@ -493,6 +494,12 @@ class _StepParser:
         for field in ("adapter", "tokenizer"):
             if fields.get(field) is not None:
                 self.input_path(field, fields[field])
+        for field in ("choices", "dev"):  # question files: their content is part of the hash
+            files = fields.get(field) or []
+            if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+                self.fail(field, "a list of question files (C-Eval/CMMLU CSV or jsonl)")
+            for path in files:
+                self.input_path(field, path)
         try:
             options = from_dict(EvalOptions, fields)
         except ConfigError as error:
