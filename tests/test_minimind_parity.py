@@ -6,8 +6,6 @@ equal those of MiniMind's models built at the same sizes."""
 import importlib.util
 import math
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -120,21 +118,30 @@ def test_minimind_weights_come_in_with_their_logits_and_go_back_as_they_were(cas
         assert torch.equal(fresh(ids).logits, expected)
 
 
-def test_the_commands_import_a_pth_and_export_it_back(tmp_path):
+def test_the_commands_import_a_pth_and_export_it_back(tmp_path, capsys):
+    from minimind.cli import main
+
     ref = reference("minimind2")
     torch.manual_seed(0)
     save_like_minimind(ref.MiniMindForCausalLM(ref.MiniMindConfig(**SMALL)), tmp_path / "pretrain_64.pth")
-    cli = [sys.executable, "-m", "minimind.cli"]
-    run = lambda *args: subprocess.run([*cli, *args], capture_output=True, text=True, cwd=ROOT)  # noqa: E731
-    done = run("import-minimind", str(tmp_path / "pretrain_64.pth"), "--preset", "tiny", "--out", str(tmp_path / "ck"))
-    assert done.returncode == 0, done.stderr
-    done = run("export-minimind", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "out.pth"))
-    assert done.returncode == 0, done.stderr
+
+    def run(*args) -> tuple[int, str]:
+        """The command's own entry, in this process: its exit status and stderr."""
+        try:
+            main(list(args))
+            code, message = 0, ""
+        except SystemExit as exit_:  # a message as the exit code is what the interpreter prints to stderr
+            code, message = (1, exit_.code) if isinstance(exit_.code, str) else (exit_.code, "")
+        return code, capsys.readouterr().err + message
+
+    pth = str(tmp_path / "pretrain_64.pth")
+    assert run("import-minimind", pth, "--preset", "tiny", "--out", str(tmp_path / "ck")) == (0, "")
+    assert run("export-minimind", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "out.pth"))[0] == 0
     original, exported = (torch.load(tmp_path / name, weights_only=True) for name in ("pretrain_64.pth", "out.pth"))
     assert original.keys() == exported.keys() and all(torch.equal(original[k], exported[k]) for k in original)
     # The wrong architecture is refused, naming the file and what does not fit.
-    done = run(
+    code, err = run(
         "import-minimind", str(tmp_path / "pretrain_64.pth"), "--preset", "minimind-26m", "--out", str(tmp_path / "x")
     )
-    assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert re.search(r"pretrain_64\.pth: does not fit a minimind-26m model: missing \['model\.layers\.2\.", done.stderr)
+    assert code != 0 and "Traceback" not in err
+    assert re.search(r"pretrain_64\.pth: does not fit a minimind-26m model: missing \['model\.layers\.2\.", err)

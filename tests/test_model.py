@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,11 +27,11 @@ def test_parameter_counts_equal_minimind(preset, expected):
     "preset, count",
     [("minimind-26m", "25,829,888"), ("minimind-3", "63,912,192"), ("minimind-3-moe", "198,416,640")],
 )
-def test_info_command_prints_the_count(preset, count):
-    out = subprocess.run(
-        [sys.executable, "-m", "minimind.cli", "info", preset], capture_output=True, text=True, check=True
-    ).stdout
-    assert f"{preset}: {count} parameters" in out
+def test_info_command_prints_the_count(preset, count, capsys):
+    from minimind.cli import main
+
+    main(["info", preset])  # the command's own entry, in this process (a subprocess would import torch again)
+    assert f"{preset}: {count} parameters" in capsys.readouterr().out
 
 
 def test_structure_matches_minimind():
@@ -261,15 +259,18 @@ def test_mup_keeps_activations_the_same_size_across_widths_where_standard_grows_
                 assert growth > (2.0 if layer == "logits" else 8.0), (layer, across)
 
 
-def test_info_prints_a_recipes_run_and_its_flops_counted_by_hand():
+def test_info_prints_a_recipes_run_and_its_flops_counted_by_hand(capsys, monkeypatch):
     # The tiny preset by hand: embedding 6,400 x 64 (tied: counted once); per layer q, o 64 x 64, k, v
     # 64 x 32 (2 KV heads of 16), SwiGLU 3 x 64 x 192, two norms of 64; the final norm: 508,224 weights.
     # 6N + 12 * layers * width * seq = 6 * 508,224 + 12 * 2 * 64 * 128 per token; 10 steps of 16 x 128.
     parameters = 6400 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192 + 2 * 64) + 64
     flops = 10 * 16 * 128 * (6 * parameters + 12 * 2 * 64 * 128)
-    command = [sys.executable, "-m", "minimind.cli", "info", "--config", "recipes/tiny/pretrain.yaml",
-               "--optim.max_steps", "10"]  # fmt: skip
-    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    from minimind.cli import main
+
+    monkeypatch.chdir(ROOT)
+    command = ["info", "--config", "recipes/tiny/pretrain.yaml", "--optim.max_steps", "10"]
+    main(command)
+    out = capsys.readouterr().out
     assert f"tiny: {parameters:,} parameters" in out
     assert "run: 10 steps x 2,048 tokens = 20,480 tokens (optim.max_steps 10)" in out
     assert f"training FLOPs: {flops:.3e}" in out
@@ -277,8 +278,8 @@ def test_info_prints_a_recipes_run_and_its_flops_counted_by_hand():
     from minimind.config import build_config, load_yaml
     from minimind.train.loop import Trainer
 
-    long = [*command[:-1], "1000000"]
-    out = subprocess.run(long, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    main([*command[:-1], "1000000"])
+    out = capsys.readouterr().out
     steps = Trainer(build_config(load_yaml(ROOT / "recipes/tiny/pretrain.yaml"))).total_steps
     assert f"run: {steps:,} steps x 2,048 tokens" in out and "before optim.max_steps 1,000,000" in out
 

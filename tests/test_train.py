@@ -1,7 +1,5 @@
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -475,57 +473,22 @@ def test_mixed_precision_keeps_fp32_master_weights(dtype):
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
 
-def test_command_line_train_then_generate(tmp_path):
+def test_command_line_train_then_generate(tmp_path, capsys, monkeypatch):
+    from minimind.cli import main
+
+    monkeypatch.chdir(ROOT)  # the commands' own entry, in this process (a subprocess would import torch again)
     run = tmp_path / "run"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "minimind.cli",
-            "train",
-            "--config",
-            "recipes/tiny/pretrain.yaml",
-            "--optim.max_steps",
-            "3",
-            "--data.seq_len",
-            "64",
-            f"--checkpoint.dir={run}",
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    main(["train", "--config", "recipes/tiny/pretrain.yaml", "--optim.max_steps", "3", "--data.seq_len", "64",
+          f"--checkpoint.dir={run}"])  # fmt: skip
     assert (run / "latest").read_text() == "step_00000003"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "minimind.cli",
-            "generate",
-            "--checkpoint",
-            str(run),
-            "--prompt",
-            "你好",
-            "--max-new-tokens",
-            "4",
-            "--save",
-            str(tmp_path / "s.json"),
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    assert out.startswith(">>> 你好")
+    capsys.readouterr()
+    main(["generate", "--checkpoint", str(run), "--prompt", "你好", "--max-new-tokens", "4",
+          "--save", str(tmp_path / "s.json")])  # fmt: skip
+    assert capsys.readouterr().out.startswith(">>> 你好")
     assert json.loads((tmp_path / "s.json").read_text())[0]["prompt"] == "你好"
-    bad = subprocess.run(
-        [sys.executable, "-m", "minimind.cli", "train", "--config", "recipes/tiny/pretrain.yaml", "--optim.lr", "-1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 2 and "optim.lr: must be positive" in bad.stderr
+    with pytest.raises(SystemExit) as bad:
+        main(["train", "--config", "recipes/tiny/pretrain.yaml", "--optim.lr", "-1"])
+    assert bad.value.code == 2 and "optim.lr: must be positive" in capsys.readouterr().err
 
 
 def test_wandb_logs_offline_without_a_key(tmp_path, monkeypatch):
