@@ -125,6 +125,15 @@ def actor_pool_size(
     return max(1, min(requested, fit))
 
 
+def _actor_pool(num_actors: int, gpus_per_actor: float | None) -> dict:
+    """``map_batches``' arguments for a pool of scoring actors sized by ``actor_pool_size`` on this cluster."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    limits = cluster_limits() if gpus_per_actor else None
+    actors = actor_pool_size(num_actors, nodes, limits, gpus_per_actor, kuberay=on_kuberay())
+    gpus = {"num_gpus": gpus_per_actor} if gpus_per_actor else {}
+    return {"compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": 1, **gpus}
+
+
 def score_files(
     files: list[str], job: ScoringJob, num_actors: int, lines_per_batch: int = 256, gpus_per_actor: float | None = None
 ) -> dict:
@@ -134,9 +143,6 @@ def score_files(
     (its tokenizer and seq len are checked first). ``gpus_per_actor``: each actor asks for that share of a GPU
     and scores on it (``job.device`` is then ``cuda``).
     """
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    limits = cluster_limits() if gpus_per_actor else None
-    actors = actor_pool_size(num_actors, nodes, limits, gpus_per_actor, kuberay=on_kuberay())
     if len(files) == 1 and is_prepared(files[0]):
         manifest = Manifest.load(files[0])
         manifest.check(load_tokenizer(job.tokenizer).fingerprint, job.seq_len, job.data_format)
@@ -148,9 +154,7 @@ def score_files(
         fn_constructor_args=(job,),
         batch_size=lines_per_batch,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1,
-        **({"num_gpus": gpus_per_actor} if gpus_per_actor else {}),
+        **_actor_pool(num_actors, gpus_per_actor),
     )
     totals = np.zeros(3)
     rejects: Counter = Counter()
@@ -168,15 +172,9 @@ def score_files(
     return metrics
 
 
-class ChoiceScorer:
-    """Ray Data actor: scores a batch of multiple-choice questions (``minimind.eval.choices``)."""
-
-    def __init__(self, job: ScoringJob):
-        torch.set_num_threads(1)
-        self.job = job
-        self.device = select_device(job.device, "--use-gpu: a scoring actor's device")
-        self.tokenizer = load_tokenizer(job.tokenizer)
-        self.model = load_for_inference(job.checkpoint, self.device, job.adapter)
+class ChoiceScorer(ShardScorer):
+    """Ray Data actor: scores a batch of multiple-choice questions (``minimind.eval.choices``); it loads the
+    model as ``ShardScorer`` does (given a job without a DPO reference)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from minimind.eval.choices import Question, score_question
@@ -195,11 +193,8 @@ def score_choices(
 ) -> list[dict]:
     """Every question's record (``choices.score_question``), in the order of ``questions``, scored over Ray;
     ``shots`` maps a subject to the solved questions put before each of its questions."""
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    limits = cluster_limits() if gpus_per_actor else None
-    actors = actor_pool_size(num_actors, nodes, limits, gpus_per_actor, kuberay=on_kuberay())
     items = [
         {"item": json.dumps({"index": i, "question": asdict(q), "shots": [asdict(s) for s in shots.get(q.subject, [])]},
                             ensure_ascii=False)}
@@ -207,12 +202,10 @@ def score_choices(
     ]  # fmt: skip
     scored = ray.data.from_items(items).map_batches(
         ChoiceScorer,
-        fn_constructor_args=(job,),
+        fn_constructor_args=(replace(job, reference=None),),
         batch_size=16,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=1,
-        **({"num_gpus": gpus_per_actor} if gpus_per_actor else {}),
+        **_actor_pool(num_actors, gpus_per_actor),
     )
     records = [json.loads(row["record"]) for row in scored.iter_rows()]
     return [{k: v for k, v in r.items() if k != "index"} for r in sorted(records, key=lambda r: r["index"])]
