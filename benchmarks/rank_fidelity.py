@@ -88,6 +88,9 @@ def main() -> None:
             name = f"lr={lr:g},batch={batch}"
             for schedule in readings:
                 rows = run(trial_config(lr, batch, args, schedule, rung_steps, steps))
+                if steps not in rows:  # the run stops at the end of its one epoch
+                    raise SystemExit(f"{name} ended at step {max(rows)} of {steps}: the corpus holds fewer training "
+                                     "tokens than --tokens (one epoch); lower --tokens")  # fmt: skip
                 by_rung = {
                     fraction: rows[max(1, round(fraction * steps))] for fraction in RUNG_FRACTIONS
                 }  # rungs as fractions of the budget: the same for every batch size

@@ -20,6 +20,7 @@ import sys
 
 import ray
 
+from minimind import storage
 from minimind.config import ConfigError
 from minimind.cuda import DeviceError
 from minimind.data.formats import FORMATS
@@ -93,7 +94,7 @@ def main() -> None:
     except (ConfigError, DeviceError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(open(md_path, encoding="utf-8").read())
+    print(storage.read_text(md_path))
     print(f"wrote {json_path} and {md_path}")
 
 

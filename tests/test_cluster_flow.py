@@ -1,12 +1,12 @@
 """docs/cluster.md's path from a corpus to a tuned model, driven the way users drive a cluster: scripts/cluster_flow.sh
-submits each stage with ``ray job submit`` to the session's two-node cluster (a head and a second ``ray start``
-node). Everything lives in object storage: an S3-compatible server (moto's server mode, on loopback) stands in
-for S3.
+submits experiments/sample-sweep.yaml with ``ray job submit`` to the session's two-node cluster (a head and a
+second ``ray start`` node). Everything lives in object storage: an S3-compatible server (moto's server mode, on
+loopback) stands in for S3.
 
-Prepare reads jsonl from ``s3://`` and writes its shards there; pretrain trains on them with one worker on each
-node and checkpoints there; a 2-trial pipeline sweep in S3 trains on the corpora there, has its driver killed,
-and is restored from there when the same job is submitted again; the report, written there, names the best
-configs."""
+Prepare reads jsonl from ``s3://`` and writes its shards there; a 2-trial pipeline sweep trains on them, has the
+experiment's driver killed, and is restored from S3 when the same job is submitted again; then the best trial's
+pretraining configuration trains with one worker on each node, its SFT configuration from those weights, and
+the result is evaluated, each checkpointing to S3."""
 
 import json
 import os
@@ -27,7 +27,7 @@ from ray_runs import metrics, processes_running, train_workers, trial_records
 from minimind import storage
 
 BUCKET = "minimind-test"
-STEPS = 8
+STORAGE = f"s3://{BUCKET}/minimind"
 
 # search_spaces/tiny_pipeline.yaml (the script's default) at a smaller budget: each trial pretrains 8192 tokens
 # (4 steps of 16 x 128 or 8 of 8 x 128), then fine-tunes 4 steps from its weights, and is judged by the SFT model.
@@ -77,28 +77,35 @@ def s3(tmp_path_factory):
         server.stop()
 
 
-def flow(cluster, s3, space: Path, *stages: str, wait: bool = True):
+def flow(cluster, s3, space: Path, wait: bool = True):
+    """scripts/cluster_flow.sh (experiments/sample-sweep.yaml) submitted to the cluster, storage and corpora in S3."""
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # the `ray` CLI of this environment
         "RAY_ADDRESS": cluster.dashboard_url,
-        "STORAGE": f"s3://{BUCKET}/minimind",
-        "DATA": f"s3://{BUCKET}/corpora/pretrain.jsonl",
-        "SFT_DATA": f"s3://{BUCKET}/corpora/sft.jsonl",
-        "SPACE": str(space),
+        "STORAGE": STORAGE,
         "PYTHON": sys.executable,
         "RUNTIME_ENV": json.dumps({"env_vars": s3}),
-        # One worker per node; a short run checkpointing part-way and at its end.
-        "TRAIN_FLAGS": f"--distributed.placement_strategy STRICT_SPREAD --optim.max_steps {STEPS} "
-        "--checkpoint.every_steps 4 --logging.every_steps 1",
     }
-    command = ["bash", "scripts/cluster_flow.sh", *stages]
+    settings = [
+        f"pretrain_data.inputs=[s3://{BUCKET}/corpora/pretrain.jsonl]",
+        f"sft_data.inputs=[s3://{BUCKET}/corpora/sft.jsonl]",
+        f"sweep.space={space}",
+        "sweep.num_samples=2",
+        # The best configuration on one worker on each node, checkpointing part-way and at its end.
+        "pretrain.overrides.distributed.num_workers=2",
+        "pretrain.overrides.distributed.placement_strategy=STRICT_SPREAD",
+        "pretrain.overrides.checkpoint.every_steps=4",
+        "pretrain.overrides.logging.every_steps=1",
+        "eval.max_new_tokens=8",
+    ]
+    command = ["bash", "scripts/cluster_flow.sh", "--set", *settings]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return process
     out, _ = process.communicate(timeout=900)
     assert process.returncode == 0, out[-6000:]
-    print("\n".join(line for line in out.splitlines() if line.startswith("== ")))
+    print("\n".join(line for line in out.splitlines() if line.startswith("[experiment]")))
     return out
 
 
@@ -133,46 +140,49 @@ def test_from_a_corpus_in_s3_to_a_tuned_model_by_job_submit_on_two_nodes(ray_clu
     assert SMALL_PIPELINE.count("8192") == 1 and "optim.max_steps: 4" in SMALL_PIPELINE
     for corpus in ("pretrain", "sft"):
         storage.upload(SAMPLE / f"{corpus}.jsonl", f"s3://{BUCKET}/corpora/{corpus}.jsonl")
-    prepared = f"s3://{BUCKET}/minimind/prepared"
+    root = f"{STORAGE}/sample-sweep"
+
+    def output(step: str) -> str | None:
+        """The step's output directory in S3 (``STEP-<hash>``), once it exists."""
+        named = [name for name in storage.list_dir(root) if name.rpartition("-")[0] == step and "." not in name]
+        assert len(named) <= 1, named
+        return f"{root}/{named[0]}" if named else None
+
+    def checkpointed_running_trial():
+        sweep = output("sweep")
+        running = [tid for tid, t in trial_records(sweep).items() if t["status"] == "running"] if sweep else []
+        checkpointed = [tid for tid in running if storage.is_file(f"{sweep}/trials/{tid}/latest")]
+        return (sweep, checkpointed[0]) if checkpointed else None
+
+    # The experiment's driver is killed while a sweep trial runs past its first checkpoint in S3; the same job
+    # submitted again keeps the prepared corpora, restores the sweep from S3 and runs the rest.
+    first = flow(ray_cluster, s3, space, wait=False)
+    sweep, interrupted = wait_for(checkpointed_running_trial, first, "a sweep trial's checkpoint in S3")
+    kill_driver(ray_cluster, "ray_jobs/experiment.py", first)
+    assert trial_records(sweep)[interrupted]["status"] == "running", "the trial ended before the driver was killed"
+    out = flow(ray_cluster, s3, space)
+    record = json.loads(storage.read_text(f"{root}/experiment.json"))
+    statuses = {name: step["status"] for name, step in record["steps"].items()}
+    assert statuses == {"pretrain_data": "cached", "sft_data": "cached", "sweep": "ran", "pretrain": "ran",
+                        "sft": "ran", "eval": "ran"}, statuses  # fmt: skip
+    assert storage.is_file(f"{root}/index.html")
 
     # Prepare: both corpora, read from S3, as validated shards in S3 with their manifests.
-    flow(ray_cluster, s3, space, "prepare")
+    prepared = {corpus: output(f"{corpus}_data") for corpus in ("pretrain", "sft")}
     for corpus, seq_len in (("pretrain", 128), ("sft", 256)):
-        manifest = json.loads(storage.read_text(f"{prepared}/{corpus}/manifest.json"))
+        manifest = json.loads(storage.read_text(f"{prepared[corpus]}/manifest.json"))
         assert manifest["inputs"] == [f"s3://{BUCKET}/corpora/{corpus}.jsonl"] and manifest["seq_len"] == seq_len
         for split in ("train", "val"):
             for shard in manifest["splits"][split]["shards"]:
-                assert storage.is_file(f"{prepared}/{corpus}/{shard['path'].removesuffix('.parquet')}.tokens.npy")
+                shard_path = shard["path"].removesuffix(".parquet")
+                assert storage.is_file(f"{prepared[corpus]}/{shard_path}.tokens.npy")
 
-    # Pretrain on the corpus in S3, checkpointing to S3, with one worker on each node. (A pretrain job's driver
-    # killed and the job submitted again: tests/test_deepspeed.py; an experiment's: tests/test_experiment.py.)
-    run = f"s3://{BUCKET}/minimind/runs/pretrain"
-    out = flow(ray_cluster, s3, space, "pretrain")
-    nodes = set(re.findall(r"\[worker\] rank \d/2 on node \S+ \((\w+)\)", out))
-    assert len(nodes) == 2, out[-4000:]
-    assert [row["step"] for row in metrics(run)] == list(range(1, STEPS + 1))
-    assert storage.read_text(f"{run}/latest").strip() == f"step_{STEPS:08d}"
-    assert remote_yaml(f"{run}/config.yaml")["data"]["train_files"] == [f"{prepared}/pretrain"]
-
-    # Pipeline sweep in S3: each of 2 trials pretrains on the corpus in S3, then fine-tunes from its own weights
-    # on the SFT corpus in S3, and is judged by the SFT model's validation perplexity. Its driver is killed while
-    # a trial runs past its first checkpoint; the same job again restores the sweep from S3.
-    sweep = f"s3://{BUCKET}/minimind/sweeps/sweep"
-
-    def checkpointed_running_trial():
-        running = [tid for tid, t in trial_records(sweep).items() if t["status"] == "running"]
-        return next((tid for tid in running if storage.is_file(f"{sweep}/trials/{tid}/latest")), None)
-
-    first = flow(ray_cluster, s3, space, "sweep", wait=False)
-    interrupted = wait_for(checkpointed_running_trial, first, "a trial's checkpoint in S3")
-    kill_driver(ray_cluster, "ray_jobs/tune.py", first)
-    assert trial_records(sweep)[interrupted]["status"] == "running", "the trial ended before the driver was killed"
-
-    out = flow(ray_cluster, s3, space, "sweep", "report")
+    # The pipeline sweep: each of 2 trials pretrained on the corpus in S3, then fine-tuned from its own weights
+    # on the SFT corpus in S3, judged by the SFT model's validation perplexity. The interrupted trial continued
+    # from its checkpoint in S3, not from scratch: its first logged step ran once.
     assert f"[sweep] resuming {sweep}" in out and "[sweep] 2/2 trials done" in out, out[-4000:]
     trials = trial_records(sweep)
     assert len(trials) == 2 and all(t["status"] == "finished" for t in trials.values()), trials
-    # The interrupted trial continued from its checkpoint in S3, not from scratch: its first logged step ran once.
     steps = [row["step"] for row in metrics(f"{sweep}/trials/{interrupted}")]
     assert steps.count(steps[0]) == 1, steps
     report = storage.read_text(f"{sweep}/report.md")
@@ -181,17 +191,32 @@ def test_from_a_corpus_in_s3_to_a_tuned_model_by_job_submit_on_two_nodes(ray_clu
         assert metrics(pretrain_dir)[-1]["tokens"] == 8192
         assert metrics(sft_dir)[-1]["step"] == 4
         pretrain_config, sft_config = remote_yaml(f"{pretrain_dir}/config.yaml"), remote_yaml(f"{sft_dir}/config.yaml")
-        assert pretrain_config["data"]["train_files"] == [f"{prepared}/pretrain"]
-        assert sft_config["stage"] == "sft" and sft_config["data"]["train_files"] == [f"{prepared}/sft"]
+        assert pretrain_config["data"]["train_files"] == [prepared["pretrain"]]
+        assert sft_config["stage"] == "sft" and sft_config["data"]["train_files"] == [prepared["sft"]]
         assert sft_config["checkpoint"]["init_from"] == pretrain_dir
         assert sft_config["optim"]["lr"] == pytest.approx(trial["params"]["sft/optim.lr"])
         judged = metrics(sft_dir)[-1]["val_perplexity"]
         assert f"\n| {trial_id}" in report and f"{judged:.4g}" in report
-
-    # The report's best configs, in S3, run in order: best.yaml (pretrain), then best-sft.yaml from its weights.
-    best, best_sft = remote_yaml(f"{sweep}/best.yaml"), remote_yaml(f"{sweep}/best-sft.yaml")
-    assert best["data"]["train_files"] == [f"{prepared}/pretrain"]
-    assert best_sft["checkpoint"]["init_from"] == best["checkpoint"]["dir"] and "best-sft.yaml" in report
-    assert f"--config {sweep}/best.yaml" in report
     assert storage.read_text(f"{sweep}/report.html").count("data:image/png;base64,") >= 2
-    assert storage.is_file(f"{sweep}/plots/objective_per_trial.png")
+
+    # The best trial's configurations trained again in turn: best.yaml on one worker on each node, then
+    # best-sft.yaml from its weights; the result evaluated.
+    best, best_sft = remote_yaml(f"{sweep}/best.yaml"), remote_yaml(f"{sweep}/best-sft.yaml")
+    winner = trials[min(trials, key=lambda tid: metrics(f"{sweep}/trials/{tid}/sft")[-1]["val_perplexity"])]
+    assert best["optim"]["lr"] == pytest.approx(winner["params"]["optim.lr"])
+    assert best_sft["optim"]["lr"] == pytest.approx(winner["params"]["sft/optim.lr"])
+    pretrain, sft = output("pretrain"), output("sft")
+    nodes = set(re.findall(r"\[worker\] rank \d/2 on node \S+ \((\w+)\)", out))
+    assert len(nodes) == 2, out[-4000:]
+    last = best["optim"]["max_steps"]
+    assert [row["step"] for row in metrics(pretrain)] == list(range(1, last + 1))
+    assert storage.read_text(f"{pretrain}/latest").strip() == f"step_{last:08d}"
+    pretrain_config, sft_config = remote_yaml(f"{pretrain}/config.yaml"), remote_yaml(f"{sft}/config.yaml")
+    for config, tuned in ((pretrain_config, best), (sft_config, best_sft)):
+        assert {k: config["optim"][k] for k in tuned["optim"]} == tuned["optim"]
+    assert pretrain_config["data"]["train_files"] == [prepared["pretrain"]]
+    assert sft_config["checkpoint"]["init_from"] == pretrain
+    assert sft_config["data"]["train_files"] == [prepared["sft"]]
+    assert metrics(sft)[-1]["step"] == best_sft["optim"]["max_steps"]
+    evaluated = json.loads(storage.read_text(f"{output('eval')}/eval.json"))
+    assert evaluated["checkpoint"].startswith(sft) and 1 < evaluated["metrics"]["val_perplexity"] < 6400

@@ -482,3 +482,28 @@ def test_a_sweep_step_feeds_its_best_configuration_to_a_train_step(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message):
             load_experiment(swept(**replace))
+
+    # A pipeline space (experiments/sample-sweep.yaml): its SFT stage trains on the step named in then_data, and
+    # an SFT step's {best: ...} is the sweep's best-sft.yaml.
+    pipeline = ROOT / "experiments" / "sample-sweep.yaml"
+    planned = plan(load_experiment(pipeline, [f"storage_path={tmp_path / 'runs'}"]))
+    overrides = resolved_config(planned, "sweep")["overrides"]
+    sft_data = planned["sft_data"].output
+    assert overrides["sft/data.train_files"] == overrides["sft/eval.val_files"] == [sft_data]
+    assert overrides["sft/data.seq_len"] == 256 and overrides["data.seq_len"] == 128
+    assert resolved_config(planned, "pretrain")["recipe_from"] == f"{planned['sweep'].output}/best.yaml"
+    sft = resolved_config(planned, "sft")
+    assert sft["recipe_from"] == f"{planned['sweep'].output}/best-sft.yaml"
+    assert sft["recipe_overrides"]["checkpoint.init_from"] == planned["pretrain"].output
+    text = pipeline.read_text().replace("data/sample/", f"{SAMPLE}/")
+    text = text.replace("search_spaces/", f"{ROOT}/search_spaces/")
+    for old, new, line, message in [
+        ("then_data: {sft: sft_data}", "then_data: {dpo: sft_data}", 17, "'dpo' is not a later stage of "),
+        ("then_data: {sft: sft_data}", "then_data: {sft: sweep}", 17, "'sweep' is a sweep step; data comes from"),
+        ("train: {stage: sft,", "train: {stage: reasoning,", 24, "sweep 'sweep' tunes the stages pretrain, sft; a "
+         "reasoning step cannot use its best"),
+    ]:  # fmt: skip
+        assert old in text
+        bad = write(tmp_path, text.replace(old, new), "bad.yaml")
+        with pytest.raises(ConfigError, match=rf"bad.yaml:{line}: .*{message}"):
+            load_experiment(bad)

@@ -260,8 +260,8 @@ def test_a_sweep_fails_its_bad_trials_exits_130_when_stopped_at_a_rung_resumes_a
 
     # Stopped (Ctrl-C) while a trial waits, paused, at its first rung and another trains past its first
     # checkpoint. Tune saves its state and returns; the command must still say that the sweep is not done, in
-    # its exit status too (a script driving it would otherwise go on as if it were). A driver killed outright
-    # is in tests/test_cluster_flow.py.
+    # its exit status too (a script driving it would otherwise go on as if it were). A sweep's driver killed
+    # outright (an experiment's job, its sweep step running) is in tests/test_cluster_flow.py.
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(start, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         waiting, interrupted = wait_until(lambda: waiting_and_running(sweep_dir), first,

@@ -12,12 +12,13 @@ import dataclasses
 import itertools
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
+from minimind import storage
 from minimind.config import ConfigError
 from minimind.data.formats import RecordError, encode_record, iter_jsonl
 from minimind.data.formats.pretrain import pack_documents
 from minimind.data.pipeline import Manifest, is_prepared
+from minimind.data.pipeline.manifest import local_corpus
 from minimind.data.token_store import TokenStore
 
 CHOICES_FILE = "choices.jsonl"
@@ -63,7 +64,8 @@ class EvalOptions:
 def leading_documents(files: list[str], fmt: str, tokenizer, seq_len: int, count: int) -> list[list[int]]:
     """Token ids of the first ``count`` usable records (packed blocks for pretrain) for the continuation score."""
     if len(files) == 1 and is_prepared(files[0]):
-        rows = TokenStore(Manifest.load(files[0]), "val")  # memory-mapped: only the rows used are read
+        # Memory-mapped: only the rows used are read (a corpus at a URI: this node's cached copy, as training's).
+        rows = TokenStore(Manifest.load(local_corpus(files[0])), "val")
         return [rows[i]["input_ids"].tolist() for i in range(min(count, len(rows)))]
     encoded = []
     lines = itertools.chain.from_iterable(iter_jsonl(path) for path in files)
@@ -79,7 +81,7 @@ def leading_documents(files: list[str], fmt: str, tokenizer, seq_len: int, count
     return [example["input_ids"] for example in encoded][:count]
 
 
-def run_eval(options: EvalOptions) -> tuple[Path, Path, dict]:
+def run_eval(options: EvalOptions) -> tuple[str, str, dict]:
     """Score, write ``eval.json`` and ``eval.md`` into ``options.out``; return their paths and the result.
 
     Needs Ray started (``ray.init``). Raises ``ConfigError`` or ``DeviceError`` for what cannot run.
@@ -112,9 +114,8 @@ def run_eval(options: EvalOptions) -> tuple[Path, Path, dict]:
         shots = shots_by_subject(load_questions(options.dev), options.shots) if options.shots else {}
         records = score_choices(questions, shots, job, options.actors, gpus_per_actor=gpus)
         metrics.update(summarize(records))
-        Path(options.out).mkdir(parents=True, exist_ok=True)
-        with open(Path(options.out) / CHOICES_FILE, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        storage.write_text(storage.join(options.out, CHOICES_FILE),
+                           "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))  # fmt: skip
     if options.data:
         metrics = {**score_files(options.data, job, options.actors, gpus_per_actor=gpus), **metrics}
         samples = _driver_scores(options, device, metrics)

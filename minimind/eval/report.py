@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from minimind import storage
 
-def write_report(out_dir: str | Path, result: dict) -> tuple[Path, Path]:
-    """``result`` holds ``checkpoint``, ``data``, ``format``, ``metrics`` and ``samples``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "eval.json"
-    json_path.write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")
+
+def write_report(out_dir: str | Path, result: dict) -> tuple[str, str]:
+    """``result`` holds ``checkpoint``, ``data``, ``format``, ``metrics`` and ``samples``; ``out_dir`` is local
+    or a URI. Returns the paths of eval.json and eval.md."""
+    json_path = storage.join(out_dir, "eval.json")
+    storage.write_text(json_path, json.dumps(result, ensure_ascii=False, indent=2))
     data = ", ".join(f"`{f}`" for f in result["data"])
     lines = [
         f"# Evaluation of `{result['checkpoint']}`",
@@ -37,6 +38,6 @@ def write_report(out_dir: str | Path, result: dict) -> tuple[Path, Path]:
     for sample in result["samples"]:
         output = sample["output"].replace("\n", " ⏎ ")
         lines.append(f"- **{sample['prompt']}** → {output}")
-    md_path = out_dir / "eval.md"
-    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    md_path = storage.join(out_dir, "eval.md")
+    storage.write_text(md_path, "\n".join(lines) + "\n")
     return json_path, md_path

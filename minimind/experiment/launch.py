@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--set",
         nargs="+",
+        action="extend",  # several --set flags add up
         default=[],
         metavar="KEY=VALUE",
         dest="settings",

@@ -17,8 +17,10 @@ Step kinds and their fields:
   paths), ``val_data`` (default: ``data`` when it names prepare steps, whose val splits are then scored),
   ``init_from`` and ``teacher`` (train steps), ``overrides`` (dotted fields).
 - ``sweep``: ``space`` (a search space file), ``num_samples``, ``max_concurrent``, ``sampler``, ``seed``,
-  ``early_stopping``, and ``data``, ``val_data``, ``init_from``, ``overrides`` for every trial. A train step
-  with ``recipe: {best: SWEEP}`` trains the sweep's ``best.yaml`` (checked now against the space's base).
+  ``early_stopping``, and ``data``, ``val_data``, ``init_from``, ``overrides`` for every trial; for a pipeline
+  space, ``then_data`` maps each later stage (its ``then:`` name, e.g. ``sft``) to that stage's data. A train
+  step with ``recipe: {best: SWEEP}`` trains the sweep's best configuration of the step's stage: ``best.yaml``
+  for the space's stage, ``best-<stage>.yaml`` for a later one (checked now against that stage's base).
 - ``eval``: ``checkpoint`` (a train step), ``data``, and :class:`~minimind.eval.job.EvalOptions`' other fields
   (``choices``, ``dev`` and ``shots`` for multiple-choice questions);
   ``format`` and ``seq_len`` default to the checkpoint step's.
@@ -61,7 +63,7 @@ TOP_LEVEL = ("name", "storage_path", "description", "steps")
 DATA_FORMAT = {"pretrain": "pretrain", "sft": "sft", "lora": "sft", "dpo": "dpo", "reasoning": "r1", "distill": "sft"}
 TRAIN_FIELDS = ("stage", "recipe", "data", "val_data", "init_from", "teacher", "overrides")
 SWEEP_FIELDS = ("space", "num_samples", "max_concurrent", "sampler", "seed", "early_stopping", "data", "val_data",
-                "init_from", "overrides")  # fmt: skip
+                "then_data", "init_from", "overrides")  # fmt: skip
 EXPORT_FORMATS = ("hf", "minimind")
 SELF = "${self}"
 
@@ -271,9 +273,10 @@ class _StepParser:
         self.parents.setdefault(field, []).append(value)
         return output_of(value)
 
-    def data_ref(self, field: str, required: bool = False) -> list[str] | None:
-        """``field``'s data: prepare steps (their outputs) and paths, one or a list."""
-        value = self.fields.get(field)
+    def data_ref(self, field: str, required: bool = False, value=None) -> list[str] | None:
+        """``field``'s data (or ``value``, found under ``field``): prepare steps (their outputs) and paths, one or
+        a list."""
+        value = self.fields.get(field) if value is None else value
         if value is None:
             if required:
                 self.fail(field, "required: a prepare step's name, or files (a list of either)")
@@ -315,6 +318,26 @@ class _StepParser:
             if isinstance(fields, dict) and fields.get("val_fraction", PrepareOptions.val_fraction):
                 held.append(output_of(name))
         return held
+
+    def best_of_sweep(self, sweep: str, stage: str) -> tuple[str, dict]:
+        """(the file in sweep step ``sweep``'s output holding its best config for ``stage``, that stage's base
+        config: its recipe with the space's and the sweep step's overrides)."""
+        from minimind.tune.results import BEST_CONFIG
+        from minimind.tune.space import load_space
+
+        fields = self.steps_raw[sweep]["sweep"] or {}
+        try:
+            space = load_space(fields["space"], dict(fields.get("overrides") or {}))
+        except (KeyError, TypeError, OSError, ConfigError):
+            return BEST_CONFIG, {}  # the sweep step's own checks name what is wrong
+        if stage == space.stage:
+            return BEST_CONFIG, space.base
+        later = [entry for entry in space.then if entry.stage == stage]
+        if len(later) != 1:
+            tuned = ", ".join([space.stage, *(entry.stage for entry in space.then)])
+            self.fail("recipe", f"sweep {sweep!r} tunes the stages {tuned}; a {stage} step "
+                      + ("cannot use its best" if not later else "is ambiguous there"))  # fmt: skip
+        return f"best-{later[0].name}.yaml", later[0].base
 
     def input_path(self, field: str, value: str) -> None:
         if not storage.is_uri(value) and not Path(value).exists():
@@ -369,7 +392,7 @@ class _StepParser:
             if set(recipe) != {"best"}:
                 self.fail("recipe", "a recipe's path, or {best: SWEEP_STEP} for a sweep's best configuration")
             best_of = self.step_ref("recipe", ("sweep",), value=recipe["best"])
-            raw = _sweep_base(self.steps_raw, recipe["best"])  # what best.yaml will be, but for the searched values
+            best_file, raw = self.best_of_sweep(recipe["best"], stage)  # what it will be, but for searched values
         elif recipe is not None:
             if not isinstance(recipe, str):
                 self.fail("recipe", "must be a recipe's path (recipes/...yaml), or {best: SWEEP_STEP}")
@@ -417,7 +440,7 @@ class _StepParser:
             self._fail_config(error, overrides)
         self.recipe_changes = dotted_changes(recipe, config)
         if best_of is not None:  # built again at run time from the sweep's best.yaml with these overrides
-            config = {**config, "recipe_from": f"{best_of}/best.yaml", "recipe_overrides": resolved}
+            config = {**config, "recipe_from": f"{best_of}/{best_file}", "recipe_overrides": resolved}
         return config
 
     def _sweep(self) -> dict:
@@ -448,9 +471,28 @@ class _StepParser:
         if init_from is not None:
             trial_overrides["checkpoint.init_from"] = init_from
         try:
-            load_space(space, trial_overrides)
+            later_stages = [later.name for later in load_space(space, trial_overrides).then]
         except ConfigError as error:
             self.fail("space", str(error))
+        then_data = self.fields.get("then_data")
+        if then_data is not None and (not isinstance(then_data, dict) or not then_data):
+            self.fail("then_data", "must map a later stage of the space (e.g. sft: sft_data) to its data")
+        for later, value in (then_data or {}).items():
+            if later not in later_stages:
+                self.fail("then_data", f"{later!r} is not a later stage of {space} (its then: stages: "
+                          f"{', '.join(later_stages) or 'none'})")  # fmt: skip
+            field = f"then_data.{later}"
+            trial_overrides.update({f"{later}/data.train_files": self.data_ref(field, True, value),
+                                    f"{later}/data.mixture": []})  # fmt: skip
+            if (prepared := self.prepared_seq_len(field)) is not None:
+                trial_overrides[f"{later}/data.seq_len"] = prepared
+            if held := self.held_out(field):
+                trial_overrides[f"{later}/eval.val_files"] = held
+        if then_data:
+            try:
+                load_space(space, trial_overrides)
+            except ConfigError as error:
+                self.fail("then_data", str(error))
         settings = {"num_samples": 8, "max_concurrent": None, "sampler": "tpe", "seed": 0, "early_stopping": True}
         for field, default in settings.items():
             value = self.fields.get(field, default)
@@ -542,18 +584,6 @@ def dotted_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             changes.append(f"{where}: {a!r} -> {b!r}")
     return changes
-
-
-def _sweep_base(steps_raw: dict, name: str) -> dict:
-    """The base config of a sweep step's space (its recipe with the space's and the step's overrides)."""
-    from minimind.tune.space import load_space
-
-    fields = steps_raw[name]["sweep"] or {}
-    overrides = {k: v for k, v in (fields.get("overrides") or {}).items()}
-    try:
-        return load_space(fields["space"], overrides).base
-    except (KeyError, TypeError, OSError, ConfigError):
-        return {}  # the sweep step's own checks name what is wrong
 
 
 def _train_seq_len(steps_raw: dict, name: str) -> int:
