@@ -2,7 +2,8 @@
 
 A block is a tuple: ``("h1"|"h2"|"h3", text)``, ``("p", text)``, ``("ul", [items])``,
 ``("table", header, rows)``, ``("img", title, source)`` (a PNG: a path relative to the page's directory,
-or its bytes) or ``("pre", text)``. Text may hold Markdown's `code` spans. The sweep report
+or its bytes) or ``("pre", text)``. Text (not table cells) may hold Markdown's `code` spans and
+``[text](https://...)`` links. The sweep report
 (``tune/report.py``) and the experiment page (``experiment/page.py``) are built this way, so their Markdown
 and HTML never drift apart.
 """
@@ -88,5 +89,6 @@ def to_html(blocks: list[tuple], title: str, base_dir: str | Path) -> str:
 
 
 def _inline_html(text: str) -> str:
-    """Escaped text, with Markdown's `code` spans as <code>."""
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+    """Escaped text, with Markdown's `code` spans as <code> and its [text](https://...) links as links."""
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+    return re.sub(r"\[([^\]]+)\]\((https?://[^\s)]+)\)", r'<a href="\2">\1</a>', text)

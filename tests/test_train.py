@@ -499,3 +499,20 @@ def test_wandb_logs_offline_without_a_key(tmp_path, monkeypatch):
     (offline,) = (run_dir / "wandb").glob("offline-run-*-wandb-run")  # the run id is the run's name
     records = (offline / "run-wandb-run.wandb").read_bytes()
     assert b"grad_norm" in records and b"tokens_per_second" in records
+
+    # The experiment page says where each train step's W&B run is: here the offline directory to sync; for an
+    # online run (its record written as an online run writes it) a link to the run's page.
+    from minimind.experiment.page import write_page
+
+    step = {"kind": "train", "status": "ran", "parents": {}, "output": str(run_dir), "seconds": 1.0, "config": {},
+            "summary": {}, "changes": []}  # fmt: skip
+    online = tmp_path / "online-run"
+    online.mkdir()
+    url = "https://wandb.ai/me/minimind/runs/online-run"
+    (online / "wandb.json").write_text(json.dumps({"project": "minimind", "id": "online-run", "url": url}))
+    record = {"name": "x", "file": "x.yaml", "started_at": 0.0, "finished_at": 1.0,
+              "steps": {"pretrain": step, "sft": {**step, "output": str(online)}}}  # fmt: skip
+    write_page(str(tmp_path / "page"), record)
+    page = (tmp_path / "page" / "index.html").read_text()
+    assert f"<code>pretrain</code>: logged offline; <code>wandb sync {offline.resolve()}</code>" in page
+    assert f'<code>sft</code>: <a href="{url}">minimind/online-run</a>' in page

@@ -1,11 +1,11 @@
 """The experiment page: ``STORAGE/NAME/index.html`` (and ``index.md``), one self-contained file.
 
 Built from the provenance record (``experiment.json``) and what the steps left in their outputs
-(``metrics.jsonl``, ``eval.json``), so it can be rebuilt from storage alone. It shows the graph with each
-step's status, what each step sets (a train step: how it differs from its recipe), the training curves,
-the evaluations with their samples, and the compute: tokens, model FLOPs (6N plus attention per token,
-the tied embedding counted once: ``train/compute.py``), MFU where a GPU logged it, GPU-hours, and their
-cost at ``--gpu-hour-usd``.
+(``metrics.jsonl``, ``eval.json``, ``wandb.json``), so it can be rebuilt from storage alone. It shows the
+graph with each step's status, what each step sets (a train step: how it differs from its recipe), the
+training curves, links to the W&B runs of the steps that logged there, the evaluations with their samples,
+and the compute: tokens, model FLOPs (6N plus attention per token, the tied embedding counted once:
+``train/compute.py``), MFU where a GPU logged it, GPU-hours, and their cost at ``--gpu-hour-usd``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def write_page(root: str, record: dict, gpu_hour_usd: float | None = None) -> st
     blocks += _compute_blocks(steps, curves, gpu_hour_usd)
     blocks += _settings_blocks(steps)
     blocks += _curve_blocks(curves)
+    blocks += _wandb_blocks(steps)
     blocks += _eval_blocks(evals)
     storage.write_text(storage.join(root, "index.md"), to_markdown(blocks))
     page = storage.join(root, "index.html")
@@ -135,6 +136,24 @@ def _curve_blocks(curves: dict) -> list[tuple]:
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=100)
     return [("h2", "Training curves"), ("img", "Training and validation loss by step", png.getvalue())]
+
+
+def _wandb_blocks(steps: dict) -> list[tuple]:
+    """Where each train step logged to Weights & Biases (``logging.wandb``): its run's page, or the offline
+    directory to upload with ``wandb sync``."""
+    from minimind.train.reporting import WANDB_RECORD
+
+    items = []
+    for name, step in steps.items():
+        path = storage.join(step["output"], WANDB_RECORD)
+        if step["kind"] != "train" or not storage.is_file(path):
+            continue
+        run = json.loads(storage.read_text(path))
+        if run.get("url"):
+            items.append(f"`{name}`: [{run['project']}/{run['id']}]({run['url']})")
+        else:
+            items.append(f"`{name}`: logged offline; `wandb sync {run['offline_dir']}` uploads it")
+    return [("h2", "Weights & Biases"), ("ul", items)] if items else []
 
 
 def _eval_blocks(evals: dict) -> list[tuple]:

@@ -17,6 +17,9 @@ from minimind import storage
 from minimind.config import TrainConfig, config_to_dict
 from minimind.storage import is_uri
 
+WANDB_RECORD = "wandb.json"
+"""In a run directory logged to W&B: where that run is (``WandbLogger``)."""
+
 
 class RunFiles:
     """``config.yaml``, ``metrics.jsonl`` and the ``latest`` pointer of one run directory."""
@@ -85,7 +88,8 @@ class WandbLogger:
 
     The run id is the run directory's name, so a resumed run continues the same W&B run; its files
     go into a local run directory (``runs/wandb`` when the run lives in object storage). The key is
-    read by wandb from the environment and never printed here.
+    read by wandb from the environment and never printed here. ``wandb.json`` in the run directory says
+    where the W&B run is (its URL, or the offline directory to ``wandb sync``), for the experiment page.
     """
 
     def __init__(self, config: TrainConfig):
@@ -107,6 +111,10 @@ class WandbLogger:
             dir=local_dir,
             config=config_to_dict(config),
         )
+        where = {"project": config.logging.wandb_project, "id": run_name, "mode": mode,
+                 "url": self.run.url if mode == "online" else None,
+                 "offline_dir": None if mode == "online" else str(Path(self.run.dir).parent.resolve())}  # fmt: skip
+        storage.write_text(storage.join(run_dir, WANDB_RECORD), json.dumps(where))
 
     def log(self, metrics: dict) -> None:
         self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
