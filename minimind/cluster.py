@@ -7,7 +7,7 @@ relies on:
 
 - each node type's ``min_workers`` at most its ``max_workers``;
 - every node runs ``rayproject/ray:<this Ray>-...`` (the client's Ray version; not ``ray-ml``, which ended at
-  2.49) and installs ``ray[default,train,tune,data]`` at that version and the project;
+  2.49) and installs ``ray[default,train,tune,data,serve]`` at that version and the project;
 - token auth on every node (``RAY_AUTH_MODE=token`` in each start command, the token file mounted);
 - the dashboard never reachable from outside: no non-loopback ``--dashboard-host``, and on AWS no inbound
   rule but SSH open to the world;
@@ -37,7 +37,7 @@ import yaml
 from minimind.cuda import driver_needed, torch_cuda_major
 
 AUTH_TOKEN_PATH = "~/.ray/auth_token"
-RAY_LIBRARIES = "ray[default,train,tune,data]"
+RAY_LIBRARIES = "ray[default,train,tune,data,serve]"
 LOOPBACK = ("127.0.0.1", "localhost")
 AWS_DEFAULT_AMI = "Ray's default AMI (AWS Deep Learning AMI Ubuntu 18.04 V71.0)"
 AWS_DEFAULT_AMI_DRIVER_BELOW = 580  # that AMI predates NVIDIA's 580 drivers (2025)

@@ -277,11 +277,15 @@ class MiniMindLM(nn.Module):
         input_ids: torch.Tensor,
         cache: KVCache | None = None,
         document_ids: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, KVCache]:
         """Logits, summed MoE aux loss (0 for dense), and the extended cache.
 
         ``cache`` holds keys/values of earlier positions (generation). ``document_ids``
-        [batch, seq] restricts attention to tokens of the same packed document.
+        [batch, seq] restricts attention to tokens of the same packed document. ``key_mask``
+        [batch, cached + seq] marks the real tokens of rows padded on the left (batched generation):
+        no query attends to a padding position, whose own query sees only itself. RoPE scores depend
+        only on the distance between positions, so a row shifted right by its padding scores as unpadded.
         """
         length = input_ids.shape[1]
         start = cache[0][0].shape[2] if cache else 0
@@ -294,6 +298,11 @@ class MiniMindLM(nn.Module):
             same_doc = document_ids[:, :, None] == document_ids[:, None, :]
             causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
             attn_mask = (same_doc & causal)[:, None]
+        elif key_mask is not None:
+            ones = torch.ones(length, start + length, dtype=torch.bool, device=input_ids.device)
+            causal = ones.tril(start)
+            itself = causal & ~ones.tril(start - 1)  # query i's own position, start + i
+            attn_mask = ((causal & key_mask[:, None, :]) | itself)[:, None]
         x = self.model.dropout(self.model.embed_tokens(input_ids))
         aux_loss = x.new_zeros((), dtype=torch.float32)
         new_cache: KVCache = []
