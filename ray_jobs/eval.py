@@ -9,7 +9,8 @@ Writes eval.json and eval.md to --out: perplexity and bits per byte (or, for DPO
 --reference, reward accuracy and margin), the continuation score, chat-format adherence for chat
 formats, and samples for MiniMind's prompts; with --choices, multiple-choice accuracy overall and per subject
 (C-Eval/CMMLU CSV or jsonl, each option scored by its log-likelihood; minimind/eval/choices.py), with
-each question's scores in choices.jsonl. Connects to RAY_ADDRESS when set, else starts Ray locally.
+each question's scores in choices.jsonl; --contamination CORPUS... marks the questions found in training
+corpora (minimind/eval/contamination.py). Connects to RAY_ADDRESS when set, else starts Ray locally.
 Scoring actors run on CPUs unless --use-gpu; the driver's part runs on --device (auto: a GPU when present).
 """
 
@@ -46,6 +47,13 @@ def main() -> None:
     )
     parser.add_argument("--dev", nargs="+", default=[], help="solved questions to take --shots from, per subject")
     parser.add_argument("--shots", type=int, default=0, help="solved questions of its subject before each question")
+    parser.add_argument(
+        "--contamination",
+        nargs="+",
+        default=[],
+        metavar="CORPUS",
+        help="training corpora (jsonl or prepared) to look for the --choices questions in (13-character windows)",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--tokenizer", default=None)
@@ -80,6 +88,8 @@ def main() -> None:
         parser.error("give --data (with --format), --choices, or both")
     if args.data and not args.format:
         parser.error("--data needs --format")
+    if args.contamination and not args.choices:
+        parser.error("--contamination checks the --choices questions against training corpora: give --choices")
     if args.shots < 0 or (args.shots and not args.dev):
         parser.error("--shots takes a count of solved questions from --dev files")
     if args.format == "dpo" and not args.reference:

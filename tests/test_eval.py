@@ -220,3 +220,61 @@ def test_multiple_choice_scores_are_transformers_log_likelihoods_and_accuracy_is
     assert summary["choice_subjects"]["history"]["accuracy"] == sum(expected_correct[:3]) / 3
     assert summary["choice_subjects"]["mixed"] == {"accuracy": float(expected_correct[6]),
         "accuracy_per_byte": float(expected_per_byte[6]), "chance": 0.5, "questions": 1}  # fmt: skip
+
+
+def test_a_trained_model_tells_held_out_text_from_its_tokens_scrambled_and_an_untrained_one_does_not(
+    pretrained_run, tokenizer, tmp_path
+):
+    """Questions made from text the 200-step model never trained on (its 5% held out): the prefix of a
+    document, and as options its next 8 tokens in their order or in 3 scrambled orders (the same tokens, so
+    the same length and unigram odds). Knowing the language picks the order; chance is 1/4."""
+    import random
+
+    from minimind.eval.choices import load_questions, score_question, summarize
+
+    trainer, _, _ = pretrained_run
+    rng, rows = random.Random(0), []
+    for _, record in iter_jsonl(SAMPLE / "pretrain.jsonl"):
+        ids = tokenizer.encode(record["text"])
+        if not in_validation_split(record, trainer.config.eval.val_fraction) or len(ids) < 32:
+            continue
+        prefix, continuation = ids[:24], ids[24:32]
+        options = {tokenizer.decode(continuation)}
+        while len(options) < 4 and len(set(continuation)) > 2:
+            options.add(tokenizer.decode(rng.sample(continuation, len(continuation))))
+        texts = [tokenizer.decode(prefix), *options]
+        if len(options) < 4 or any("\ufffd" in text for text in texts):
+            continue  # a character split between prefix and options, or options that cannot differ
+        choices = sorted(options, key=lambda _: rng.random())
+        rows.append({"question": texts[0], "choices": choices, "answer": choices.index(tokenizer.decode(continuation))})
+    (tmp_path / "held_out.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    questions = load_questions([str(tmp_path / "held_out.jsonl")])
+    assert len(questions) >= 100
+    torch.manual_seed(0)
+    untrained = MiniMindLM(model_config("tiny")).eval()
+    accuracy = {name: summarize([score_question(model, tokenizer, q, [], 128) for q in questions])["choice_accuracy"]
+                for name, model in (("trained", trainer.model.eval()), ("untrained", untrained))}  # fmt: skip
+    spread = math.sqrt(0.25 * 0.75 / len(questions))  # the standard deviation of chance accuracy
+    print(accuracy, len(questions))
+    assert accuracy["trained"] > 0.25 + 4 * spread and accuracy["untrained"] < 0.25 + 3 * spread, accuracy
+
+
+def test_contamination_windows_find_a_copied_question_in_jsonl_and_prepared_text(tokenizer):
+    """13-character windows, whitespace ignored; a question shorter than a window counts when found whole. The
+    matcher reads jsonl records (every string in them) and a prepared corpus's token rows (decoded)."""
+    import numpy as np
+
+    from minimind.eval.choices import Question
+    from minimind.eval.contamination import WindowMatcher, question_windows
+
+    long = Question("s", "水在标准大气压下的沸点是多少摄氏度？", ["50", "100"], 1, "a.csv:2")
+    short = Question("s", "一年有几个季节？", ["三", "四"], 1, "a.csv:3")
+    assert len(question_windows(long)) == 18 - 13 + 1 and question_windows(short) == {"一年有几个季节？"}
+    windows = sorted(question_windows(long) | question_windows(short))
+    leaked = json.dumps({"conversations": [{"role": "user", "content": "请答：水在标准 大气压下的沸点是多少"}]},
+                        ensure_ascii=False)  # fmt: skip
+    fresh = json.dumps({"text": "水在标准大气压下会结冰吗？一年有几个月？"}, ensure_ascii=False)
+    found = WindowMatcher(windows, 13, None, decode=False)({"text": np.array([leaked, fresh])})
+    assert set(json.loads(found["found"][0])) == {"水在标准大气压下的沸点是多", "在标准大气压下的沸点是多少"}
+    rows = {"input_ids": np.array([tokenizer.encode("前文。一年有几个季节？后文")], dtype=object)}
+    assert json.loads(WindowMatcher(windows, 13, None, decode=True)(rows)["found"][0]) == ["一年有几个季节？"]

@@ -45,6 +45,10 @@ def test_eval_job_writes_json_and_markdown(ray_address, base_checkpoint, subset,
 
     env = dict(os.environ, RAY_ADDRESS=ray_address)
     files = choice_files(tmp_path)
+    # A training corpus with one question of the history file copied into a longer turn (spaces added).
+    leaked = tmp_path / "leaked.jsonl"
+    turn = {"role": "user", "content": "考考你：水在标准大气压下的 沸点是多少摄氏度？"}
+    leaked.write_text(json.dumps({"conversations": [turn]}, ensure_ascii=False) + "\n", encoding="utf-8")
     subprocess.run(
         [
             sys.executable,
@@ -69,6 +73,9 @@ def test_eval_job_writes_json_and_markdown(ray_address, base_checkpoint, subset,
             str(files["history_dev.csv"]),
             "--shots",
             "1",
+            "--contamination",
+            str(leaked),
+            str(SAMPLE / "sft.jsonl"),
         ],
         cwd=ROOT,
         env=env,
@@ -99,6 +106,14 @@ def test_eval_job_writes_json_and_markdown(ray_address, base_checkpoint, subset,
     assert scores["choice_accuracy"] == sum(r["pick"] == q.answer for r, q in zip(expected, questions)) / 7
     assert scores["choice_subjects"]["arithmetic"]["questions"] == 2 and scores["choice_chance"] < 0.5
     assert "## Multiple choice by subject" in markdown and "| arithmetic | 2 |" in markdown
+    # Contamination: the copied question only (the sample's SFT corpus holds none of these questions).
+    assert [r["contaminated"] for r in records] == [False, False, True, False, False, False, False]
+    history = str(files["history_val.csv"])
+    assert scores["choice_contamination"][history] == {"questions": 3, "contaminated": 1, "share": 1 / 3}
+    assert scores["choice_contamination"][str(files["arithmetic.csv"])]["contaminated"] == 0
+    contaminated = {name: block["contaminated"] for name, block in scores["choice_subjects"].items()}
+    assert contaminated == {"history": 1, "arithmetic": 0, "常识": 0, "mixed": 0}, contaminated
+    assert "1 (scores not trustworthy)" in markdown and f"| `{history}` | 3 | 1 | 33.3% |" in markdown
 
 
 def test_ray_preference_scoring_equals_in_process_for_a_policy_apart_from_its_reference(

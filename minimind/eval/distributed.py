@@ -125,7 +125,7 @@ def actor_pool_size(
     return max(1, min(requested, fit))
 
 
-def _actor_pool(num_actors: int, gpus_per_actor: float | None) -> dict:
+def actor_pool(num_actors: int, gpus_per_actor: float | None) -> dict:
     """``map_batches``' arguments for a pool of scoring actors sized by ``actor_pool_size`` on this cluster."""
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     limits = cluster_limits() if gpus_per_actor else None
@@ -154,7 +154,7 @@ def score_files(
         fn_constructor_args=(job,),
         batch_size=lines_per_batch,
         batch_format="numpy",
-        **_actor_pool(num_actors, gpus_per_actor),
+        **actor_pool(num_actors, gpus_per_actor),
     )
     totals = np.zeros(3)
     rejects: Counter = Counter()
@@ -205,7 +205,7 @@ def score_choices(
         fn_constructor_args=(replace(job, reference=None),),
         batch_size=16,
         batch_format="numpy",
-        **_actor_pool(num_actors, gpus_per_actor),
+        **actor_pool(num_actors, gpus_per_actor),
     )
     records = [json.loads(row["record"]) for row in scored.iter_rows()]
     return [{k: v for k, v in r.items() if k != "index"} for r in sorted(records, key=lambda r: r["index"])]

@@ -41,6 +41,9 @@ class EvalOptions:
     dev: list[str] = dataclasses.field(default_factory=list)
     """Solved questions (C-Eval's dev split) to put before each question of the same subject (``shots``)."""
     shots: int = 0
+    contamination: list[str] = dataclasses.field(default_factory=list)
+    """Training corpora (jsonl files or prepared corpora) to look for the questions in: each question file's
+    contaminated share, each subject's count (``minimind.eval.contamination``)."""
     seq_len: int = 512
     tokenizer: str | None = None
     adapter: str | None = None
@@ -96,6 +99,8 @@ def run_eval(options: EvalOptions) -> tuple[str, str, dict]:
         raise ConfigError("nothing to score: give validation data, multiple-choice questions (choices), or both")
     if options.shots and not options.dev:
         raise ConfigError(f"shots: {options.shots} solved questions need a dev file to take them from (dev)")
+    if options.contamination and not options.choices:
+        raise ConfigError("contamination: the training corpora are checked for multiple-choice questions (choices)")
     job = ScoringJob(
         options.checkpoint,
         options.format,
@@ -114,6 +119,15 @@ def run_eval(options: EvalOptions) -> tuple[str, str, dict]:
         shots = shots_by_subject(load_questions(options.dev), options.shots) if options.shots else {}
         records = score_choices(questions, shots, job, options.actors, gpus_per_actor=gpus)
         metrics.update(summarize(records))
+        if options.contamination:
+            from minimind.eval.contamination import contaminated, contamination_summary
+
+            flags = contaminated(questions, options.contamination, options.tokenizer, options.actors)
+            for record, flag in zip(records, flags):
+                record["contaminated"] = flag
+            metrics["choice_contamination"] = contamination_summary(records)
+            for subject, block in metrics["choice_subjects"].items():
+                block["contaminated"] = sum(r["contaminated"] for r in records if r["subject"] == subject)
         storage.write_text(storage.join(options.out, CHOICES_FILE),
                            "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))  # fmt: skip
     if options.data:

@@ -22,17 +22,27 @@ def write_report(out_dir: str | Path, result: dict) -> tuple[str, str]:
         "|---|---|",
     ]
     for name, value in result["metrics"].items():
-        if name == "choice_subjects":
+        if name in ("choice_subjects", "choice_contamination"):
             continue
         shown = f"{value:.4f}" if isinstance(value, float) else f"{value}"
         lines.append(f"| {name} | {shown} |")
     subjects = result["metrics"].get("choice_subjects")
     if subjects:
-        lines += ["", "## Multiple choice by subject", "", "| subject | questions | accuracy | per byte | chance |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        checked = "choice_contamination" in result["metrics"]
+        lines += ["", "## Multiple choice by subject", "",
+                  "| subject | questions | accuracy | per byte | chance |" + (" contaminated |" if checked else ""),
+                  "|---|---|---|---|---|" + ("---|" if checked else "")]  # fmt: skip
         for name, block in subjects.items():
+            marked = f" {block['contaminated']} (scores not trustworthy) |" if block.get("contaminated") else " 0 |"
             lines.append(f"| {name} | {block['questions']} | {block['accuracy']:.4f} | "
-                         f"{block['accuracy_per_byte']:.4f} | {block['chance']:.4f} |")  # fmt: skip
+                         f"{block['accuracy_per_byte']:.4f} | {block['chance']:.4f} |"
+                         + (marked if checked else ""))  # fmt: skip
+    contamination = result["metrics"].get("choice_contamination")
+    if contamination:
+        lines += ["", "## Contamination (13-character windows of each question found in the training corpora)", "",
+                  "| question file | questions | contaminated | share |", "|---|---|---|---|"]  # fmt: skip
+        for path, block in contamination.items():
+            lines.append(f"| `{path}` | {block['questions']} | {block['contaminated']} | {block['share']:.1%} |")
     if result["samples"]:
         lines += ["", "## Samples", ""]
     for sample in result["samples"]:

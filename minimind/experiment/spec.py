@@ -22,7 +22,8 @@ Step kinds and their fields:
   step with ``recipe: {best: SWEEP}`` trains the sweep's best configuration of the step's stage: ``best.yaml``
   for the space's stage, ``best-<stage>.yaml`` for a later one (checked now against that stage's base).
 - ``eval``: ``checkpoint`` (a train step), ``data``, and :class:`~minimind.eval.job.EvalOptions`' other fields
-  (``choices``, ``dev`` and ``shots`` for multiple-choice questions);
+  (``choices``, ``dev`` and ``shots`` for multiple-choice questions, ``contamination`` the prepare steps or
+  files to look for them in);
   ``format`` and ``seq_len`` default to the checkpoint step's.
 - ``export``: ``checkpoint`` (a train step), ``format`` (hf or minimind), ``dtype`` (minimind: bfloat16 or
   float32).
@@ -542,6 +543,9 @@ class _StepParser:
                 self.fail(field, "a list of question files (C-Eval/CMMLU CSV or jsonl)")
             for path in files:
                 self.input_path(field, path)
+        contamination = self.data_ref("contamination")  # training corpora: prepare steps or files
+        if contamination is not None:
+            fields["contamination"] = contamination
         try:
             options = from_dict(EvalOptions, fields)
         except ConfigError as error:
