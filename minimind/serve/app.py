@@ -54,7 +54,6 @@ class Job:
     sampling: Sampling
     cancelled: bool = False
     """Set by the request's side (a stop string, a client gone): its row stops at the next step."""
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -69,7 +68,7 @@ class ServeOptions:
     device: str = "cpu"
     max_batch_size: int = 16
     threads: int | None = None
-    """torch threads per replica (None: torch's default)."""
+    """torch threads per replica (None: as many as the replica's CPUs)."""
 
 
 def _route(splitter: ReasoningSplitter | None, piece: str) -> list[tuple[str, str]]:
@@ -240,6 +239,7 @@ def application(options: ServeOptions, replicas: int = 1, cpus_per_replica: floa
     the models on ``cuda``)."""
     if gpus_per_replica > 0:
         options.device = "cuda"
+    options.threads = options.threads or max(1, int(cpus_per_replica))  # not every core of a shared node
     options.checkpoint = str(Path(options.checkpoint).resolve())  # replicas run in other directories
     options.adapters = {name: str(Path(path).resolve()) for name, path in options.adapters.items()}
     deployment = MiniMindServer.options(
