@@ -44,6 +44,9 @@ class LocalCluster:
             "RAY_USAGE_STATS_ENABLED": "0",
             # Reports wait for the Train controller's poll; short polls keep per-step tests quick.
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+            # Each Train run would start one more actor process to watch for spot-node preemption (Ray 2.60's
+            # default): nothing to watch on this machine, and one Python start-up per run on 2 cores.
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
             # The cluster's own processes find it by this, not by looking for a Ray instance on the machine:
             # Ray Train's placement-group cleaner queries the state API, which fails when it finds several
             # (a developer's sweep beside the tests), and a paused trial's resources are then never freed.
