@@ -3,6 +3,7 @@ official ``openai`` client: answers equal to the model's own unbatched generatio
 whole reply, a LoRA adapter chosen by model name, 16 requests at once decoded in batches, and bad requests
 refused with OpenAI's error body while the server goes on serving."""
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -50,11 +51,16 @@ def server(ray_cluster, pretrained_run, tmp_path_factory):
         serve.shutdown()
 
 
+@functools.cache
+def local_model(checkpoint, adapter=None):
+    return load_for_inference(checkpoint, adapter=adapter)
+
+
 def reference(checkpoint, prompt_ids, max_new_tokens, adapter=None):
     """The reply of the model loaded in this process, decoded greedily one sequence at a time."""
     tokenizer = load_tokenizer()
-    ids = generate(load_for_inference(checkpoint, adapter=adapter), prompt_ids, max_new_tokens=max_new_tokens,
-                   temperature=0, eos_id=tokenizer.eos_id)  # fmt: skip
+    ids = generate(local_model(checkpoint, adapter), prompt_ids, max_new_tokens=max_new_tokens, temperature=0,
+                   eos_id=tokenizer.eos_id)  # fmt: skip
     ended = bool(ids) and ids[-1] == tokenizer.eos_id
     return tokenizer.decode(ids[:-1] if ended else ids), ("stop" if ended else "length"), len(ids) - ended
 

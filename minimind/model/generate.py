@@ -30,7 +30,6 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-@torch.inference_mode()
 def stream(
     model: MiniMindLM,
     prompt_ids: Sequence[int],
@@ -42,23 +41,12 @@ def stream(
     eos_id: int | None = 2,
     generator: torch.Generator | None = None,
 ) -> Iterator[int]:
-    model.eval()
-    device = model.lm_head.weight.device
-    limit = model.config.max_seq_len
-    prompt = list(prompt_ids)[-(limit - 1) :]
-    seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
-    seen[torch.tensor(prompt, device=device)] = True
-    input_ids = torch.tensor([prompt], device=device)
-    cache = None
+    """One prompt's tokens as they are sampled: a :class:`BatchDecoder` of one row."""
     sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, generator)
-    for _ in range(min(max_new_tokens, limit - len(prompt))):
-        logits, _, cache = model(input_ids, cache=cache)
-        token = _sample(logits[0, -1].float(), seen, sampling)
+    decoder = BatchDecoder(model, [prompt_ids], [sampling], eos_id)
+    while not decoder.done:
+        [token] = decoder.step()
         yield token
-        if token == eos_id:
-            return
-        seen[token] = True
-        input_ids = torch.tensor([[token]], device=device)
 
 
 @dataclass
@@ -129,7 +117,10 @@ class BatchDecoder:
     def step(self) -> list[int | None]:
         if self.done:
             return [None] * len(self.live)
-        logits, _, self.cache = self.model(self.inputs, cache=self.cache, key_mask=self.key_mask)
+        # Without padding (one row, or prompts of one length, none finished) no mask is needed: the plain causal
+        # path, as one sequence alone runs.
+        key_mask = None if bool(self.key_mask.all()) else self.key_mask
+        logits, _, self.cache = self.model(self.inputs, cache=self.cache, key_mask=key_mask)
         logits = logits[:, -1].float()
         tokens: list[int | None] = []
         for row, sampling in enumerate(self.samplings):
