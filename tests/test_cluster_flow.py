@@ -159,7 +159,10 @@ def test_from_a_corpus_in_s3_to_a_tuned_model_by_job_submit_on_two_nodes(ray_clu
     first = flow(ray_cluster, s3, space, wait=False)
     sweep, interrupted = wait_for(checkpointed_running_trial, first, "a sweep trial's checkpoint in S3")
     kill_driver(ray_cluster, "ray_jobs/experiment.py", first)
-    assert trial_records(sweep)[interrupted]["status"] == "running", "the trial ended before the driver was killed"
+    # Killed with its driver: still `running`, or `failed` where its Train run died a moment before the trial's
+    # actor did (a failure other than NaN/inf, which a resumed sweep retries from the checkpoint).
+    cut_short = trial_records(sweep)[interrupted]
+    assert cut_short["status"] in ("running", "failed") and "NaN" not in (cut_short["reason"] or ""), cut_short
     out = flow(ray_cluster, s3, space)
     record = json.loads(storage.read_text(f"{root}/experiment.json"))
     statuses = {name: step["status"] for name, step in record["steps"].items()}

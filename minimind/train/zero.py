@@ -131,6 +131,11 @@ class DeepSpeedZero(DataParallel):
             # An MoE layer reads its experts' weights itself (stacked for one grouped matrix multiply), not
             # through the experts' forward, where ZeRO-3 would gather them: gather the whole layer at once.
             set_z3_leaf_modules(model, [MoEFeedForward])
+        if self.device.type == "cpu":
+            # DeepSpeed's comm layer on CPU compiles a shared-memory all-reduce (a C++ op: about a minute
+            # on 2 cores, again for each machine and install path) the first time it starts. CPU runs are
+            # tests and development here: gloo's collectives, which Ray's process group already has, serve.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )

@@ -106,13 +106,17 @@ class TokenASHA(FIFOScheduler):
                 return index
         return None
 
-    def complete_rungs(self, tune_controller) -> list[bool]:
+    def complete_rungs(self, tune_controller, ending: str | None = None) -> list[bool]:
         """Per rung, whether no trial can still reach it: the searcher made its last trial and every
-        live trial has a result there or beyond (or waits, to be stopped, at a lower one)."""
+        live trial has a result there or beyond (or waits, to be stopped, at a lower one).
+
+        ``ending``: a trial whose end or error Tune is reporting. Tune tells the scheduler before it marks
+        the trial ended, so it would still count as one that may reach the rung; were its error the
+        sweep's last event, a trial waiting there would wait forever."""
         if not tune_controller.search_alg.is_finished():
             return [False] * len(self.milestones)
         live = [t.trial_id for t in tune_controller.get_trials() if t.status not in ("TERMINATED", "ERROR")]
-        live = [trial_id for trial_id in live if trial_id not in self.pruned]
+        live = [trial_id for trial_id in live if trial_id not in self.pruned and trial_id != ending]
         complete = []
         for index in range(len(self.milestones)):
             later = self.rungs[index:]
@@ -164,14 +168,14 @@ class TokenASHA(FIFOScheduler):
         return decision
 
     def on_trial_complete(self, tune_controller, trial, result):
-        self.settle(tune_controller)
+        self.settle(tune_controller, ending=trial.trial_id)
 
     def on_trial_error(self, tune_controller, trial):
-        self.settle(tune_controller)
+        self.settle(tune_controller, ending=trial.trial_id)
 
     def on_trial_remove(self, tune_controller, trial):
         self.waiting.pop(trial.trial_id, None)
-        self.settle(tune_controller)
+        self.settle(tune_controller, ending=trial.trial_id)
 
     def choose_trial_to_run(self, tune_controller):
         """New trials first (the limiter admitted them), then a waiting trial now among its rung's
@@ -199,12 +203,13 @@ class TokenASHA(FIFOScheduler):
         ready = [tid for tid, index in self.waiting.items() if self.among_best(tid, index, complete[index])]
         return sorted(ready, key=lambda tid: (-self.waiting[tid], self.ranked(self.waiting[tid]).index(tid)))
 
-    def settle(self, tune_controller) -> None:
+    def settle(self, tune_controller, ending: str | None = None) -> None:
         """After any change: stop the waiting trials of complete rungs that are not among the best,
-        and keep a limiter slot for each waiting trial that may now go on."""
+        and keep a limiter slot for each waiting trial that may now go on (``ending``: see
+        :meth:`complete_rungs`)."""
         if tune_controller is None:
             return
-        complete = self.complete_rungs(tune_controller)  # stopping the waiting trials below does not change it
+        complete = self.complete_rungs(tune_controller, ending)  # stopping the waiting trials below does not change it
         trials = {t.trial_id: t for t in tune_controller.get_trials()}
         for trial_id, index in list(self.waiting.items()):
             if trial_id in self.waiting and complete[index] and not self.among_best(trial_id, index, True):
