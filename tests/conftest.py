@@ -63,7 +63,7 @@ def base_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pretrained_run(tmp_path_factory):
-    """The tiny preset pretrained 200 steps on the sample corpus, 5% held out for evaluation.
+    """The tiny preset pretrained 100 steps on the sample corpus, 5% held out for evaluation.
 
     Returns the trainer, its result, and the evaluation of the same weights before training.
     Shared by the loss-fall and evaluation tests so the suite trains it once.
@@ -73,10 +73,10 @@ def pretrained_run(tmp_path_factory):
     config = tiny_config(
         tmp_path_factory.mktemp("pretrained"),
         data={"seq_len": 128},
-        optim={"batch_size": 16, "lr": 1e-2, "warmup_steps": 20, "min_lr_ratio": 1.0, "max_steps": 200},
+        optim={"batch_size": 16, "lr": 1e-2, "warmup_steps": 10, "min_lr_ratio": 1.0, "max_steps": 100},
         eval={
             "val_fraction": 0.05,
-            "every_steps": 100,
+            "every_steps": 50,
             "max_examples": 16,
             "continuation_docs": 16,
             "prefix_tokens": 16,

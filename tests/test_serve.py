@@ -25,7 +25,7 @@ CHAT = [{"role": "user", "content": "你好，请介绍一下你自己。"}]
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, pretrained_run, tmp_path_factory):
-    """The 200-step pretrained tiny model served as ``minimind``, with a LoRA adapter on it as ``shifted``."""
+    """The 100-step pretrained tiny model served as ``minimind``, with a LoRA adapter on it as ``shifted``."""
     from ray import serve
 
     from minimind.serve.app import ServeOptions, application
