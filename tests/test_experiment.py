@@ -310,12 +310,9 @@ def test_the_readme_job_twice_at_once_one_killed_runs_each_step_once_then_none_a
     settings = json.loads(record_path.read_text())["settings"]
     assert "pretrain.overrides.optim.max_steps=24" in settings
 
-    def run(*extra) -> tuple[dict, dict]:
-        main(["experiments/sample.yaml", "--set", *settings, *extra])
-        record = json.loads(record_path.read_text())
-        return {name: step["status"] for name, step in record["steps"].items()}, record
-
-    again, record = run()
+    main(["experiments/sample.yaml", "--set", *settings])
+    record = json.loads(record_path.read_text())
+    again = {name: step["status"] for name, step in record["steps"].items()}
     assert set(again.values()) == {"cached"}, again
     steps = record["steps"]
     assert steps["pretrain"]["summary"]["tokens"] == 24 * 8 * 128  # max_steps x batch x seq_len

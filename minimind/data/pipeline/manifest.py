@@ -138,7 +138,7 @@ class Manifest:
         """
         rows: list[dict] = []
         for path in self.shard_paths(split):
-            rows.extend(pq.read_table(path).to_pylist())
+            rows.extend(read_shard(path).to_pylist())
         return as_examples(self.format, rows)
 
     def ray_dataset(self, split: str):
@@ -189,10 +189,12 @@ def local_corpus(path: str | Path) -> str:
     return str(storage.cached_copy(str(path), manifest.fingerprint))
 
 
+def read_shard(path: str) -> pa.Table:
+    """One Parquet shard, local or in object storage."""
+    filesystem, inner = storage.filesystem(path)
+    return pq.read_table(inner, filesystem=filesystem)
+
+
 def _read_shards(batch: pa.Table) -> pa.Table:
-    """The Parquet shards named in ``batch``'s ``path`` column, local or in object storage, as one table."""
-    tables = []
-    for path in batch.column("path").to_pylist():
-        filesystem, inner = storage.filesystem(path)
-        tables.append(pq.read_table(inner, filesystem=filesystem))
-    return pa.concat_tables(tables)
+    """The shards named in ``batch``'s ``path`` column, as one table."""
+    return pa.concat_tables([read_shard(path) for path in batch.column("path").to_pylist()])
