@@ -8,6 +8,9 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+# Ray Train's Prometheus metrics (for the dashboard; no test reads them) cost each run's controller and
+# workers ~12% of a tiny run's CPU time (tests/local_cluster.py sets it for the cluster's own processes).
+os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 
 import pytest  # noqa: E402
 
