@@ -248,6 +248,9 @@ class ShardWriter:
             self._publish(reject_path)
         for split in ("train", "val"):
             stats[f"{split}_rows"], stats[f"{split}_tokens"], stats[f"{split}_slots"] = totals[split]
+        if self.destination is not None:
+            # Everything is uploaded: leave no folders behind on this node (the next batch makes them again).
+            shutil.rmtree(self.work_dir, ignore_errors=True)
         return {name: [value] for name, value in stats.items()}
 
 
