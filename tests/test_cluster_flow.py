@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -156,6 +157,7 @@ def test_from_a_corpus_in_s3_to_a_tuned_model_by_job_submit_on_two_nodes(ray_clu
 
     # The experiment's driver is killed while a sweep trial runs past its first checkpoint in S3; the same job
     # submitted again keeps the prepared corpora, restores the sweep from S3 and runs the rest.
+    shard_folders = set(Path(tempfile.gettempdir()).glob("minimind-shards-*"))  # prepare's local work folders
     first = flow(ray_cluster, s3, space, wait=False)
     sweep, interrupted = wait_for(checkpointed_running_trial, first, "a sweep trial's checkpoint in S3")
     kill_driver(ray_cluster, "ray_jobs/experiment.py", first)
@@ -170,7 +172,9 @@ def test_from_a_corpus_in_s3_to_a_tuned_model_by_job_submit_on_two_nodes(ray_clu
                         "sft": "ran", "eval": "ran"}, statuses  # fmt: skip
     assert storage.is_file(f"{root}/index.html")
 
-    # Prepare: both corpora, read from S3, as validated shards in S3 with their manifests.
+    # Prepare: both corpora, read from S3, as validated shards in S3 with their manifests, and nothing left behind
+    # in the nodes' temporary folders.
+    assert set(Path(tempfile.gettempdir()).glob("minimind-shards-*")) <= shard_folders
     prepared = {corpus: output(f"{corpus}_data") for corpus in ("pretrain", "sft")}
     for corpus, seq_len in (("pretrain", 128), ("sft", 256)):
         manifest = json.loads(storage.read_text(f"{prepared[corpus]}/manifest.json"))
