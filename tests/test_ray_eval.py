@@ -33,7 +33,22 @@ def local(base_checkpoint, subset, tokenizer):
 
 
 def test_ray_scoring_equals_in_process_perplexity(ray_address, base_checkpoint, subset, local):
-    metrics = score_files([str(subset)], ScoringJob(str(base_checkpoint), "sft", 256), num_actors=2, lines_per_batch=64)
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Busy:
+        def ready(self):
+            return True
+
+    # Another actor holds one of the cluster's 4 CPUs (another job, a run's workers still stopping): a fixed pool
+    # of 3 scoring actors took the other 3 and its read tasks waited for a CPU for ever (a hang, once on CI).
+    busy = Busy.remote()
+    ray.get(busy.ready.remote())
+    try:
+        job = ScoringJob(str(base_checkpoint), "sft", 256)
+        metrics = score_files([str(subset)], job, num_actors=3, lines_per_batch=64)
+    finally:
+        ray.kill(busy)
     assert metrics["val_tokens"] == local["val_tokens"]
     assert metrics["val_perplexity"] == pytest.approx(local["val_perplexity"], rel=1e-5)
     assert metrics["val_bits_per_byte"] == pytest.approx(local["val_bits_per_byte"], rel=1e-5)

@@ -131,7 +131,10 @@ def actor_pool(num_actors: int, gpus_per_actor: float | None) -> dict:
     limits = cluster_limits() if gpus_per_actor else None
     actors = actor_pool_size(num_actors, nodes, limits, gpus_per_actor, kuberay=on_kuberay())
     gpus = {"num_gpus": gpus_per_actor} if gpus_per_actor else {}
-    return {"compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": 1, **gpus}
+    # The pool starts with one actor and grows to ``actors`` as CPUs are free: a fixed-size pool on a cluster
+    # where something else holds a CPU (another job, a run's workers still stopping) takes the CPUs its read
+    # tasks need, and waits for them for ever.
+    return {"compute": ray.data.ActorPoolStrategy(min_size=1, max_size=actors), "num_cpus": 1, **gpus}
 
 
 def score_files(

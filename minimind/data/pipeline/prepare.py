@@ -348,7 +348,9 @@ def prepare(options: PrepareOptions) -> Manifest:
         ShardWriter,
         fn_constructor_args=(options, fmt, str(work_dir), registry),
         batch_size=options.rows_per_shard,
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        # One actor at first, more as CPUs are free: a fixed-size pool on a partly busy cluster can hold the
+        # CPUs the validate tasks need (a hang).
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         num_cpus=actor_cpus,
         runtime_env={"env_vars": env},
     )
