@@ -64,40 +64,20 @@ def test_eval_job_writes_json_and_markdown(ray_address, base_checkpoint, subset,
     leaked = tmp_path / "leaked.jsonl"
     turn = {"role": "user", "content": "考考你：水在标准大气压下的 沸点是多少摄氏度？"}
     leaked.write_text(json.dumps({"conversations": [turn]}, ensure_ascii=False) + "\n", encoding="utf-8")
-    subprocess.run(
-        [
-            sys.executable,
-            "ray_jobs/eval.py",
-            "--checkpoint",
-            str(base_checkpoint),
-            "--data",
-            str(subset),
-            "--format",
-            "sft",
-            "--seq-len",
-            "256",
-            "--out",
-            str(tmp_path),
-            "--max-new-tokens",
-            "8",
-            "--continuation-docs",
-            "4",
-            "--choices",
-            *(str(files[name]) for name in ("history_val.csv", "arithmetic.csv", "mixed.jsonl")),
-            "--dev",
-            str(files["history_dev.csv"]),
-            "--shots",
-            "1",
-            "--contamination",
-            str(leaked),
-            str(SAMPLE / "sft.jsonl"),
-        ],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    choices = [str(files[name]) for name in ("history_val.csv", "arithmetic.csv", "mixed.jsonl")]
+    command = [
+        sys.executable, "ray_jobs/eval.py", "--checkpoint", str(base_checkpoint), "--data", str(subset),
+        "--format", "sft", "--seq-len", "256", "--out", str(tmp_path), "--max-new-tokens", "8",
+        "--continuation-docs", "4", "--choices", *choices, "--dev", str(files["history_dev.csv"]), "--shots", "1",
+        "--contamination", str(leaked), str(SAMPLE / "sft.jsonl"),
+    ]  # fmt: skip
+    # A time limit of its own, below pytest's, so that a job that hangs shows what it printed.
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as hung:
+        printed = [part.decode() if isinstance(part, bytes) else part or "" for part in (hung.stdout, hung.stderr)]
+        pytest.fail("ray_jobs/eval.py ran for 600 s:\n" + printed[0][-3000:] + printed[1][-3000:])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
     scores = result["metrics"]
     assert {"val_perplexity", "val_bits_per_byte", "continuation_accuracy", "chat_adherence"} <= set(scores)
