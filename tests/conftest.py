@@ -11,6 +11,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 # Ray Train's Prometheus metrics (for the dashboard; no test reads them) cost each run's controller and
 # workers ~12% of a tiny run's CPU time (tests/local_cluster.py sets it for the cluster's own processes).
 os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+# Ray's usage statistics, off as on the test cluster (tests/local_cluster.py): with them on, Ray Data in this process
+# and in the drivers tests start records each execution through one more actor process and polls for Prometheus.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest  # noqa: E402
 
