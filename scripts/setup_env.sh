@@ -41,7 +41,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
       pip_install "$TORCH"
     fi
   fi
-  pip_install -e "$ROOT[test]"
+  # setuptools warns at every editable install that a folder named like the package may shadow it on import: here
+  # that folder is the package itself (pip >= 25 shows build warnings).
+  PYTHONWARNINGS="ignore:Editable installation" pip_install -e "$ROOT[test]"
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
