@@ -27,9 +27,6 @@ for arg in "$@"; do
   esac
 done
 source scripts/setup_env.sh
-# Let Python cache bytecode in this script's own venv and checkout even where PYTHONDONTWRITEBYTECODE is set: else
-# every Ray worker and job compiles torch, Ray and the project again as it imports them.
-unset PYTHONDONTWRITEBYTECODE
 
 python ray_jobs/experiment.py experiments/sample.yaml --set "storage_path=$OUT" ${SETTINGS[@]+"${SETTINGS[@]}"}
 minimind generate --checkpoint "$OUT/sample/pretrain" --temperature 0.7 --repetition-penalty 1.2 --max-new-tokens 48 \

@@ -6,19 +6,19 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MINIMIND_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV"
-  # The pip that venv bundles (23.x on Python 3.11) spends most of the install resolving: it checks every file on
-  # PyPI's pages against the platform one tag at a time. A current pip resolves the same set in a third of the time.
-  "$VENV/bin/python" -m pip install --quiet --upgrade "pip>=25.1" 2> >(grep -v "is ignored: it is neither" >&2) ||
-    echo "setup_env: could not upgrade pip; installing with the one venv bundles (slower)" >&2
-fi
-STAMP="$VENV/.minimind-installed"
-WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 # pip warns once per package about configured-but-absent local indexes; keep real errors visible. pip would compile
 # every installed file to bytecode (~23,000 files, ~40 s on 2 cores); Python compiles, and caches, the few thousand
 # that are imported when they first are.
 pip_install() { "$VENV/bin/python" -m pip install --quiet --no-compile "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+  # The pip that venv bundles (23.x on Python 3.11) spends most of the install resolving: it checks every file on
+  # PyPI's pages against the platform one tag at a time. A current pip resolves the same set in a third of the time.
+  pip_install --upgrade "pip>=25.1" ||
+    echo "setup_env: could not upgrade pip; installing with the one venv bundles (slower)" >&2
+fi
+STAMP="$VENV/.minimind-installed"
+WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 # The torch the project pins (minimind/cuda.py; the cluster files install the same). PyPI's build of it is for
 # CUDA 13 and needs NVIDIA driver >= 580 (nvidia-smi shows the driver).
 TORCH="torch==${MINIMIND_TORCH:-2.13.0}"
@@ -47,3 +47,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
+# Nothing was compiled at install (see pip_install), so let what runs in this venv cache bytecode as it imports, even
+# where PYTHONDONTWRITEBYTECODE is set (as on the CI machines): else every test process, Ray worker and job compiles
+# torch, Ray and the project again.
+unset PYTHONDONTWRITEBYTECODE
