@@ -1,6 +1,9 @@
+import atexit
 import json
 import os
 import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
 # Ray reads its auth settings when first imported: the test cluster's token must be set before any
@@ -14,6 +17,10 @@ os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 # Ray's usage statistics, off as on the test cluster (tests/local_cluster.py): with them on, Ray Data in this process
 # and in the drivers tests start records each execution through one more actor process and polls for Prometheus.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The session's own token cache (minimind/data/token_cache.py), for this process, the test cluster and the drivers
+# tests start: each sample file is tokenized once per session, not once per run, and never read from a developer's.
+os.environ["MINIMIND_CACHE"] = tempfile.mkdtemp(prefix="minimind-cache-")
+atexit.register(shutil.rmtree, os.environ["MINIMIND_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 

@@ -207,7 +207,7 @@ def test_jsonl_validation_comes_from_the_same_single_pass(tokenizer, tmp_path, f
     counting = CountingTokenizer(tokenizer)
     data = build_training_data(config, counting)
     records = SUBSETS[fmt][1]
-    assert counting.calls <= records  # each record tokenized at most once; held-out ones past the limit not at all
+    assert counting.calls <= records  # each record tokenized at most once (none when in the token cache)
     old = dict(files=[path], fmt=fmt, tokenizer=tokenizer, seq_len=64, val_fraction=0.2)
     # What the two passes of the old loader gave (packed pretrain blocks included), less document ids.
     held_out = load_examples(**old, split="val").examples
@@ -217,18 +217,22 @@ def test_jsonl_validation_comes_from_the_same_single_pass(tokenizer, tmp_path, f
     assert train.records_read == records and len(validation) == len(held_out)
 
 
-def test_validation_files_are_read_only_as_far_as_needed(corpora, tokenizer, tmp_path):
+def test_validation_files_are_read_only_as_far_as_needed(corpora, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))  # an empty token cache: both files are read
     path = subset(tmp_path, "sft")
+    # Not the training file: that one is in the token cache once the training side has read it.
+    held_out = tmp_path / "held-out.jsonl"
+    held_out.write_text(path.read_text(encoding="utf-8") * 2, encoding="utf-8")
     config = tiny_config(
         stage="sft",
         data={"train_files": [str(path)], "seq_len": SEQ_LEN},
-        eval={"val_files": [str(path)], "max_examples": 8, "continuation_docs": 2},
+        eval={"val_files": [str(held_out)], "max_examples": 8, "continuation_docs": 2},
     )
     counting = CountingTokenizer(tokenizer)
     validation = build_training_data(config, counting).validation
     assert validation == load_examples([path], "sft", tokenizer, SEQ_LEN).examples[:8]
     # The training file is tokenized whole (one call per conversation), the validation file only as far as
-    # its first 8 examples: reading it whole would make this twice the records.
+    # its first 8 examples: reading it whole would make this three times the records.
     assert counting.calls == SUBSETS["sft"][1] + 8
     config.eval.val_files = [corpora["sft"][1].root]
     prepared = build_training_data(config, tokenizer).validation

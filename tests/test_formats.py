@@ -143,6 +143,44 @@ def test_strict_loading_stops_at_the_first_bad_record_naming_file_line_field(tmp
     assert error.value.line == 2 and error.value.field_name == "text"
 
 
+def test_a_file_read_in_full_is_tokenized_once_and_read_afresh_once_it_changes(tmp_path, tokenizer, monkeypatch):
+    """minimind/data/token_cache.py: a second read of the file encodes nothing and gives what encoding each line
+    gives, its rejects and their lines included; once the file changes it is encoded again."""
+    from minimind.data import jsonl
+    from minimind.data.formats import encode_record
+    from minimind.data.formats.records import parse_line
+
+    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))  # empty: other tests read the same lines
+    path = bad_sft_file(tmp_path)
+    expected = []  # each line encoded by hand, as no cache would
+    for raw in path.read_bytes().splitlines():
+        try:
+            expected.append(encode_record("sft", parse_line(raw), tokenizer, 64))
+        except RecordError:
+            continue
+    with pytest.raises(RecordError) as uncached:
+        load_examples([path], "sft", tokenizer, 64, strict=True, limit=9)  # a limited read: not stored
+    first = load_examples([path], "sft", tokenizer, 64)  # read in full: stored
+    assert first.examples == expected
+
+    def refuse(*args):
+        raise AssertionError("a record was encoded again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(jsonl, "encode_record", refuse)
+        again = load_examples([path], "sft", tokenizer, 64)
+        assert again.examples == expected and again.records_read == first.records_read == 9
+        assert (again.rejects.by_reason, again.rejects.examples) == (first.rejects.by_reason, first.rejects.examples)
+        with pytest.raises(RecordError) as cached:
+            load_examples([path], "sft", tokenizer, 64, strict=True)
+        assert str(cached.value) == str(uncached.value) and cached.value.line == uncached.value.line
+
+    with open(path, "ab") as handle:
+        handle.write(json.dumps({"conversations": CONVERSATION}, ensure_ascii=False).encode() + b"\n")
+    grown = load_examples([path], "sft", tokenizer, 64)
+    assert grown.examples == [*expected, encode_record("sft", {"conversations": CONVERSATION}, tokenizer, 64)]
+
+
 @pytest.mark.parametrize(
     "fmt,file",
     [

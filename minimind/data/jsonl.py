@@ -1,20 +1,23 @@
 """In-memory examples from jsonl files, no Ray: for tests, small runs and validation files.
 
 Every record goes through the stage formats; a bad record is counted by reason or, when strict,
-raised with its file, line and field. Pretrain documents are packed into ``seq_len`` blocks (or
-kept one per example). Examples here are Python int lists, ~50 bytes per token in every process:
+raised with its file, line and field. A file read in full is tokenized once per machine
+(:mod:`.token_cache`). Pretrain documents are packed into ``seq_len`` blocks (or kept one per
+example). Examples here are Python int lists, ~50 bytes per token in every process:
 a large corpus is prepared once and memory-mapped instead (:mod:`minimind.data.token_store`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minimind.data import token_cache
 from minimind.data.formats import RecordError, RejectCounts, encode_record, iter_jsonl
 from minimind.data.formats.pretrain import pack_documents, unpacked_example
-from minimind.data.formats.records import in_validation_split
+from minimind.data.formats.records import bucket_in_validation, split_bucket
 
 
 @dataclass
@@ -67,21 +70,23 @@ def _encoded_records(
     val_fraction: float,
     wanted: Callable[[bool], bool],
     result: ExampleSet,
+    whole: bool = False,
 ) -> Iterator[tuple[bool, dict | list[int]]]:
     """``(held_out, encoded)`` for each usable record whose side is ``wanted``; lines are counted in
-    ``result.records_read`` and bad records in ``result.rejects`` (raised when ``strict``)."""
+    ``result.records_read`` and bad records in ``result.rejects`` (raised when ``strict``). ``whole``: the caller
+    reads every record, so each file is encoded in full and kept in the token cache for the next reader."""
     for path in files:
         if not Path(path).exists():
             raise FileNotFoundError(f"data file not found: {path}")
-        for line, record in iter_jsonl(path):
+        for line, bucket, encode in _file_records(path, fmt, tokenizer, seq_len, whole):
             result.records_read += 1
             try:
-                if isinstance(record, RecordError):
-                    raise record
-                held_out = in_validation_split(record, val_fraction)
+                if bucket is None:
+                    encode()  # the line is not a JSON object: this raises why
+                held_out = bucket_in_validation(bucket, val_fraction)
                 if not wanted(held_out):
                     continue
-                encoded = encode_record(fmt, record, tokenizer, seq_len)
+                encoded = encode()
             except RecordError as error:
                 error = error if error.source is not None else error.located(str(path), line)
                 if strict:
@@ -89,6 +94,52 @@ def _encoded_records(
                 result.rejects.add(error)
                 continue
             yield held_out, encoded
+
+
+Encode = Callable[[], "dict | list[int]"]
+
+
+def _file_records(path, fmt: str, tokenizer, seq_len: int, whole: bool) -> Iterator[tuple[int, int | None, Encode]]:
+    """``(line, split bucket, encode)`` for each non-blank line of ``path``, where ``encode()`` gives the record's
+    encoding or raises its RecordError, and the bucket is None for a line that is not a JSON object. From the token
+    cache where it holds the file; else read here, encoding a record only when asked (all of them, and stored in
+    the cache, when ``whole``)."""
+    entry = token_cache.entry_dir(path, fmt, tokenizer, seq_len)
+    records = token_cache.read(entry, str(path))
+    if records is None and whole:
+        records = [_outcome(path, *read) for read in _read(path, fmt, tokenizer, seq_len)]
+        token_cache.write(entry, records)
+    if records is None:
+        yield from _read(path, fmt, tokenizer, seq_len)
+        return
+    for record in records:
+        yield record.line, record.bucket, functools.partial(_replay, record)
+
+
+def _read(path, fmt: str, tokenizer, seq_len: int) -> Iterator[tuple[int, int | None, Encode]]:
+    for line, record in iter_jsonl(path):
+        if isinstance(record, RecordError):
+            yield line, None, functools.partial(_raise, record)
+        else:
+            yield line, split_bucket(record), functools.partial(encode_record, fmt, record, tokenizer, seq_len)
+
+
+def _outcome(path, line: int, bucket: int | None, encode: Encode) -> token_cache.CachedRecord:
+    try:
+        return token_cache.CachedRecord(line, bucket, encode(), None)
+    except RecordError as error:
+        error = error if error.source is not None else error.located(str(path), line)
+        return token_cache.CachedRecord(line, bucket, None, error)
+
+
+def _replay(record: token_cache.CachedRecord) -> dict | list[int]:
+    if record.error is not None:
+        raise record.error
+    return record.encoded
+
+
+def _raise(error: RecordError):
+    raise error
 
 
 def load_examples(
@@ -115,7 +166,7 @@ def load_examples(
     held_out = split == "val"
     fraction = val_fraction if split else 0.0
     for _, encoded in _encoded_records(
-        files, fmt, tokenizer, seq_len, strict, fraction, lambda in_val: in_val == held_out, result
+        files, fmt, tokenizer, seq_len, strict, fraction, lambda in_val: in_val == held_out, result, limit is None
     ):
         side.add(encoded)
         if side.full:
@@ -137,7 +188,7 @@ def split_examples(
     packing: bool = True,
 ) -> tuple[ExampleSet, list[dict]]:
     """One pass over ``files``: the training side of the hash split at ``val_fraction``, and the
-    first ``val_limit`` held-out examples (held-out records past those are not tokenized)."""
+    first ``val_limit`` held-out examples. Every record is tokenized, once per machine (the token cache)."""
     if not files:
         raise ValueError("no data files given")
     result = ExampleSet([])
@@ -147,7 +198,7 @@ def split_examples(
     def wanted(in_val: bool) -> bool:
         return not (in_val and validation.full)
 
-    for in_val, encoded in _encoded_records(files, fmt, tokenizer, seq_len, strict, val_fraction, wanted, result):
+    for in_val, encoded in _encoded_records(files, fmt, tokenizer, seq_len, strict, val_fraction, wanted, result, True):
         (validation if in_val else train).add(encoded)
     result.examples = train.examples()
     if not result.examples:

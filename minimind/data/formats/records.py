@@ -178,11 +178,17 @@ def _json_list(value, where: str) -> list | None:
     return value
 
 
+def split_bucket(record: dict) -> int:
+    """A hash of the record's canonical JSON in [0, 2**64): its side of the split at any fraction."""
+    canonical = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(canonical, digest_size=8).digest(), "big")
+
+
+def bucket_in_validation(bucket: int, fraction: float) -> bool:
+    return fraction > 0 and bucket < fraction * 2**64
+
+
 def in_validation_split(record: dict, fraction: float) -> bool:
     """Whether ``record`` belongs to the held-out split: a hash of its canonical JSON, so a record's
     side never changes when other records are added, removed or reordered."""
-    if fraction <= 0:
-        return False
-    canonical = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    bucket = int.from_bytes(hashlib.blake2b(canonical, digest_size=8).digest(), "big")
-    return bucket < fraction * 2**64
+    return fraction > 0 and bucket_in_validation(split_bucket(record), fraction)
