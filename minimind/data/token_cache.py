@@ -8,7 +8,8 @@ Python lists is prepared once instead (:mod:`minimind.data.pipeline.prepare`).
 An entry's key covers the file's content (its sha256), the format, ``seq_len`` where the format truncates to it,
 the tokenizer's fingerprint and the source of the code that parses and encodes records: a change to any of them
 reads the file afresh. Entries are written to a temporary folder and renamed into place, so ranks racing to write
-one, or a writer killed halfway, leave a whole entry or none.
+one, or a writer killed halfway, leave a whole entry or none. Nothing evicts entries: deleting the folder at any time
+only costs the next reads their tokenizing. A cache that cannot be written or read is warned about and passed by.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +71,13 @@ def read(directory: Path, source: str) -> list[CachedRecord] | None:
     """The records of a cache entry (errors located in ``source``), or None where there is no entry."""
     if not directory.is_dir():
         return None
-    meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
-    with np.load(directory / "records.npz", allow_pickle=False) as arrays:
-        columns = {name: arrays[name] for name in arrays.files}
+    try:
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+        with np.load(directory / "records.npz", allow_pickle=False) as arrays:
+            columns = {name: arrays[name] for name in arrays.files}
+    except (OSError, ValueError) as error:  # zipfile.BadZipFile and json's errors are ValueErrors
+        warnings.warn(f"token cache: cannot read {directory} ({error}); tokenizing {source} instead", stacklevel=2)
+        return None
     errors = {e["index"]: RecordError(e["reason"], e["detail"], e["field_name"]) for e in meta["errors"]}
     fields = meta["fields"]
     values = {name: columns[f"{name}.values"].tolist() for name in fields}
@@ -101,7 +107,7 @@ def write(directory: Path, records: list[CachedRecord]) -> None:
         "state": np.array(
             [PARSED if r.encoded is not None else UNREADABLE if r.bucket is None else UNENCODABLE for r in records],
             dtype=np.int8,
-        ),  # fmt: skip
+        ),
     }
     for name in fields:
         lists = [([] if r.encoded is None else r.encoded if as_list else r.encoded[name]) for r in records]
@@ -109,15 +115,18 @@ def write(directory: Path, records: list[CachedRecord]) -> None:
         columns[f"{name}.values"] = np.fromiter((v for values in lists for v in values), dtype=np.int32)
     errors = [{"index": i, "reason": r.error.reason, "detail": r.error.detail, "field_name": r.error.field_name}
               for i, r in enumerate(records) if r.error is not None]  # fmt: skip
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    staging = None
     try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
         np.savez(staging / "records.npz", **columns)
         meta = {"list": as_list, "fields": fields, "errors": errors}
         (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
         os.rename(staging, directory)
-    except OSError:
-        if not directory.is_dir():  # not a rank that lost the race to store the same entry
-            raise
+    except OSError as error:
+        if not directory.is_dir():  # else a rank that lost the race to store the same entry
+            warnings.warn(f"token cache: cannot store {directory} ({error}); the next read tokenizes again",
+                          stacklevel=2)  # fmt: skip
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
