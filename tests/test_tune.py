@@ -289,9 +289,10 @@ def test_a_sweep_fails_its_bad_trials_exits_130_when_stopped_at_a_rung_resumes_a
     assert [t["params"] for t in baseline] == [recipe_values]
     [diverged] = [t for t in trials.values() if t["params"]["optim.lr"] == 1e30]
     assert diverged["status"] == "failed" and "NaN/inf" in diverged["reason"]
-    # The point too big for memory, and any sampled trial that drew its size, fail before training.
+    # The point too big for memory, and any sampled trial that drew its size, fail before any worker starts.
     too_big = [t for t in trials.values() if t["params"]["model.intermediate_size"]]
     assert too_big and all(t["status"] == "failed" and t["reason"].startswith("out of memory: ") for t in too_big)
+    assert all("fp32 weights alone take" in t["reason"] for t in too_big)  # said by the trial, not a worker
     good = {tid: t for tid, t in trials.items() if t["status"] != "failed"}
     assert len(good) == 5 - 1 - len(too_big) and all(t["status"] == "finished" or tid in pruned
                                                       for tid, t in good.items()), trials  # fmt: skip

@@ -238,6 +238,25 @@ def check_deepspeed(config: TrainConfig) -> None:
             )
 
 
+def check_memory(config: TrainConfig) -> None:
+    """Refuse a model whose fp32 weights alone outgrow every node's memory, before any worker starts: each worker
+    builds them in host memory (then moves them to its device), so such a run could only fail, once its workers had
+    started (a sweep's trial of a size too big: seconds of start-up on CPU, minutes on a GPU cluster). What else
+    training holds (gradients, optimizer state, activations) is for the workers to find."""
+    if not ray.is_initialized():
+        return
+    with torch.device("meta"):
+        parameters = MiniMindLM(config.model).num_parameters()
+    needed = 4 * parameters
+    nodes = [node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]]
+    if nodes and needed > max(nodes):
+        raise ConfigError(
+            f"model: {parameters:,} parameters would run out of memory before training: their fp32 weights alone take "
+            f"{needed / 2**30:.1f} GiB of host memory in each worker, and the largest node has "
+            f"{max(nodes) / 2**30:.1f} GiB"
+        )
+
+
 def build_trainer(config: TrainConfig, callbacks: list | None = None, verdicts=None) -> TorchTrainer:
     """A ``TorchTrainer`` that runs ``config`` with ``distributed.num_workers`` workers.
 
@@ -250,6 +269,7 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, verdicts=N
         raise ValueError("checkpoint.dir: a Ray Train run needs a run directory (storage_path/name)")
     check_devices(config)
     check_deepspeed(config)
+    check_memory(config)
     dist_config = config.distributed
     resources = {"CPU": dist_config.cpus_per_worker}
     if dist_config.use_gpu:
