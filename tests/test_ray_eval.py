@@ -32,29 +32,6 @@ def local(base_checkpoint, subset, tokenizer):
     return perplexity(model, batches, token_byte_lengths(tokenizer))
 
 
-def test_ray_scoring_equals_in_process_perplexity(ray_address, base_checkpoint, subset, local):
-    import ray
-
-    @ray.remote(num_cpus=1)
-    class Busy:
-        def ready(self):
-            return True
-
-    # Another actor holds one of the cluster's 4 CPUs (another job, a run's workers still stopping): a fixed pool
-    # of 3 scoring actors took the other 3 and its read tasks waited for a CPU for ever (a hang, once on CI).
-    busy = Busy.remote()
-    ray.get(busy.ready.remote())
-    try:
-        job = ScoringJob(str(base_checkpoint), "sft", 256)
-        metrics = score_files([str(subset)], job, num_actors=3, lines_per_batch=64)
-    finally:
-        ray.kill(busy)
-    assert metrics["val_tokens"] == local["val_tokens"]
-    assert metrics["val_perplexity"] == pytest.approx(local["val_perplexity"], rel=1e-5)
-    assert metrics["val_bits_per_byte"] == pytest.approx(local["val_bits_per_byte"], rel=1e-5)
-    assert metrics["rejected_records"] == {"invalid_json": 1, "wrong_type": 1}
-
-
 def test_eval_job_writes_json_and_markdown(ray_address, base_checkpoint, subset, local, tokenizer, tmp_path):
     from minimind.eval.choices import load_questions, score_question, shots_by_subject
 
@@ -71,18 +48,34 @@ def test_eval_job_writes_json_and_markdown(ray_address, base_checkpoint, subset,
         "--continuation-docs", "4", "--choices", *choices, "--dev", str(files["history_dev.csv"]), "--shots", "1",
         "--contamination", str(leaked), str(SAMPLE / "sft.jsonl"),
     ]  # fmt: skip
-    # A time limit of its own, below pytest's, so that a job that hangs shows what it printed.
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Busy:
+        def ready(self):
+            return True
+
+    # Another actor holds one of the cluster's 4 CPUs (another job, a run's workers still stopping): the job's pool
+    # of 3 scoring actors (its CPUs - 1) once took the other 3, and its read tasks waited for a CPU for ever (a
+    # hang, on CI). A time limit of its own, below pytest's, so that a job that hangs shows what it printed.
+    busy = Busy.remote()
+    ray.get(busy.ready.remote())
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired as hung:
         printed = [part.decode() if isinstance(part, bytes) else part or "" for part in (hung.stdout, hung.stderr)]
         pytest.fail("ray_jobs/eval.py ran for 600 s:\n" + printed[0][-3000:] + printed[1][-3000:])
+    finally:
+        ray.kill(busy)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
     scores = result["metrics"]
     assert {"val_perplexity", "val_bits_per_byte", "continuation_accuracy", "chat_adherence"} <= set(scores)
+    # Scored by Ray Data's actors as in this process, the malformed lines counted by reason.
+    assert scores["val_tokens"] == local["val_tokens"]
     assert scores["val_perplexity"] == pytest.approx(local["val_perplexity"], rel=1e-5)
     assert scores["val_bits_per_byte"] == pytest.approx(local["val_bits_per_byte"], rel=1e-5)
+    assert scores["rejected_records"] == {"invalid_json": 1, "wrong_type": 1}
     assert 0 <= scores["continuation_accuracy"] <= 1 and 0 <= scores["chat_adherence"] <= 1
     assert [s["prompt"] for s in result["samples"]][0] == "你好，请介绍一下你自己。"
     markdown = (tmp_path / "eval.md").read_text(encoding="utf-8")
