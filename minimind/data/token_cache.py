@@ -2,8 +2,9 @@
 error it raised), kept under ``MINIMIND_CACHE/tokenized`` (default ``~/.cache/minimind``).
 
 Without it, a run on jsonl tokenizes the whole file in every rank, and again in every resume and in every trial of
-a sweep on the same file (the sample's pretrain file: ~1.2 s of one core each time). A corpus too large to hold as
-Python lists is prepared once instead (:mod:`minimind.data.pipeline.prepare`).
+a sweep on the same file (the sample's pretrain file: ~1.2 s of one core each time). With it, only the ranks of the
+first run, which start together, do. A corpus too large to hold as Python lists is prepared once instead
+(:mod:`minimind.data.pipeline.prepare`).
 
 An entry's key covers the file's content (its sha256), the format, ``seq_len`` where the format truncates to it,
 the tokenizer's fingerprint and the source of the code that parses and encodes records: a change to any of them
