@@ -218,21 +218,19 @@ def test_jsonl_validation_comes_from_the_same_single_pass(tokenizer, tmp_path, f
 
 
 def test_validation_files_are_read_only_as_far_as_needed(corpora, tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))  # an empty token cache: both files are read
+    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))  # an empty token cache: the training file is read
     path = subset(tmp_path, "sft")
-    # Not the training file: that one is in the token cache once the training side has read it.
-    held_out = tmp_path / "held-out.jsonl"
-    held_out.write_text(path.read_text(encoding="utf-8") * 2, encoding="utf-8")
     config = tiny_config(
         stage="sft",
         data={"train_files": [str(path)], "seq_len": SEQ_LEN},
-        eval={"val_files": [str(held_out)], "max_examples": 8, "continuation_docs": 2},
+        eval={"val_files": [str(path)], "max_examples": 8, "continuation_docs": 2},
     )
     counting = CountingTokenizer(tokenizer)
     validation = build_training_data(config, counting).validation
     assert validation == load_examples([path], "sft", tokenizer, SEQ_LEN).examples[:8]
     # The training file is tokenized whole (one call per conversation), the validation file only as far as
-    # its first 8 examples: reading it whole would make this three times the records.
+    # its first 8 examples (a read that stops early does not use the token cache): reading it whole would make
+    # this twice the records.
     assert counting.calls == SUBSETS["sft"][1] + 8
     config.eval.val_files = [corpora["sft"][1].root]
     prepared = build_training_data(config, tokenizer).validation

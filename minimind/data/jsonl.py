@@ -74,7 +74,7 @@ def _encoded_records(
 ) -> Iterator[tuple[bool, dict | list[int]]]:
     """``(held_out, encoded)`` for each usable record whose side is ``wanted``; lines are counted in
     ``result.records_read`` and bad records in ``result.rejects`` (raised when ``strict``). ``whole``: the caller
-    reads every record, so each file is encoded in full and kept in the token cache for the next reader."""
+    reads every record, so each file comes from the token cache (see :func:`_file_records`)."""
     for path in files:
         if not Path(path).exists():
             raise FileNotFoundError(f"data file not found: {path}")
@@ -101,17 +101,18 @@ Encode = Callable[[], "dict | list[int]"]
 
 def _file_records(path, fmt: str, tokenizer, seq_len: int, whole: bool) -> Iterator[tuple[int, int | None, Encode]]:
     """``(line, split bucket, encode)`` for each non-blank line of ``path``, where ``encode()`` gives the record's
-    encoding or raises its RecordError, and the bucket is None for a line that is not a JSON object. From the token
-    cache where it holds the file; else read here, encoding a record only when asked (all of them, and stored in
-    the cache, when ``whole``)."""
-    entry = token_cache.entry_dir(path, fmt, tokenizer, seq_len)
-    records = token_cache.read(entry, str(path))
-    if records is None and whole:
-        records = [_outcome(path, *read) for read in _read(path, fmt, tokenizer, seq_len)]
-        token_cache.write(entry, records)
-    if records is None:
+    encoding or raises its RecordError, and the bucket is None for a line that is not a JSON object. A ``whole``
+    read comes from the token cache, where the file is encoded in full first if it is not there yet. Any other read
+    (one that stops early: the first examples of a validation file) reads the file here, encoding a record only when
+    asked: looking it up would hash the whole file."""
+    if not whole:
         yield from _read(path, fmt, tokenizer, seq_len)
         return
+    entry = token_cache.entry_dir(path, fmt, tokenizer, seq_len)
+    records = token_cache.read(entry, str(path))
+    if records is None:
+        records = [_outcome(path, *read) for read in _read(path, fmt, tokenizer, seq_len)]
+        token_cache.write(entry, records)
     for record in records:
         yield record.line, record.bucket, functools.partial(_replay, record)
 
