@@ -248,7 +248,9 @@ def check_memory(config: TrainConfig) -> None:
     with torch.device("meta"):
         parameters = MiniMindLM(config.model).num_parameters()
     needed = 4 * parameters
+    # Ray's schedulable memory of each node (a node started with --memory=0 says nothing about its RAM).
     nodes = [node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]]
+    nodes = [memory for memory in nodes if memory > 0]
     if nodes and needed > max(nodes):
         raise ConfigError(
             f"model: {parameters:,} parameters would run out of memory before training: their fp32 weights alone take "
