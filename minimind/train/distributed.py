@@ -39,7 +39,7 @@ from ray.train.torch import TorchTrainer
 from minimind import storage
 from minimind.config import ConfigError, TrainConfig, build_config, config_to_dict
 from minimind.devices import require_cuda
-from minimind.model import MiniMindLM
+from minimind.model import count_parameters
 from minimind.model.checkpoint import META_FILE, checkpoint_location, resolve_checkpoint
 from minimind.storage import is_uri
 from minimind.train.checkpointing import checkpoint_name, checkpoint_step, rng_state, write_checkpoint
@@ -211,6 +211,13 @@ def check_devices(config: TrainConfig) -> None:
         )
 
 
+def node_memory() -> list[float]:
+    """Ray's schedulable memory of each live node, in bytes (a node started with --memory=0 says nothing about its
+    RAM and is left out)."""
+    nodes = [node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]]
+    return [memory for memory in nodes if memory > 0]
+
+
 def check_deepspeed(config: TrainConfig) -> None:
     """DeepSpeed runs: refuse what would fail in the workers, before any worker starts."""
     if config.distributed.strategy != "deepspeed":
@@ -226,10 +233,9 @@ def check_deepspeed(config: TrainConfig) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     if config.distributed.offload_optimizer:
-        with torch.device("meta"):
-            parameters = MiniMindLM(config.model).num_parameters()
+        parameters = count_parameters(config.model)
         needed, workers = offload_bytes(parameters), config.distributed.num_workers
-        nodes = [node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]]
+        nodes = node_memory()
         if needed > sum(nodes) or needed / workers > max(nodes, default=0):
             raise ConfigError(
                 f"distributed.offload_optimizer: {parameters:,} parameters need {needed / 2**30:.1f} GiB of host "
@@ -245,12 +251,9 @@ def check_memory(config: TrainConfig) -> None:
     training holds (gradients, optimizer state, activations) is for the workers to find."""
     if not ray.is_initialized():
         return
-    with torch.device("meta"):
-        parameters = MiniMindLM(config.model).num_parameters()
+    parameters = count_parameters(config.model)
     needed = 4 * parameters
-    # Ray's schedulable memory of each node (a node started with --memory=0 says nothing about its RAM).
-    nodes = [node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]]
-    nodes = [memory for memory in nodes if memory > 0]
+    nodes = node_memory()
     if nodes and needed > max(nodes):
         raise ConfigError(
             f"model: {parameters:,} parameters would run out of memory before training: their fp32 weights alone take "
