@@ -78,7 +78,7 @@ def _encoded_records(
     for path in files:
         if not Path(path).exists():
             raise FileNotFoundError(f"data file not found: {path}")
-        for line, bucket, encode in _file_records(path, fmt, tokenizer, seq_len, whole):
+        for _, bucket, encode in _file_records(path, fmt, tokenizer, seq_len, whole):
             result.records_read += 1
             try:
                 if bucket is None:
@@ -87,8 +87,7 @@ def _encoded_records(
                 if not wanted(held_out):
                     continue
                 encoded = encode()
-            except RecordError as error:
-                error = error if error.source is not None else error.located(str(path), line)
+            except RecordError as error:  # located: see _read
                 if strict:
                     raise error from None
                 result.rejects.add(error)
@@ -111,25 +110,32 @@ def _file_records(path, fmt: str, tokenizer, seq_len: int, whole: bool) -> Itera
     entry = token_cache.entry_dir(path, fmt, tokenizer, seq_len)
     records = token_cache.read(entry, str(path))
     if records is None:
-        records = [_outcome(path, *read) for read in _read(path, fmt, tokenizer, seq_len)]
+        records = [_outcome(*read) for read in _read(path, fmt, tokenizer, seq_len)]
         token_cache.write(entry, records)
     for record in records:
         yield record.line, record.bucket, functools.partial(_replay, record)
 
 
 def _read(path, fmt: str, tokenizer, seq_len: int) -> Iterator[tuple[int, int | None, Encode]]:
-    for line, record in iter_jsonl(path):
+    """What :func:`_file_records` yields, read from the file; every RecordError names its file and line."""
+    for line, record in iter_jsonl(path):  # a line that is not a JSON object comes located
         if isinstance(record, RecordError):
             yield line, None, functools.partial(_raise, record)
         else:
-            yield line, split_bucket(record), functools.partial(encode_record, fmt, record, tokenizer, seq_len)
+            yield line, split_bucket(record), functools.partial(_encode, path, line, fmt, record, tokenizer, seq_len)
 
 
-def _outcome(path, line: int, bucket: int | None, encode: Encode) -> token_cache.CachedRecord:
+def _encode(path, line: int, fmt: str, record: dict, tokenizer, seq_len: int) -> dict | list[int]:
+    try:
+        return encode_record(fmt, record, tokenizer, seq_len)
+    except RecordError as error:
+        raise (error if error.source is not None else error.located(str(path), line)) from None
+
+
+def _outcome(line: int, bucket: int | None, encode: Encode) -> token_cache.CachedRecord:
     try:
         return token_cache.CachedRecord(line, bucket, encode(), None)
     except RecordError as error:
-        error = error if error.source is not None else error.located(str(path), line)
         return token_cache.CachedRecord(line, bucket, None, error)
 
 
