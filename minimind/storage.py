@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -111,19 +112,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("MINIMIND_CACHE", Path.home() / ".cache" / "minimind"))
 
 
-def cached_copy(uri: str, version: str) -> Path:
-    """A local copy of the directory at ``uri`` as of ``version`` (e.g. a corpus fingerprint), made once per
-    machine: downloaded into a temporary folder and renamed into place, so processes racing to make it, or one
-    killed halfway, never leave a partial copy behind."""
-    key = hashlib.sha256(f"{uri}\0{version}".encode()).hexdigest()[:16]
-    target = cache_root() / "copies" / f"{Path(uri.rstrip('/')).name}-{key}"
-    if target.is_dir():
-        return target
+def build_in_place(target: Path, fill: Callable[[Path], None]) -> None:
+    """Make the directory ``target`` by ``fill``-ing a temporary folder beside it and renaming that into place, so
+    processes racing to make it, or one killed halfway, never leave a partial one behind (the first one made stays)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        fs, inner = filesystem(uri)
-        pafs.copy_files(inner, str(staging), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        fill(staging)
         try:
             os.rename(staging, target)
         except OSError:  # another process made it first
@@ -131,4 +126,19 @@ def cached_copy(uri: str, version: str) -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def cached_copy(uri: str, version: str) -> Path:
+    """A local copy of the directory at ``uri`` as of ``version`` (e.g. a corpus fingerprint), made once per
+    machine (:func:`build_in_place`)."""
+    key = hashlib.sha256(f"{uri}\0{version}".encode()).hexdigest()[:16]
+    target = cache_root() / "copies" / f"{Path(uri.rstrip('/')).name}-{key}"
+    if not target.is_dir():
+        fs, inner = filesystem(uri)
+        build_in_place(
+            target,
+            lambda staging: pafs.copy_files(
+                inner, str(staging), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+            ),
+        )
     return target

@@ -8,9 +8,10 @@ first run, which start together, do. A corpus too large to hold as Python lists 
 
 An entry's key covers the file's content (its sha256), the format, ``seq_len`` where the format truncates to it,
 the tokenizer's fingerprint and the source of the code that parses and encodes records: a change to any of them
-reads the file afresh. Entries are written to a temporary folder and renamed into place, so ranks racing to write
-one, or a writer killed halfway, leave a whole entry or none. Nothing evicts entries: deleting the folder at any time
-only costs the next reads their tokenizing. A cache that cannot be written or read is warned about and passed by.
+reads the file afresh. Entries are written to a temporary folder and renamed into place
+(:func:`minimind.storage.build_in_place`), so ranks racing to write one, or a writer killed halfway, leave a whole
+entry or none. Nothing evicts entries: deleting the folder at any time only costs the next reads their tokenizing.
+A cache that cannot be written or read is warned about and passed by.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ import numpy as np
 import minimind.tokenizer as tokenizer_package
 from minimind.data import formats
 from minimind.data.formats import RecordError
-from minimind.storage import cache_root
+from minimind.storage import build_in_place, cache_root
 
 PARSED, UNREADABLE, UNENCODABLE = 0, 1, 2  # a record's state: encoded, not a JSON object, rejected by its format
 LIST_FIELD = "tokens"  # pretrain encodes a document as a token list; the other formats as named lists
@@ -116,18 +114,15 @@ def write(directory: Path, records: list[CachedRecord]) -> None:
         columns[f"{name}.values"] = np.fromiter((v for values in lists for v in values), dtype=np.int32)
     errors = [{"index": i, "reason": r.error.reason, "detail": r.error.detail, "field_name": r.error.field_name}
               for i, r in enumerate(records) if r.error is not None]  # fmt: skip
-    staging = None
-    try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+
+    def fill(staging: Path) -> None:
         np.savez(staging / "records.npz", **columns)
         meta = {"list": as_list, "fields": fields, "errors": errors}
         (staging / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-        os.rename(staging, directory)
+
+    try:
+        build_in_place(directory, fill)
     except OSError as error:
-        if not directory.is_dir():  # else a rank that lost the race to store the same entry
+        if not directory.is_dir():  # else another process stored it after all
             warnings.warn(f"token cache: cannot store {directory} ({error}); the next read tokenizes again",
                           stacklevel=2)  # fmt: skip
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
