@@ -74,6 +74,27 @@ def test_sampling_respects_top_k_one():
     assert sampled == greedy
 
 
+def test_top_p_and_repetition_penalty_by_hand():
+    """Logits (2, 1, 0, -1) have probabilities (.644, .237, .087, .032): top_p 0.5 keeps the first token alone,
+    0.7 the first two (the tokens before the third already cover 0.881). A penalty of 2 halves a seen positive
+    logit and doubles a seen negative one (CTRL's rule)."""
+    from minimind.model.generate import Sampling, _filter_logits, _sample
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    for top_p, kept in ((0.5, [True, False, False, False]), (0.7, [True, True, False, False]), (1.0, [True] * 4)):
+        assert torch.isfinite(_filter_logits(logits, 0, top_p)).tolist() == kept
+    seen = torch.tensor([True, False, True, False])
+    logits = torch.tensor([2.0, 1.5, -1.0, 0.5])  # penalised: (1.0, 1.5, -2.0, 0.5)
+    assert _sample(logits, seen, Sampling(temperature=0)) == 0
+    assert _sample(logits, seen, Sampling(temperature=0, repetition_penalty=2.0)) == 1
+    # Sampling among the two kept tokens: a seen negative logit, doubled, is never the pick at top_p 0.9.
+    generator = torch.Generator().manual_seed(0)
+    picks = {_sample(torch.tensor([0.0, -1.0, 0.1]), torch.tensor([False, True, False]),
+                     Sampling(temperature=1.0, top_p=0.9, top_k=0, repetition_penalty=10.0, generator=generator))
+             for _ in range(200)}  # fmt: skip
+    assert picks == {0, 2}
+
+
 def test_document_mask_isolates_packed_documents():
     torch.manual_seed(0)
     model = MiniMindLM(model_config("tiny")).eval()

@@ -5,6 +5,7 @@ refused with OpenAI's error body while the server goes on serving."""
 
 import functools
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -17,7 +18,14 @@ from minimind.model.checkpoint import load_model, resolve_checkpoint, save_model
 from minimind.model.generate import generate
 from minimind.model.hf import load_for_inference
 from minimind.model.lora import apply_lora
-from minimind.serve.openai_api import ReasoningSplitter, StopScanner, split_reasoning
+from minimind.serve.openai_api import (
+    ApiError,
+    ReasoningSplitter,
+    StopScanner,
+    parse_request,
+    render_chat,
+    split_reasoning,
+)
 from minimind.tokenizer import load_tokenizer
 
 CHAT = [{"role": "user", "content": "你好，请介绍一下你自己。"}]
@@ -165,3 +173,23 @@ def test_reasoning_and_stop_strings_come_out_the_same_streamed_in_any_pieces(thi
         assert "。<" not in "".join(sent)
     assert scanner.stopped and "".join(sent) + scanner.flush() == reply[: reply.index("。<")]
     assert "。" not in "".join(sent)  # held back while it could begin "。<"
+
+
+def test_a_request_asks_minimind3_to_think_as_minimind_s_server_is_asked():
+    """minimind-3's template closes an empty <think> block unless asked to open it: ``open_thinking`` (MiniMind's
+    server) or ``chat_template_kwargs`` {open_thinking | enable_thinking} opens it, and the reply then starts in
+    reasoning_content. The bundled template has no think block either way."""
+    minimind3 = load_tokenizer(Path(__file__).parent / "reference" / "minimind3_tokenizer")
+    body = {"model": "m", "messages": CHAT}
+    for asked in ({}, {"open_thinking": True}, {"chat_template_kwargs": {"enable_thinking": True}},
+                  {"chat_template_kwargs": {"open_thinking": True}}):  # fmt: skip
+        text, thinking = render_chat(minimind3, parse_request({**body, **asked}, True, ["m"]))
+        assert thinking == bool(asked)
+        assert text.endswith("<|im_start|>assistant\n<think>\n" if asked else "<think>\n\n</think>\n\n")
+    assert render_chat(load_tokenizer(), parse_request({**body, "open_thinking": True}, True, ["m"]))[1] is False
+    refusals = [({"open_thinking": "yes"}, "open_thinking"), ({"chat_template_kwargs": []}, "chat_template_kwargs"),
+                ({"chat_template_kwargs": {"enable_thinking": 1}}, "chat_template_kwargs.enable_thinking")]  # fmt: skip
+    for bad, field in refusals:
+        with pytest.raises(ApiError) as refused:
+            parse_request({**body, **bad}, True, ["m"])
+        assert refused.value.status == 400 and refused.value.param == field

@@ -28,7 +28,6 @@ from ray import serve
 
 from minimind.model.generate import BatchDecoder, Sampling
 from minimind.serve.openai_api import (
-    THINK_OPEN,
     ApiError,
     GenerationRequest,
     ReasoningSplitter,
@@ -37,6 +36,7 @@ from minimind.serve.openai_api import (
     chat_completion,
     new_id,
     parse_request,
+    render_chat,
     text_completion,
     token_budget,
     usage,
@@ -94,10 +94,8 @@ class MiniMindServer:
         for name, adapter in options.adapters.items():
             self.models[name] = load_for_inference(options.checkpoint, options.device, adapter)
         self.context = self.models[options.name].config.max_seq_len
+        self.device = options.device  # a request's seeded generator lives where its logits are sampled
         self.created = int(time.time())
-        # minimind-3's template opens the reply's <think> block in the prompt: the reply starts in reasoning.
-        probe = self.tokenizer.apply_chat_template([{"role": "user", "content": "?"}], add_generation_prompt=True)
-        self.opens_thinking = probe.rstrip().endswith(THINK_OPEN)
         self._generate.set_max_batch_size(options.max_batch_size)
 
     @api.get("/v1/models")
@@ -122,19 +120,17 @@ class MiniMindServer:
             except (ValueError, UnicodeDecodeError) as error:
                 raise ApiError(400, f"the request body is not valid JSON: {error}") from None
             request = parse_request(body, chat, list(self.models))
-            if chat:
-                tools = {"tools": request.tools} if request.tools else {}
-                text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, **tools)
-            else:
-                text = request.prompt
+            # A prompt that opens a <think> block (minimind-3, asked to think) starts the reply in reasoning.
+            text, thinking = render_chat(self.tokenizer, request) if chat else (request.prompt, False)
             prompt_ids = self.tokenizer.encode(text)
             budget = token_budget(len(prompt_ids), request.max_tokens, self.context)
         except ApiError as error:
             return JSONResponse(error.body(), status_code=error.status)
-        generator = torch.Generator().manual_seed(request.seed if request.seed is not None else time.time_ns())
+        generator = torch.Generator(device=self.device).manual_seed(
+            request.seed if request.seed is not None else time.time_ns()
+        )
         sampling = Sampling(budget, request.temperature, request.top_p, 0, request.repetition_penalty, generator)
         job = Job(request.model, prompt_ids, sampling)
-        thinking = chat and self.opens_thinking
         request_id = new_id("chatcmpl" if chat else "cmpl")
         if request.stream:
             events = self._events(job, request, request_id, thinking)

@@ -53,6 +53,8 @@ class GenerationRequest:
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False
+    open_thinking: bool = False
+    """Ask the template to open the reply's ``<think>`` block (minimind-3: MiniMind's ``open_thinking``)."""
 
 
 def parse_request(body, chat: bool, models: list[str]) -> GenerationRequest:
@@ -72,6 +74,7 @@ def parse_request(body, chat: bool, models: list[str]) -> GenerationRequest:
         if tools is not None and not isinstance(tools, list):
             raise ApiError(400, "'tools' must be a list of tool definitions", "tools")
         request.tools = tools or None
+        request.open_thinking = _open_thinking(body)
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -105,6 +108,33 @@ def parse_request(body, chat: bool, models: list[str]) -> GenerationRequest:
             raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
         request.include_usage = options.get("include_usage", False)
     return request
+
+
+def _open_thinking(body: dict) -> bool:
+    """MiniMind's server takes ``open_thinking``, or ``chat_template_kwargs`` with ``open_thinking`` or Qwen's
+    ``enable_thinking``: any of them true opens the reply's reasoning."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ApiError(400, "'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    wanted = False
+    for where, source, key in (("open_thinking", body, "open_thinking"),
+                               ("chat_template_kwargs.open_thinking", kwargs or {}, "open_thinking"),
+                               ("chat_template_kwargs.enable_thinking", kwargs or {}, "enable_thinking")):  # fmt: skip
+        value = source.get(key, False)
+        if not isinstance(value, bool):
+            raise ApiError(400, f"'{where}' must be true or false, got {value!r}", where)
+        wanted = wanted or value
+    return wanted
+
+
+def render_chat(tokenizer, request: GenerationRequest) -> tuple[str, bool]:
+    """The chat request's prompt as text, and whether it opens the reply's ``<think>`` block (minimind-3's
+    template opens it when asked to, and writes an empty, closed block otherwise)."""
+    extra = {"tools": request.tools} if request.tools else {}
+    if request.open_thinking:
+        extra["open_thinking"] = True
+    text = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, **extra)
+    return text, text.rstrip().endswith(THINK_OPEN)
 
 
 def _messages(messages) -> list[dict]:
