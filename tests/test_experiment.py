@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,6 +91,7 @@ def experiment_file(tmp_path, corpus, storage=None, **replace):
          "steps.sft.train.teacher: only a distill step has a teacher"),
         ({"optim.max_steps: 4, optim.batch_size: 4}": "optim.max_steps: 4, data.seq_len: 128}"}, 13,
          "steps.pretrain.train.overrides: data.seq_len 128 differs from its data's seq_len 64"),
+        ({"steps:\n": "overrides: {optim.lrr: 1.0}\nsteps:\n"}, 3, "overrides.optim.lrr: unknown key"),
         # A cycle: pretrain starts from sft, which starts from pretrain.
         ({"      data: pretrain_data\n": "      data: pretrain_data\n      init_from: sft\n"}, 8,
          "steps.pretrain: the steps form a cycle: pretrain -> sft -> pretrain"),
@@ -104,8 +106,10 @@ def test_a_bad_experiment_is_refused_naming_file_line_and_field(tmp_path, corpus
 
 def test_the_shipped_experiments_are_valid(tmp_path, monkeypatch):
     """Checked from a copy of the repository's layout (their paths are relative to it, as the README runs
-    them), with a few lines of the sample standing in for MiniMind's own corpora under data/minimind/."""
-    for folder in ("recipes", "search_spaces", "experiments"):
+    them), with a few lines of the sample standing in for MiniMind's own corpora under data/minimind/. One
+    setting puts the 26M experiment on GPUs, and its sweep is run again when a recipe its space names changes."""
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    for folder in ("search_spaces", "experiments"):
         (tmp_path / folder).symlink_to(ROOT / folder)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "sample").symlink_to(SAMPLE)
@@ -118,6 +122,27 @@ def test_the_shipped_experiments_are_valid(tmp_path, monkeypatch):
     for path in sorted((ROOT / "experiments").glob("*.yaml")):
         experiment = load_experiment(path)
         assert experiment.order()[-1] in experiment.steps
+
+    path = ROOT / "experiments" / "minimind2-26m.yaml"
+    on_gpus = load_experiment(
+        path, ["overrides.distributed.use_gpu=true", "pretrain.overrides.distributed.num_workers=8"]
+    )
+    assert on_gpus.steps["lr_sweep"].config["overrides"]["distributed.use_gpu"] is True
+    for name in ("sft", "dpo", "reasoning"):
+        assert on_gpus.steps[name].config["distributed"]["use_gpu"] is True
+        assert on_gpus.steps[name].config["distributed"]["num_workers"] == 1  # pretrain's setting is its own
+    assert on_gpus.steps["pretrain"].config["recipe_overrides"]["distributed.num_workers"] == 8
+    assert all(on_gpus.steps[name].config["use_gpu"] for name in ("eval_sft", "eval_dpo", "eval_reasoning"))
+    assert not load_experiment(path).steps["eval_sft"].config["use_gpu"]
+    pipeline = load_experiment(ROOT / "experiments" / "sample-sweep.yaml", ["overrides.distributed.use_gpu=true"])
+    assert pipeline.steps["sweep"].config["overrides"]["sft/distributed.use_gpu"] is True  # its SFT stage too
+
+    before = {name: entry.hash for name, entry in plan(load_experiment(path)).items()}
+    recipe = tmp_path / "recipes" / "minimind-26m" / "pretrain.yaml"
+    recipe.write_text(recipe.read_text(encoding="utf-8").replace("warmup_steps: 100", "warmup_steps: 50"), "utf-8")
+    after = {name: entry.hash for name, entry in plan(load_experiment(path)).items()}
+    downstream = {"lr_sweep", "pretrain", "sft", "dpo", "reasoning", "eval_sft", "eval_dpo", "eval_reasoning"}
+    assert {name for name in before if before[name] != after[name]} == downstream | {"export"}
 
 
 def test_the_command_refuses_a_bad_file_before_ray_starts(tmp_path, corpus):

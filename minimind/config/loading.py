@@ -22,6 +22,30 @@ from minimind.config.presets import preset_fields
 from minimind.config.schema import ConfigError, ModelConfig, TrainConfig
 
 
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key repeated in one mapping: PyYAML keeps the last value silently, and in
+    a recipe, a space or an experiment (two steps of one name) that hides a mistake."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                line = key_node.start_mark.line + 1
+                if key_node.value in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key_node.value!r} appears twice (first on line {first[key_node.value]})",
+                        key_node.start_mark)  # fmt: skip
+                first[key_node.value] = line
+        return super().construct_mapping(node, deep)
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` that refuses repeated keys (:class:`StrictLoader`)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a local file or from object storage (``s3://…/best.yaml``)."""
     if storage.is_uri(path):
@@ -30,7 +54,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = safe_load(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(yaml_error_message(path, error)) from None
     if not isinstance(raw, dict):
@@ -59,7 +83,7 @@ def load_yaml_document(path: str, what: str, top_level: str = "") -> tuple[dict[
         raise ConfigError(f"{path}: cannot read {what} ({error.strerror or error})") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text) or {}
+        raw = safe_load(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(yaml_error_message(path, error)) from None
     if not isinstance(raw, dict):

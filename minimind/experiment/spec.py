@@ -2,6 +2,7 @@
 
     name: sample-zh
     storage_path: runs/experiments            # local, shared, s3:// or gs://
+    overrides: {distributed.use_gpu: true}    # optional: every train and sweep step's (theirs win)
     steps:
       pretrain_data: {prepare: {inputs: [data/sample/pretrain.jsonl], seq_len: 128, val_fraction: 0.02}}
       pretrain: {train: {stage: pretrain, recipe: recipes/tiny/pretrain.yaml, data: pretrain_data,
@@ -28,9 +29,15 @@ Step kinds and their fields:
 - ``export``: ``checkpoint`` (a train step), ``format`` (hf or minimind), ``dtype`` (minimind: bfloat16 or
   float32).
 
+The top level's ``overrides`` (dotted config fields) apply to every train step and every sweep trial, under
+each step's own ``overrides``; with ``distributed.use_gpu: true`` the eval steps' scoring actors take GPUs too
+(``use_gpu``), so one line puts a whole experiment on GPUs. An eval step's own task (continuation score, chat
+adherence, samples) runs on its node's CPU: it asks Ray for no GPU, which its scoring actors may need.
+
 Settings from the command line (``--set KEY=VALUE``, the value read as YAML) go over the file's values before
-it is checked: ``name``, ``storage_path``, ``STEP.FIELD`` (``eval.max_new_tokens=16``) or
-``STEP.overrides.DOTTED.FIELD`` (``pretrain.overrides.optim.max_steps=24``).
+it is checked: ``name``, ``storage_path``, ``overrides.DOTTED.FIELD`` (``overrides.distributed.use_gpu=true``),
+``STEP.FIELD`` (``eval.max_new_tokens=16``) or ``STEP.overrides.DOTTED.FIELD``
+(``pretrain.overrides.optim.max_steps=24``).
 
 Each step's *resolved config* is what it runs with, where every other step's output appears as
 ``${step}``: the hash of a step (``graph.py``) covers that config, not where outputs happen to live.
@@ -60,7 +67,7 @@ from minimind.config import (
 from minimind.train.launch import ENTRY_POINTS as STAGES  # a train step's stage is an entry point's
 
 KINDS = ("prepare", "train", "sweep", "eval", "export")
-TOP_LEVEL = ("name", "storage_path", "description", "steps")
+TOP_LEVEL = ("name", "storage_path", "description", "overrides", "steps")
 DATA_FORMAT = {"pretrain": "pretrain", "sft": "sft", "lora": "sft", "dpo": "dpo", "reasoning": "r1", "distill": "sft"}
 TRAIN_FIELDS = ("stage", "recipe", "data", "val_data", "init_from", "teacher", "overrides")
 SWEEP_FIELDS = ("space", "num_samples", "max_concurrent", "sampler", "seed", "early_stopping", "data", "val_data",
@@ -155,6 +162,11 @@ def load_experiment(path: str | Path, settings: typing.Sequence[str] = ()) -> Ex
     storage_path = raw.get("storage_path", "runs/experiments")
     if not isinstance(storage_path, str) or not storage_path:
         fail("storage_path", "must be a path or a URI (s3://, gs://)")
+    defaults = raw.get("overrides") or {}
+    if not isinstance(defaults, dict) or not all(isinstance(key, str) for key in defaults):
+        fail("overrides", "must map dotted config fields to values, for every train and sweep step "
+             "(e.g. distributed.use_gpu: true)")  # fmt: skip
+    defaults = Defaults(defaults, path, yaml_key_lines(yaml_child(root, "overrides")))
     steps_raw = raw.get("steps")
     if not isinstance(steps_raw, dict) or not steps_raw:
         fail("steps", "must map step names to steps (e.g. pretrain: {train: {...}})")
@@ -185,7 +197,8 @@ def load_experiment(path: str | Path, settings: typing.Sequence[str] = ()) -> Ex
         field_lines = yaml_key_lines(kind_node)
         if not isinstance(fields, dict):
             fail(where, "must be a mapping of the step's fields", line)
-        parser = _StepParser(path, step_name, kind, fields, where, line, field_lines, kind_node, kinds, steps_raw)
+        parser = _StepParser(path, step_name, kind, fields, where, line, field_lines, kind_node, kinds, steps_raw,
+                             defaults)  # fmt: skip
         steps[step_name] = parser.parse()
     experiment = Experiment(path, name, storage_path, steps, text, list(settings))
     _check_acyclic(experiment, fail, step_lines)
@@ -202,7 +215,8 @@ def apply_settings(raw: dict, settings: typing.Sequence[str]) -> dict:
             raise ConfigError(f"--set {setting}: {message}")
 
         if not equals or not key:
-            fail("expected KEY=VALUE (name, storage_path, STEP.FIELD or STEP.overrides.DOTTED.FIELD)")
+            fail("expected KEY=VALUE (name, storage_path, overrides.DOTTED.FIELD, STEP.FIELD or "
+                 "STEP.overrides.DOTTED.FIELD)")  # fmt: skip
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as error:
@@ -211,9 +225,14 @@ def apply_settings(raw: dict, settings: typing.Sequence[str]) -> dict:
             raw[key] = value
             continue
         step, _, field = key.partition(".")
+        if step == "overrides" and field:  # the experiment's, for every train and sweep step
+            if not isinstance(raw.setdefault("overrides", {}), dict):
+                fail("the file's overrides is not a mapping")
+            raw["overrides"][field] = value
+            continue
         steps = raw.get("steps") if isinstance(raw.get("steps"), dict) else {}
         if step not in steps:
-            fail(f"no step {step!r} (steps: {', '.join(map(str, steps))}; or name, storage_path)")
+            fail(f"no step {step!r} (steps: {', '.join(map(str, steps))}; or name, storage_path, overrides.FIELD)")
         body = steps[step]
         if not isinstance(body, dict) or len(body) != 1:
             fail(f"steps.{step} is not a step with one kind")
@@ -235,13 +254,29 @@ def apply_settings(raw: dict, settings: typing.Sequence[str]) -> dict:
     return raw
 
 
+@dataclass
+class Defaults:
+    """The experiment's top-level ``overrides``: every train step's and sweep trial's, under the step's own."""
+
+    overrides: dict
+    path: str
+    lines: dict[str, int]
+
+    def under(self, step_overrides: dict) -> dict:
+        return {**self.overrides, **step_overrides}
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.overrides.get("distributed.use_gpu") is True
+
+
 class _StepParser:
     """One step's fields checked and resolved; steps it names are looked up in ``kinds``."""
 
-    def __init__(self, path, name, kind, fields, where, line, field_lines, node, kinds, steps_raw):
+    def __init__(self, path, name, kind, fields, where, line, field_lines, node, kinds, steps_raw, defaults):
         self.path, self.name, self.kind, self.fields = path, name, kind, fields
         self.where, self.line, self.field_lines, self.node = where, line, field_lines, node
-        self.kinds, self.steps_raw = kinds, steps_raw
+        self.kinds, self.steps_raw, self.defaults = kinds, steps_raw, defaults
         self.parents: dict[str, list[str]] = {}
         self.inputs: list[str] = []
         self.recipe_changes: list[str] = []
@@ -407,8 +442,13 @@ class _StepParser:
         overrides = self.fields.get("overrides") or {}
         if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
             self.fail("overrides", "must map dotted config fields to values (e.g. optim.lr: 3.0e-4)")
+        overrides = self.defaults.under(overrides)
         resolved = {"stage": run_stage, **defining, **overrides, "checkpoint.dir": SELF}
         mixture = "data.mixture" in overrides  # the sources are named there (files only)
+        for index, source in enumerate(overrides.get("data.mixture") or []):
+            for item in source.get("files", []) if isinstance(source, dict) else []:
+                if isinstance(item, str):  # their content is part of the hash, as data's is
+                    self.input_path(f"overrides.data.mixture[{index}].files", item)
         data = self.data_ref("data", required=not mixture)
         resolved["data.train_files"] = data or []
         if not mixture:
@@ -456,7 +496,7 @@ class _StepParser:
         overrides = self.fields.get("overrides") or {}
         if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
             self.fail("overrides", "must map dotted config fields to values, applied to every trial")
-        trial_overrides = dict(overrides)
+        trial_overrides = self.defaults.under(overrides)
         data = self.data_ref("data")
         if data is not None:
             trial_overrides.update({"data.train_files": data, "data.mixture": []})
@@ -472,9 +512,13 @@ class _StepParser:
         if init_from is not None:
             trial_overrides["checkpoint.init_from"] = init_from
         try:
-            later_stages = [later.name for later in load_space(space, trial_overrides).then]
+            loaded = load_space(space, trial_overrides)
         except ConfigError as error:
             self.fail("space", str(error))
+        later_stages = [later.name for later in loaded.then]
+        for later in later_stages:  # the experiment's overrides are every stage's (a pipeline's SFT too)
+            for key, value in self.defaults.overrides.items():
+                trial_overrides.setdefault(f"{later}/{key}", value)
         then_data = self.fields.get("then_data")
         if then_data is not None and (not isinstance(then_data, dict) or not then_data):
             self.fail("then_data", "must map a later stage of the space (e.g. sft: sft_data) to its data")
@@ -489,11 +533,15 @@ class _StepParser:
                 trial_overrides[f"{later}/data.seq_len"] = prepared
             if held := self.held_out(field):
                 trial_overrides[f"{later}/eval.val_files"] = held
-        if then_data:
-            try:
-                load_space(space, trial_overrides)
-            except ConfigError as error:
-                self.fail("then_data", str(error))
+        try:
+            loaded = load_space(space, trial_overrides)
+        except ConfigError as error:
+            self.fail("then_data" if then_data else "space", str(error))
+        # The recipes the space names are read at run time: what they hold (with the overrides) is part of
+        # the step's config, so an edited recipe is a new sweep, as an edited space is.
+        bases = {"trials": loaded.base, **{later.name: later.base for later in loaded.then}}
+        if loaded.target is not None:
+            bases["target"] = loaded.target.base
         settings = {"num_samples": 8, "max_concurrent": None, "sampler": "tpe", "seed": 0, "early_stopping": True}
         for field, default in settings.items():
             value = self.fields.get(field, default)
@@ -505,8 +553,8 @@ class _StepParser:
                 if isinstance(value, bool) or not isinstance(value, int) or value < (0 if field == "seed" else 1):
                     self.fail(field, "a positive integer" if field != "seed" else "an integer >= 0")
             settings[field] = value
-        return {"space_file": space, "space": load_yaml(space), **settings, "overrides": trial_overrides,
-                "out": SELF}  # fmt: skip
+        return {"space_file": space, "space": load_yaml(space), "bases": bases, **settings,
+                "overrides": trial_overrides, "out": SELF}  # fmt: skip
 
     def _eval(self) -> dict:
         from minimind.data.formats import FORMATS
@@ -520,6 +568,11 @@ class _StepParser:
         source_stage = source.get("stage") if isinstance(source, dict) else None
         fields = {**self.fields, "checkpoint": checkpoint, "data": data, "out": SELF}
         fields.setdefault("format", DATA_FORMAT.get(source_stage, "pretrain"))
+        if self.defaults.use_gpu:  # an experiment on GPUs scores on them too
+            fields.setdefault("use_gpu", True)
+        if str(fields.get("device", "auto")).startswith("cuda"):
+            self.fail("device", "an eval step's own task runs without a GPU (its scoring actors take GPUs with "
+                      "use_gpu: true): leave device auto or cpu")  # fmt: skip
         if fields["format"] not in FORMATS:
             self.fail("format", f"unknown format {fields['format']!r} (valid: {', '.join(FORMATS)})")
         reference = self.step_ref("reference", ("train",))
@@ -571,6 +624,8 @@ class _StepParser:
         if overrides is not None:
             line_of = yaml_key_lines(yaml_child(self.node, "overrides"))
             key = next((k for k in overrides if field == k or field.startswith(k + ".")), None)
+            if key is not None and key not in line_of and key in self.defaults.lines:  # the experiment's own
+                raise ConfigError(f"{self.path}:{self.defaults.lines[key]}: overrides.{message} (in step {self.name})")
             if key is not None:
                 raise ConfigError(f"{self.path}:{line_of.get(key, self.line)}: {self.where}.overrides.{message}")
             line = self.field_lines.get("recipe")
