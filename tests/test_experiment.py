@@ -237,11 +237,13 @@ def test_a_lease_is_held_by_one_invocation_and_taken_over_when_its_holder_stoppe
     first = runner.Lease(output, f"{socket.gethostname()}:{os.getpid()}:first")
     second = runner.Lease(output, f"{socket.gethostname()}:{os.getpid()}:second")
     assert first.try_take() and not second.try_take()
-    first.renew()
+    assert first.renew()
     assert not second.try_take()
     # Not renewed for longer than STALE_S: its holder is taken to be gone.
     monkeypatch.setattr(runner, "STALE_S", 0.0)
     assert second.try_take() and second.holder()[0] == second.owner
+    # The old holder, back, does not overwrite the lease it lost.
+    assert not first.renew() and second.holder()[0] == second.owner
     monkeypatch.setattr(runner, "STALE_S", 60.0)
     second.release()
     # Held by a process of this machine that has ended: taken at once.

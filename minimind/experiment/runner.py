@@ -76,8 +76,15 @@ class Lease:
         held = self.holder()
         return held is not None and held[0] == self.owner
 
-    def renew(self) -> None:
-        storage.write_text(self.path, json.dumps({"owner": self.owner, "renewed": time.time()}))
+    def renew(self) -> bool:
+        """Renew the lease if this invocation still holds it (False: another took it over as stale, and is
+        not overwritten)."""
+        held = self.holder()
+        if held is not None and held[0] != self.owner:
+            return False
+        storage.write_text(self.path, json.dumps({"owner": self.owner, "renewed": time.time(),
+                                                  "host": socket.gethostname()}))  # fmt: skip
+        return True
 
     def release(self) -> None:
         held = self.holder()
@@ -121,12 +128,16 @@ def run_experiment(
     running: dict = {}  # Ray ref -> (step name, lease, started)
     waiting_on_others: dict[str, Lease] = {}  # steps another invocation holds
     leases: list[Lease] = []
+    lost: list[Lease] = []
     stop = threading.Event()
 
     def heartbeat():
         while not stop.wait(HEARTBEAT_S):
             for lease in list(leases):
-                lease.renew()
+                if not lease.renew() and lease not in lost:
+                    lost.append(lease)
+                    print(f"[experiment] warning: another run took over {lease.path} (this one missed renewing "
+                          f"it for {STALE_S:.0f} s); both may now run that step", flush=True)  # fmt: skip
 
     threading.Thread(target=heartbeat, daemon=True).start()
     try:
@@ -153,6 +164,12 @@ def run_experiment(
                     waiting_on_others[name] = lease
                     continue
                 waiting_on_others.pop(name, None)
+                if name not in force and is_done(entry.output, entry.hash):  # finished by the run that held it
+                    lease.release()
+                    outcomes[name] = StepOutcome("cached")
+                    pending.remove(name)
+                    print(f"[experiment] {name}: cached ({entry.output}, finished by another run)", flush=True)
+                    continue
                 if name in force and is_done(entry.output, entry.hash):
                     storage.delete_dir(entry.output)
                     force.discard(name)  # once, even if a second run of this invocation would find it
