@@ -425,6 +425,25 @@ def test_a_trial_waiting_at_a_rung_stops_when_the_last_trial_that_could_reach_it
     assert state.trials["a"].status == "TERMINATED" and scheduler.pruned == {"a"}
 
 
+def test_a_trial_stopped_while_waiting_at_a_rung_reaches_optuna_with_its_last_value():
+    """Ray stops a paused trial with no result (``stop_trial`` -> ``on_trial_complete(trial_id)``): the limiter
+    gives Optuna the value it paused with, so TPE models it as it does a trial stopped while running."""
+    from optuna.trial import TrialState
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from minimind.tune.asha import SweepLimiter
+
+    searcher = OptunaSearch(space={"x": tune.uniform(0, 1)}, metric="objective", mode="min", seed=0)
+    limiter = SweepLimiter(searcher, max_concurrent=2)
+    assert limiter.suggest("a") and limiter.suggest("b")
+    limiter.pause("a", {"objective": 90.0})
+    limiter.on_trial_complete("a")
+    limiter.on_trial_complete("b", {"objective": 80.0})
+    assert [(t.state, t.value) for t in searcher._ot_study.trials] == [(TrialState.COMPLETE, 90.0),
+                                                                        (TrialState.COMPLETE, 80.0)]  # fmt: skip
+
+
 def token_asha(tmp_path, early_stopping=True):
     from minimind.tune.asha import TokenASHA
     from minimind.tune.plan import Objective, SweepPlan

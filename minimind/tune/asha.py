@@ -234,7 +234,7 @@ class TokenASHA(FIFOScheduler):
 
     def pause(self, tune_controller, trial_id: str, index: int, result: dict) -> str:
         self.waiting[trial_id] = index
-        tune_controller.search_alg.searcher.pause(trial_id)
+        tune_controller.search_alg.searcher.pause(trial_id, {"objective": result["objective"]})
         self.decide("pause", trial_id, rung=self.milestones[index], **{TIME_ATTR: result[TIME_ATTR]})
         self.record_status(trial_id, "waiting")
         return TrialScheduler.PAUSE
@@ -273,7 +273,8 @@ class SweepLimiter(ConcurrencyLimiter):
 
     def __init__(self, searcher, max_concurrent: int):
         super().__init__(searcher, max_concurrent=max_concurrent)
-        self.paused: set[str] = set()
+        self.paused: dict[str, dict] = {}
+        """Trials paused at a rung -> their last objective, ``{"objective": value}``."""
         self.promotions_waiting = 0
 
     def has_room(self) -> bool:
@@ -284,21 +285,23 @@ class SweepLimiter(ConcurrencyLimiter):
             return None
         return super().suggest(trial_id)
 
-    def pause(self, trial_id: str) -> None:
+    def pause(self, trial_id: str, result: dict) -> None:
         if trial_id in self.live_trials:
             self.live_trials.remove(trial_id)
             self.num_unfinished_live_trials -= 1
-            self.paused.add(trial_id)
+            self.paused[trial_id] = result
 
     def unpause(self, trial_id: str) -> None:
         if trial_id in self.paused:
-            self.paused.remove(trial_id)
+            del self.paused[trial_id]
             self.live_trials.add(trial_id)
             self.num_unfinished_live_trials += 1
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self.paused:  # stopped while waiting at a rung
-            self.paused.remove(trial_id)
-            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+            # Ray stops a paused trial with no result; the search learns its rung's value, as it does a trial
+            # stopped while running (otherwise TPE would see it as pruned, with no value at all).
+            rung_result = self.paused.pop(trial_id)
+            self.searcher.on_trial_complete(trial_id, result=result or rung_result, error=error)
             return
         super().on_trial_complete(trial_id, result=result, error=error)

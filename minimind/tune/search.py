@@ -24,7 +24,8 @@ def optuna_sampler(settings: SweepSettings, plan: SweepPlan):
     # constant_liar: a running trial counts as a poor result, so concurrent trials spread out.
     # multivariate + group: one joint density over parameters that depend on each other (lr with batch),
     # per set of parameters sampled together (a conditional space's branches). A trial ASHA stopped
-    # reaches Optuna as complete with its last value (Ray's OptunaSearch tells it its last result).
+    # reaches Optuna as complete with its last value: Ray's OptunaSearch tells it the last result of a trial
+    # stopped while running, and SweepLimiter the rung's result of one stopped while paused there.
     startup = settings.startup_trials or default_startup_trials(settings.num_samples)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
