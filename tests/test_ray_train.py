@@ -144,9 +144,11 @@ def test_working_dir_upload_stays_far_below_rays_limit():
     # What the README's examples leave in the working directory: a corpus at the root, prepared shards,
     # an HF export and MiniMind weights.
     probes = [ROOT / "upload-probe.jsonl", ROOT / "data/prepared/probe/x.npy", ROOT / "hf/probe/model.safetensors",
-              ROOT / "upload-probe.pth"]  # fmt: skip
+              ROOT / "upload-probe.pth", ROOT / "data/minimind/upload-probe.jsonl"]  # fmt: skip
     created = [probe for probe in probes if not probe.exists()]
-    folders = [folder for folder in (ROOT / "data/prepared", ROOT / "hf") if not folder.exists()]
+    folders = [
+        folder for folder in (ROOT / "data/prepared", ROOT / "hf", ROOT / "data/minimind") if not folder.exists()
+    ]
     try:
         for probe in created:
             probe.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +164,9 @@ def test_working_dir_upload_stays_far_below_rays_limit():
             probe.unlink()
         for folder in folders:
             shutil.rmtree(folder)
-    assert not [n for n in names if n.startswith((".git/", ".venv/", "runs/", "data/prepared/", "hf/"))]
+    assert not [
+        n for n in names if n.startswith((".git/", ".venv/", "runs/", "data/prepared/", "data/minimind/", "hf/"))
+    ]
     assert not [n for n in names if n.endswith((".pth", "upload-probe.jsonl"))]
     assert "ray_jobs/pretrain.py" in names and "data/sample/pretrain.jsonl" in names
     assert size < 25 * 2**20, f"{size / 2**20:.1f} MiB"  # Ray refuses more than 100 MiB
