@@ -57,6 +57,10 @@ def test_round_trip_through_yaml(tmp_path):
             "distributed.gpus_per_worker: 0.25 GPU per worker",
         ),
         (
+            {"distributed.use_gpu": True, "distributed.num_workers": 2, "distributed.gpus_per_worker": 2},
+            "distributed.gpus_per_worker: 2 GPU per worker: with 2 workers under ddp every worker needs one whole",
+        ),
+        (
             {"distributed.use_gpu": True, "distributed.strategy": "deepspeed", "distributed.offload_optimizer": True},
             "distributed.cpus_per_worker: 1 with offload_optimizer on GPU workers: DeepSpeed's CPU Adam",
         ),

@@ -354,7 +354,8 @@ class RuntimeConfig:
     device: str = "auto"
     """auto|cpu|cuda|cuda:N; auto picks CUDA when present."""
     dtype: str = "auto"
-    """auto|fp32|bf16|fp16; auto is bf16 on GPUs that support it, else fp32. fp16 uses a GradScaler."""
+    """auto|fp32|bf16|fp16; auto is bf16 on GPUs of compute capability >= 8.0, fp16 on older GPUs, fp32 on CPU.
+    fp16 uses a GradScaler."""
     compile: bool = False
     """Wrap the model in torch.compile."""
 
@@ -456,10 +457,11 @@ class DistributedConfig:
         _require(
             not self.use_gpu
             or (self.num_workers == 1 and not deepspeed)
-            or (self.gpus_per_worker >= 1 and float(self.gpus_per_worker).is_integer()),
+            or self.gpus_per_worker == 1,
             f"{path}.gpus_per_worker",
             f"{self.gpus_per_worker:g} GPU per worker: with {self.num_workers} workers under {self.strategy} every "
-            "worker needs whole GPUs of its own (NCCL refuses two ranks on one GPU); fractions suit one-worker trials",
+            "worker needs one whole GPU of its own (NCCL refuses two ranks on one GPU, a rank computes on one GPU, "
+            "and DeepSpeed picks it by LOCAL_RANK); fractions suit one-worker trials",
         )
         _require(
             not self.offload_optimizer or (deepspeed and self.zero_stage >= 2),
