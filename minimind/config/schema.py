@@ -455,9 +455,7 @@ class DistributedConfig:
         )
         deepspeed = self.strategy == "deepspeed"
         _require(
-            not self.use_gpu
-            or (self.num_workers == 1 and not deepspeed)
-            or self.gpus_per_worker == 1,
+            not self.use_gpu or (self.num_workers == 1 and not deepspeed) or self.gpus_per_worker == 1,
             f"{path}.gpus_per_worker",
             f"{self.gpus_per_worker:g} GPU per worker: with {self.num_workers} workers under {self.strategy} every "
             "worker needs one whole GPU of its own (NCCL refuses two ranks on one GPU, a rank computes on one GPU, "
