@@ -221,6 +221,15 @@ def test_multiple_choice_scores_are_transformers_log_likelihoods_and_accuracy_is
     assert summary["choice_subjects"]["mixed"] == {"accuracy": float(expected_correct[6]),
         "accuracy_per_byte": float(expected_per_byte[6]), "chance": 0.5, "questions": 1}  # fmt: skip
 
+    # An option that fills the whole context has no token to be predicted from: refused, naming the question.
+    from minimind.config import ConfigError
+    from minimind.eval.choices import Question
+
+    long_option = " ".join(str(n) for n in range(200))
+    assert len(tokenizer.encode(long_option)) >= 128
+    with pytest.raises(ConfigError, match=r"^long\.jsonl:3: choices\[1\]: \d+ tokens"):
+        score_question(model, tokenizer, Question("x", "q?", ["a", long_option], 0, "long.jsonl:3"), [], seq_len=128)
+
 
 def test_a_trained_model_tells_held_out_text_from_its_tokens_scrambled_and_an_untrained_one_does_not(
     pretrained_run, tokenizer, tmp_path

@@ -157,13 +157,25 @@ def context_text(question: Question, shots: Sequence[Question]) -> str:
 
 
 @torch.no_grad()
-def option_log_likelihoods(model, tokenizer, context: str, options: Sequence[str], seq_len: int) -> list[float]:
-    """Sum of log-probabilities of each option's tokens after ``context``, all options in one padded batch."""
+def option_log_likelihoods(
+    model, tokenizer, context: str, options: Sequence[str], seq_len: int, where: str = "options"
+) -> list[float]:
+    """Sum of log-probabilities of each option's tokens after ``context``, all options in one padded batch.
+
+    An option must leave room for at least one token of context in ``seq_len`` (the first token it is scored on
+    is predicted from the one before it); a longer one is refused, naming ``where``, rather than scored on a
+    window that cut its own start off.
+    """
     device = model.lm_head.weight.device
     prefix = [tokenizer.eos_id, *tokenizer.encode(context)]
     rows, spans = [], []
-    for option in options:
+    for index, option in enumerate(options):
         option_ids = tokenizer.encode(option) or [tokenizer.eos_id]  # an empty option: the text ends there
+        if len(option_ids) >= seq_len:
+            raise ConfigError(
+                f"{where}: choices[{index}]: {len(option_ids)} tokens, too long to score in a {seq_len}-token "
+                "context (an option needs at least one token of context before it)"
+            )
         ids = (prefix + option_ids)[-seq_len:]
         rows.append(ids)
         spans.append(len(option_ids))
@@ -183,7 +195,8 @@ def option_log_likelihoods(model, tokenizer, context: str, options: Sequence[str
 
 def score_question(model, tokenizer, question: Question, shots: Sequence[Question], seq_len: int) -> dict:
     """One question's record: its option scores, the picks by sum and per byte, and whether each is right."""
-    scores = option_log_likelihoods(model, tokenizer, context_text(question, shots), question.choices, seq_len)
+    context = context_text(question, shots)
+    scores = option_log_likelihoods(model, tokenizer, context, question.choices, seq_len, where=question.source)
     per_byte = [score / max(1, len(choice.encode("utf-8"))) for score, choice in zip(scores, question.choices)]
     pick, pick_per_byte = (max(range(len(s)), key=s.__getitem__) for s in (scores, per_byte))
     return {
