@@ -147,15 +147,56 @@ def present_trials(nodes: list[dict[str, float]], per_worker: dict[str, float], 
     return sum(workers_per_node(node, per_worker) for node in nodes) // workers_per_trial
 
 
+def check_placeable(
+    present: list[dict[str, float]],
+    limits: ClusterLimits | None,
+    per_worker: dict[str, float],
+    workers: int,
+    placement: str = "PACK",
+    kuberay: bool = False,
+    what: str = "distributed.num_workers",
+) -> None:
+    """Refuse ``workers`` workers needing ``per_worker`` each that neither the nodes up now nor any node the
+    autoscaler can add would hold: Ray would wait for them for ever (Ray Train gives up starting them after a
+    minute and tries again, without end). Only a sure answer refuses: a KubeRay cluster, or limits that cannot be
+    counted, pass; so does an autoscaler that holds the workers in total (``placement``'s strict forms are
+    checked on the nodes up now only)."""
+    if kuberay:
+        return
+    holds = [workers_per_node(node, per_worker) for node in present]
+    if placement == "STRICT_PACK":
+        fit_now = max(holds, default=0) >= workers
+    elif placement == "STRICT_SPREAD":
+        fit_now = sum(1 for held in holds if held) >= workers
+    else:
+        fit_now = sum(holds) >= workers
+    most = max_trials(limits, per_worker, workers) if limits is not None else 0
+    if fit_now or most is None or most > 0:
+        return
+    need = ", ".join(f"{value:g} {key}" for key, value in per_worker.items())
+    if limits is None:
+        scale = "and it does not autoscale"
+    else:
+        scale = f"and {max_trials(limits, per_worker, 1)} at its largest ({limits.source})"
+    raise ConfigError(
+        f"{what}: {workers} worker(s) of {need} each ({placement}) do not fit this Ray cluster: its nodes hold "
+        f"{sum(holds)} such worker(s) now, {scale}, so Ray would wait for them for ever; ask for fewer workers or "
+        "fewer CPUs/GPUs per worker (or no --use-gpu), or start the nodes first"
+    )
+
+
 def choose_concurrency(
     present: list[dict[str, float]],
     limits: ClusterLimits | None,
     per_worker: dict[str, float],
     workers_per_trial: int,
     kuberay: bool = False,
+    placement: str = "PACK",
 ) -> tuple[int, str]:
     """Trials at once, and a line saying how that was counted. A cluster that may scale beyond what can be
-    read (KubeRay, or an autoscaler without a bound) is refused: pass ``--max-concurrent``."""
+    read (KubeRay, or an autoscaler without a bound) is refused: pass ``--max-concurrent``; so is one where no
+    trial fits (:func:`check_placeable`)."""
+    check_placeable(present, limits, per_worker, workers_per_trial, placement, kuberay, "a sweep trial's workers")
     now = present_trials(present, per_worker, workers_per_trial)
     need = ", ".join(f"{value:g} {key}" for key, value in per_worker.items())
     if limits is None:

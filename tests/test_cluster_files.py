@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from minimind.capacity import choose_concurrency, limits_from_cluster_config
+from minimind.capacity import check_placeable, choose_concurrency, limits_from_cluster_config
 from minimind.cluster import ClusterFileError, check_cluster_file
 from minimind.config import ConfigError
 from minimind.cuda import PINNED_TORCH, torch_cuda_major
@@ -275,6 +275,27 @@ def test_a_sweep_on_an_autoscaling_cluster_counts_what_it_can_scale_to():
     del unstated["available_node_types"]["gpu-1"]["resources"]  # Ray would detect them when a node starts
     with pytest.raises(ConfigError, match="or add nodes whose resources it does not state"):
         choose_concurrency(head_only, limits_from_cluster_config(unstated, "cluster.yaml"), gpu_trial, 1)
+
+
+def test_workers_no_node_can_hold_are_refused_and_what_an_autoscaler_can_add_is_not():
+    """Ray would wait for them for ever (Ray Train retries their start each minute): counted by hand."""
+    two_nodes = [{"CPU": 2.0}, {"CPU": 2.0}]
+    with pytest.raises(ConfigError, match=r"its nodes hold 0 such worker\(s\) now, and it does not autoscale"):
+        check_placeable(two_nodes, None, {"CPU": 1.0, "GPU": 1.0}, 1)
+    with pytest.raises(ConfigError, match=r"^distributed.num_workers: 5 worker\(s\) of 1 CPU each \(PACK\).* hold 4"):
+        check_placeable(two_nodes, None, {"CPU": 1.0}, 5)
+    check_placeable(two_nodes, None, {"CPU": 1.0}, 4)
+    check_placeable(two_nodes, None, {"CPU": 2.0}, 2, "STRICT_SPREAD")
+    for placement, workers in [("STRICT_PACK", 2), ("STRICT_SPREAD", 3)]:  # one node holds one; two nodes
+        with pytest.raises(ConfigError, match=rf"\({placement}\) do not fit"):
+            check_placeable(two_nodes, None, {"CPU": 2.0 if placement == "STRICT_PACK" else 1.0}, workers, placement)
+    limits = one_gpu_trials(ROOT / "cluster.yaml")  # GPU nodes the autoscaler adds when asked
+    check_placeable([{"CPU": 8.0}], limits, {"CPU": 1.0, "GPU": 1.0}, 16)
+    with pytest.raises(ConfigError, match=r"now, and 0 at its largest \(cluster.yaml\)"):
+        check_placeable([{"CPU": 8.0}], dataclasses.replace(limits, groups=limits.groups[:1]), {"GPU": 1.0}, 1)
+    check_placeable(two_nodes, None, {"CPU": 1.0, "GPU": 1.0}, 1, kuberay=True)  # its limits cannot be read
+    with pytest.raises(ConfigError, match="^a sweep trial's workers: 1 worker"):  # a sweep of such trials
+        choose_concurrency(two_nodes, None, {"CPU": 1.0, "GPU": 1.0}, 1)
 
 
 def test_eval_on_gpus_is_refused_where_there_is_none_and_sized_by_what_can_scale():

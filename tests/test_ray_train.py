@@ -172,6 +172,17 @@ def test_working_dir_upload_stays_far_below_rays_limit():
     assert size < 25 * 2**20, f"{size / 2**20:.1f} MiB"  # Ray refuses more than 100 MiB
 
 
+def test_workers_the_cluster_cannot_hold_are_refused_before_ray_waits_for_them(ray_cluster, tmp_path):
+    """The session's cluster: two nodes of 2 CPUs, no GPU, no autoscaler; Ray Train itself would retry starting
+    these workers every minute, for ever."""
+    from minimind.config import ConfigError
+    from minimind.train.distributed import build_trainer
+
+    for distributed, held in [({"use_gpu": True}, 0), ({"num_workers": 5}, 4)]:
+        with pytest.raises(ConfigError, match=rf"its nodes hold {held} such worker"):
+            build_trainer(tiny_config(tmp_path, distributed=distributed))
+
+
 def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
     from minimind.train.loop import NonFiniteLoss
 

@@ -37,7 +37,8 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from minimind import storage
-from minimind.config import ConfigError, TrainConfig, build_config, config_to_dict
+from minimind.capacity import check_placeable, cluster_limits, on_kuberay
+from minimind.config import ConfigError, DistributedConfig, TrainConfig, build_config, config_to_dict
 from minimind.devices import require_cuda
 from minimind.model import count_parameters
 from minimind.model.checkpoint import META_FILE, checkpoint_location, resolve_checkpoint
@@ -262,6 +263,24 @@ def check_memory(config: TrainConfig) -> None:
         )
 
 
+def check_workers_fit(config: TrainConfig) -> None:
+    """Refuse workers that no node of the running cluster, nor any its autoscaler can add, would hold (``--use-gpu``
+    on a cluster without GPUs, more workers than CPUs): Ray Train would retry starting them for ever."""
+    if not ray.is_initialized():
+        return
+    if on_kuberay():
+        return  # its autoscaler's limits cannot be read
+    settings = config.distributed
+    present = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    workers = (worker_resources(settings), settings.num_workers, settings.placement_strategy)
+    check_placeable(present, cluster_limits(), *workers)
+
+
+def worker_resources(settings: DistributedConfig) -> dict[str, float]:
+    """One worker's Ray resources."""
+    return {"CPU": settings.cpus_per_worker, **({"GPU": settings.gpus_per_worker} if settings.use_gpu else {})}
+
+
 def build_trainer(config: TrainConfig, callbacks: list | None = None, verdicts=None) -> TorchTrainer:
     """A ``TorchTrainer`` that runs ``config`` with ``distributed.num_workers`` workers.
 
@@ -275,10 +294,9 @@ def build_trainer(config: TrainConfig, callbacks: list | None = None, verdicts=N
     check_devices(config)
     check_deepspeed(config)
     check_memory(config)
+    check_workers_fit(config)
     dist_config = config.distributed
-    resources = {"CPU": dist_config.cpus_per_worker}
-    if dist_config.use_gpu:
-        resources["GPU"] = dist_config.gpus_per_worker
+    resources = worker_resources(dist_config)
     storage_path, name = split_run_dir(config.checkpoint.dir)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", DEFAULT_POLL_INTERVAL_S)
     score = config.checkpoint.score_metric

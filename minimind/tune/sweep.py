@@ -25,6 +25,7 @@ from ray import tune
 from minimind import storage
 from minimind.capacity import choose_concurrency, cluster_limits, on_kuberay
 from minimind.config import ConfigError
+from minimind.train.distributed import worker_resources
 from minimind.tune.asha import SweepLimiter, TokenASHA
 from minimind.tune.plan import Objective, SweepPlan
 from minimind.tune.records import trial_ids
@@ -84,9 +85,11 @@ def sweep_concurrency(settings: SweepSettings, plan: SweepPlan) -> tuple[int, st
     if settings.max_concurrent:
         return settings.max_concurrent, "--max-concurrent"
     dist = plan.trial_config(plan.space.baseline(), "unused").distributed
-    per_worker = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})}
+    per_worker = worker_resources(dist)
     present = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    return choose_concurrency(present, cluster_limits(), per_worker, dist.num_workers, kuberay=on_kuberay())
+    return choose_concurrency(
+        present, cluster_limits(), per_worker, dist.num_workers, kuberay=on_kuberay(), placement=dist.placement_strategy
+    )
 
 
 def build_tuner(settings: SweepSettings, plan: SweepPlan, concurrency: tuple[int, str] | None = None) -> tune.Tuner:
