@@ -94,6 +94,8 @@ SEARCHED = "params:\n  optim.lr: {choice: [1.0e-2, 1.0e-3]}\n"
         (HEAD + SEARCHED + "points:\n  - {optim.lr: 5.0e-3}\n", 6, r"points\[0\]\.optim\.lr: 0\.005 is not one of"),
         (HEAD + "params:\n  optim.lr: {choice: [1.0e-2]\n", 5, r"not valid YAML: expected ',' or '}'"),
         ("- stage\n- recipe\n", 1, r"the top level must be a mapping"),
+        (HEAD + "overrides: {optim.schedule: wsd}\nparams:\n  optim.epochs: {choice: [1, 2]}\n", 5,
+         r"params\.optim\.epochs: under optim\.schedule: wsd a training length is searched with budget\.dur"),
         (HEAD + "stage: sft\n" + SEARCHED, 3, r"not valid YAML: the key 'stage' appears twice \(first on line 1\)"),
     ],
 )  # fmt: skip

@@ -73,6 +73,8 @@ from minimind.tune.transfer import (
 KINDS = ("loguniform", "uniform", "int", "choice")
 TOP_LEVEL = ("stage", "recipe", "target", "objective", "budget", "overrides", "params", "points", "then")
 LATER_STAGE_KEYS = ("stage", "recipe", "overrides", "params")
+DURATION_FIELDS = ("optim.epochs", "optim.max_steps")
+"""Fields that set how long a run trains."""
 
 
 @dataclass
@@ -311,6 +313,13 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
         for param in params:
             if param.name.startswith("model.") and param.name.split(".", 1)[1] in WIDTH_FIELDS:
                 fail(f"params.{param.name}", "a target sweep tunes at the proxy's width; the target keeps its own",
+                     param.line)  # fmt: skip
+    if build_config(base).optim.schedule == "wsd":
+        for param in params:
+            if param.stage_index == 0 and param.dotted_field in DURATION_FIELDS:
+                fail(f"params.{param.name}", "under optim.schedule: wsd a training length is searched with "
+                     "budget.durations_tokens: each trial trains once, to the longest, and is scored at every "
+                     "shorter one by a cooldown branch ending there; as a parameter each length trains from scratch",
                      param.line)  # fmt: skip
     space = SearchSpace(path, stage, recipe, base, params, raw.get("objective") or "val_perplexity", budget,
                         then=later_stages, target=target)  # fmt: skip
