@@ -319,7 +319,8 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
             if param.stage_index == 0 and param.dotted_field in DURATION_FIELDS:
                 fail(f"params.{param.name}", "under optim.schedule: wsd a training length is searched with "
                      "budget.durations_tokens: each trial trains once, to the longest, and is scored at every "
-                     "shorter one by a cooldown branch ending there; as a parameter each length trains from scratch",
+                     "shorter one by a cooldown branch ending there; as a parameter each length trains from scratch. "
+                     "`minimind info --config RECIPE` prints the tokens of the recipe's epochs",
                      param.line)  # fmt: skip
     space = SearchSpace(path, stage, recipe, base, params, raw.get("objective") or "val_perplexity", budget,
                         then=later_stages, target=target)  # fmt: skip
