@@ -93,6 +93,16 @@ def test_old_prepared_corpora_must_be_prepared_again(corpora, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="schema version 1 is not 2; prepare the corpus again"):
         Manifest.load(tmp_path)
+    # Searched for benchmark questions, a corpus made with another tokenizer would decode to other text.
+    from minimind.config import ConfigError
+    from minimind.eval.choices import Question
+    from minimind.eval.contamination import contaminated
+
+    data.update(schema_version=2, tokenizer_hash="0123456789abcdef")
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    question = Question("s", "一年有几个季节？", ["三", "四"], 1, "a.csv:2")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: prepared with tokenizer 0123456789abcdef, but its rows"):
+        contaminated([question], [str(tmp_path)])
 
 
 def test_ranks_take_disjoint_equal_batches_of_one_global_order():

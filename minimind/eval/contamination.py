@@ -86,14 +86,26 @@ def contaminated(questions: Sequence[Question], corpora: Sequence[str], tokenize
     """For each question, whether one of its windows occurs in any of ``corpora`` (needs Ray started)."""
     import ray
 
+    from minimind.config import ConfigError
     from minimind.data.pipeline import Manifest, is_prepared
     from minimind.eval.distributed import actor_pool
+    from minimind.tokenizer import load_tokenizer
 
+    manifests = {corpus: Manifest.load(corpus) for corpus in corpora if is_prepared(corpus)}
+    if manifests:  # a prepared corpus is read by decoding its tokens: with another tokenizer, other text
+        fingerprint = load_tokenizer(tokenizer_path).fingerprint
+        for corpus, manifest in manifests.items():
+            if manifest.tokenizer_hash != fingerprint:
+                raise ConfigError(
+                    f"{corpus}: prepared with tokenizer {manifest.tokenizer_hash}, but its rows would be decoded with "
+                    f"{tokenizer_path or 'the bundled tokenizer'} ({fingerprint}), into other text than the corpus "
+                    "held; give the tokenizer it was prepared with, or its jsonl files"
+                )
     windows = sorted(set().union(*(question_windows(q, n) for q in questions))) if questions else []
     found: set[str] = set()
     for corpus in corpora:
-        prepared = is_prepared(corpus)
-        rows = Manifest.load(corpus).ray_dataset("train") if prepared else ray.data.read_text(corpus)
+        prepared = corpus in manifests
+        rows = manifests[corpus].ray_dataset("train") if prepared else ray.data.read_text(corpus)
         matched = rows.map_batches(WindowMatcher, fn_constructor_args=(windows, n, tokenizer_path, prepared),
                                    batch_size=256, batch_format="numpy", **actor_pool(actors, None))  # fmt: skip
         for row in matched.iter_rows():
