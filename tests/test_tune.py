@@ -94,8 +94,12 @@ SEARCHED = "params:\n  optim.lr: {choice: [1.0e-2, 1.0e-3]}\n"
         (HEAD + SEARCHED + "points:\n  - {optim.lr: 5.0e-3}\n", 6, r"points\[0\]\.optim\.lr: 0\.005 is not one of"),
         (HEAD + "params:\n  optim.lr: {choice: [1.0e-2]\n", 5, r"not valid YAML: expected ',' or '}'"),
         ("- stage\n- recipe\n", 1, r"the top level must be a mapping"),
-        (HEAD + "overrides: {optim.schedule: wsd}\nparams:\n  optim.epochs: {choice: [1, 2]}\n", 5,
-         r"params\.optim\.epochs: under optim\.schedule: wsd a training length is searched with budget\.dur"),
+        (HEAD + "overrides: {optim.schedule: wsd}\nparams:\n  optim.max_steps: {choice: [10, 20]}\n", 5,
+         r"params\.optim\.max_steps: under optim\.schedule: wsd list the lengths as budget\.durations_tokens"),
+        (HEAD + "overrides: {optim.schedule: wsd}\nparams:\n  optim.epochs: {choice: [2]}\n", 5,
+         r"params\.optim\.epochs: under optim\.schedule: wsd the epochs are durations .* at least two"),
+        (HEAD + "overrides: {optim.schedule: wsd}\nbudget: {max_tokens: 5000}\n" + SEARCHED
+         + "  optim.epochs: {choice: [1, 2]}\n", 7, r"params\.optim\.epochs: the durations are these epochs"),
         (HEAD + "stage: sft\n" + SEARCHED, 3, r"not valid YAML: the key 'stage' appears twice \(first on line 1\)"),
     ],
 )  # fmt: skip
@@ -120,6 +124,26 @@ def test_every_shipped_space_is_valid_and_its_baseline_is_its_recipe(path, monke
     for index, (base, config) in enumerate(zip(space.stage_bases(), configs)):
         recipe = build_config(base)
         assert config.optim.lr == recipe.optim.lr and config.optim.batch_size == recipe.optim.batch_size, index
+
+
+def test_epochs_under_wsd_are_durations_of_one_trial_counted_as_the_loop_counts_an_epoch(monkeypatch, tmp_path):
+    """`optim.epochs: {choice: [1, 2]}` under WSD: not sampled; every trial trains 2 epochs once and is scored
+    at the end of the first by the cooldown branch that is a 1-epoch run's decay."""
+    from minimind.train.compute import tokens_per_step
+    from minimind.train.loop import Trainer
+    from minimind.tune.plan import Objective, SweepPlan
+
+    monkeypatch.chdir(ROOT)
+    path = write_space(tmp_path, HEAD + "overrides: {optim.schedule: wsd, data.seq_len: 64, eval.val_fraction: 0.1}\n"
+                       + SEARCHED + "  optim.epochs: {choice: [2, 1]}\n")  # fmt: skip
+    space = load_space(path)
+    assert [param.name for param in space.params] == ["optim.lr"] and space.budget.durations_epochs == [1, 2]
+    plan = SweepPlan("epochs", "unused", space, Objective.parse("val_loss"))
+    plan.check()
+    config = plan.trial_config({"optim.lr": 1e-3})
+    epoch = Trainer(config).steps_per_epoch  # the reference: the training loop's own epoch
+    assert plan.space.budget.durations_tokens == [epoch * tokens_per_step(config), 2 * epoch * tokens_per_step(config)]
+    assert (config.optim.epochs, config.optim.max_steps, config.eval.cooldown_durations) == (2, 2 * epoch, [epoch])
 
 
 def test_durations_come_from_one_trial_whose_cooldown_branches_are_the_shorter_runs(monkeypatch):

@@ -201,3 +201,15 @@ def test_rank_fidelity_per_rung_against_hand_computed_rho(tmp_path):
     few = [r for r in records if r.trial_id in ("t0", "t1")]
     write_report(tmp_path / "few", summary(rungs=[400_000]), few)
     assert "Rank fidelity cannot be measured here: 2 trial(s)" in (tmp_path / "few" / "report.md").read_text()
+
+
+def test_objective_against_duration_reads_each_length_within_a_tenth_and_names_epochs_when_given(tmp_path):
+    records = sweep_records()[1:3]  # t1 (48.0) and t2 (41.2, ranked first)
+    records[0].durations = [(395_000, 61.5), (1_190_000, 48.0)]  # padding leaves a run a little short
+    records[1].durations = [(450_000, 50.25), (1_200_000, 41.2)]  # 12.5% past 400K: no reading there
+    markdown = write_report(tmp_path, summary(durations=[400_000, 1_200_000]), records).read_text()
+    assert "| trial | status | 400K tokens | 1.2M tokens |" in markdown
+    assert "| t2 | finished | — | 41.2 |" in markdown and "| t1 | finished | 61.5 | 48 |" in markdown
+    epochs = summary(durations=[400_000, 1_200_000], duration_epochs=[1, 3])
+    markdown = write_report(tmp_path / "epochs", epochs, records).read_text()
+    assert "| trial | status | 1 epoch (400K tokens) | 3 epochs (1.2M tokens) |" in markdown

@@ -6,12 +6,13 @@ Shipped to the trials (``tune.with_parameters``); nothing here talks to Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from minimind.config import ConfigError, TrainConfig, apply_overrides, build_config
-from minimind.train.compute import tokens_per_step
+from minimind.train.compute import steps_per_epoch, tokens_per_step
 from minimind.train.schedule import decay_steps
 from minimind.tune.space import Budget, SearchSpace
 
@@ -95,6 +96,10 @@ class SweepPlan:
     space: SearchSpace
     objective: Objective
 
+    def __post_init__(self) -> None:
+        if self.space.budget.durations_epochs and not self.space.budget.durations_tokens:
+            self.space = durations_in_tokens(self.space)
+
     def trial_dir(self, trial_id: str) -> str:
         return f"{self.sweep_dir}/trials/{trial_id}"
 
@@ -168,6 +173,29 @@ def rung_steps(budget: Budget, tokens_per_step: float) -> list[int]:
 def duration_steps(duration_tokens: float, tokens_per_step: float) -> int:
     """Optimizer steps that train at least ``duration_tokens``."""
     return max(1, math.ceil(duration_tokens / tokens_per_step))
+
+
+def epoch_tokens(config: TrainConfig) -> int:
+    """Tokens (padding included, as budgets count them) of one epoch of ``config``'s run over its data."""
+    return steps_per_epoch(config) * tokens_per_step(config)
+
+
+def durations_in_tokens(space: SearchSpace) -> SearchSpace:
+    """``space`` with its epoch durations (``budget.durations_epochs``) as ``budget.durations_tokens``: the
+    tokens of that many epochs of the baseline trial's data (opened here, once; a trial of another batch size
+    is scored within a step of the same epochs). Its recipe trains the longest number of epochs."""
+    epochs = space.budget.durations_epochs
+    longest = {"optim.epochs": max(epochs)}
+    base = apply_overrides(space.base, longest)
+    config = build_config(apply_overrides(base, space.stage_params(space.baseline(), 0)))
+    try:
+        per_epoch = epoch_tokens(config)
+    except (OSError, ValueError) as error:
+        message = f"params.optim.epochs: the tokens of an epoch of the data could not be counted: {error}"
+        raise ConfigError(message) from None
+    durations = [float(count * per_epoch) for count in epochs]
+    budget = dataclasses.replace(space.budget, durations_tokens=durations, max_tokens=durations[-1])
+    return dataclasses.replace(space, base=base, budget=budget)
 
 
 def duration_evaluations(config: TrainConfig, durations_tokens: list[float], tokens_per_step: float) -> dict:

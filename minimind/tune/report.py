@@ -85,6 +85,8 @@ class SweepSummary:
     """ASHA's rungs, in trained tokens (for the rank-fidelity section)."""
     durations: list[float] = field(default_factory=list)
     """A duration sweep's candidate lengths in tokens (``budget.durations_tokens``)."""
+    duration_epochs: list[int] = field(default_factory=list)
+    """The same lengths in epochs, when the space gave them so (``optim.epochs`` under WSD)."""
     transfer: list[str] = field(default_factory=list)
     """A proxy sweep's account of its target: how ``best-target.yaml`` was made and what the sweep cost
     against one target run (``minimind/tune/transfer.py``); empty without a target."""
@@ -312,6 +314,9 @@ def _duration_blocks(summary: SweepSummary, records: list[TrialRecord]) -> list[
     if not summary.durations:
         return []
     header = ["trial", "status", *(f"{_fmt_tokens(d)} tokens" for d in summary.durations)]
+    if len(summary.duration_epochs) == len(summary.durations):
+        epochs = summary.duration_epochs
+        header[2:] = [f"{e} epoch{'s' if e > 1 else ''} ({cell})" for e, cell in zip(epochs, header[2:])]
     rows = []
     for record in _ranked(records, summary.mode):
         values = [reading_at(record.durations, duration) for duration in summary.durations]

@@ -200,6 +200,7 @@ def write_sweep_report(settings: SweepSettings, plan: SweepPlan) -> tuple[str, T
         best_configs=best_configs,
         rungs=rung_milestones(plan.space.budget),
         durations=plan.space.budget.durations_tokens or [],
+        duration_epochs=plan.space.budget.durations_epochs or [],
         transfer=transfer_lines(plan, records, best),
     )
     if not storage.is_uri(plan.sweep_dir):

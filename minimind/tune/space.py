@@ -93,6 +93,10 @@ class Budget:
     """Candidate training lengths (``optim.schedule: wsd``): every trial trains once to the longest and
     is evaluated at each shorter one by a cooldown branch that ends there, so lr x duration trains each
     lr once. ``max_tokens`` is the longest; ``best.yaml`` is a WSD run of the best length."""
+    durations_epochs: list[int] | None = None
+    """Candidate lengths in epochs: a space's ``optim.epochs`` parameter under WSD (``{choice: [1, 2, 3]}``).
+    Not sampled: the sweep's plan turns them into ``durations_tokens`` by the tokens of an epoch of the
+    baseline trial's data, and every trial trains once to the longest."""
 
 
 @dataclass
@@ -315,13 +319,7 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
                 fail(f"params.{param.name}", "a target sweep tunes at the proxy's width; the target keeps its own",
                      param.line)  # fmt: skip
     if build_config(base).optim.schedule == "wsd":
-        for param in params:
-            if param.stage_index == 0 and param.dotted_field in DURATION_FIELDS:
-                fail(f"params.{param.name}", "under optim.schedule: wsd a training length is searched with "
-                     "budget.durations_tokens: each trial trains once, to the longest, and is scored at every "
-                     "shorter one by a cooldown branch ending there; as a parameter each length trains from scratch. "
-                     "`minimind info --config RECIPE` prints the tokens of the recipe's epochs",
-                     param.line)  # fmt: skip
+        params = _durations_from_epochs(params, budget, fail)
     space = SearchSpace(path, stage, recipe, base, params, raw.get("objective") or "val_perplexity", budget,
                         then=later_stages, target=target)  # fmt: skip
     for name, value in space.baseline().items():
@@ -353,6 +351,40 @@ def load_space(path: str | Path, cli_overrides: dict[str, Any] | None = None) ->
                 fail(where, f"the run config rejects it: {error}", line)
         space.points.append(point)
     return space
+
+
+def _durations_from_epochs(params: list[Param], budget: Budget, fail) -> list[Param]:
+    """Under WSD a searched length is a duration dimension, not a sampled parameter: ``optim.epochs`` becomes
+    ``budget.durations_epochs`` (each trial trains once to the longest, scored at each shorter one by a cooldown
+    branch); ``optim.max_steps``, whose steps differ with the batch, is refused for ``budget.durations_tokens``."""
+    kept = []
+    for param in params:
+        if param.stage_index or param.dotted_field not in DURATION_FIELDS:
+            kept.append(param)
+            continue
+        where = f"params.{param.name}"
+        if param.dotted_field == "optim.max_steps":
+            fail(where, "under optim.schedule: wsd list the lengths as budget.durations_tokens (or optim.epochs): "
+                 "each trial trains once, to the longest, and is scored at every shorter one by a cooldown branch "
+                 "ending there; steps as a parameter would train each length from scratch", param.line)  # fmt: skip
+        if param.kind == "choice":
+            values = param.choices
+        elif param.integer and not param.log:
+            values = list(range(int(param.low), int(param.high) + 1, param.step or 1))
+        else:
+            values = []
+        if len(set(values)) < 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            fail(where, "under optim.schedule: wsd the epochs are durations a trial is scored at: a choice (or int "
+                 "range) of at least two positive whole numbers of epochs", param.line)  # fmt: skip
+        if budget.durations_tokens or budget.max_tokens:
+            fail(where, "the durations are these epochs: drop budget.durations_tokens and budget.max_tokens, or this "
+                 "parameter", param.line)  # fmt: skip
+        if any(param.name in other.when for other in params):
+            fail(where, "a duration is not sampled, so no parameter can depend on it", param.line)
+        budget.durations_epochs = sorted(set(values))
+    if len(kept) == len(params) or kept:
+        return kept
+    fail("params", "searches only the duration; add a parameter to tune (optim.lr, optim.batch_size, ...)")
 
 
 def _stage_overrides(cli_overrides: dict[str, Any], stage_name: str | None) -> dict[str, Any]:
