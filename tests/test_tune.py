@@ -145,6 +145,20 @@ def test_epochs_under_wsd_are_durations_of_one_trial_counted_as_the_loop_counts_
     assert plan.space.budget.durations_tokens == [epoch * tokens_per_step(config), 2 * epoch * tokens_per_step(config)]
     assert (config.optim.epochs, config.optim.max_steps, config.eval.cooldown_durations) == (2, 2 * epoch, [epoch])
 
+    # The best length, a 1-epoch run's decay beating the longer run's end, is best.yaml's: one plain WSD epoch.
+    from minimind.config import load_config
+    from minimind.tune.report import TrialRecord
+    from minimind.tune.results import write_best_configs
+
+    plan.sweep_dir = str(tmp_path / "sweep")
+    (tmp_path / "sweep").mkdir()
+    per_epoch = epoch * tokens_per_step(config)
+    best = TrialRecord("t1", {"optim.lr": 1e-3}, "finished", 60.0, {}, 2 * per_epoch, 1.0,
+                       durations=[(per_epoch, 55.0), (2 * per_epoch, 60.0)])  # fmt: skip
+    write_best_configs(plan, best)
+    again = load_config(tmp_path / "sweep" / "best.yaml")
+    assert (again.optim.epochs, again.optim.max_steps, again.eval.cooldown_durations) == (1, epoch, [])
+
 
 def test_durations_come_from_one_trial_whose_cooldown_branches_are_the_shorter_runs(monkeypatch):
     from minimind.train.loop import Trainer

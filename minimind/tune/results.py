@@ -84,19 +84,16 @@ def tokens_trained(plan: SweepPlan, trial_id: str) -> int:
     return total
 
 
-def best_duration_steps(plan: SweepPlan, record: TrialRecord, config: TrainConfig) -> int | None:
-    """A duration sweep's best length for ``record`` (whose first-stage config is ``config``), in steps:
-    the best of its readings at the space's durations, ties to the shorter; None without durations."""
+def best_duration(plan: SweepPlan, record: TrialRecord) -> float | None:
+    """A duration sweep's best length for ``record``, in tokens: the best of its readings at the space's
+    durations, ties to the shorter; None without durations."""
     durations = plan.space.budget.durations_tokens
     if not durations:
         return None
     sign = 1.0 if plan.objective.mode == "min" else -1.0
     scored = [(sign * value, duration) for duration in durations
               if (value := reading_at(record.durations, duration)) is not None]  # fmt: skip
-    if not scored:
-        return None
-    _, duration = min(scored)
-    return duration_steps(duration, tokens_per_step(config))
+    return min(scored)[1] if scored else None
 
 
 def write_best_configs(plan: SweepPlan, record: TrialRecord) -> list[tuple[str, str]]:
@@ -114,10 +111,14 @@ def write_best_configs(plan: SweepPlan, record: TrialRecord) -> list[tuple[str, 
         fixed = {"optim.max_steps": config.optim.max_steps, "eval.every_steps": config.eval.every_steps,
                  "checkpoint.every_steps": config.checkpoint.every_steps,
                  "checkpoint.dir": directories[index]}  # fmt: skip
-        steps = best_duration_steps(plan, record, config) if index == 0 else None
-        if steps is not None:  # the best length as a plain WSD run of that length (no branches)
+        duration = best_duration(plan, record) if index == 0 else None
+        if duration is not None:  # the best length as a plain WSD run of that length (no branches)
+            steps = duration_steps(duration, tokens_per_step(config))
             fixed.update({"optim.max_steps": steps, "eval.cooldown_fraction": 0.0, "eval.cooldown_durations": [],
                           "eval.at_steps": []})  # fmt: skip
+            budget = plan.space.budget
+            if budget.durations_epochs:  # given in epochs: that many, the steps above the same length
+                fixed["optim.epochs"] = budget.durations_epochs[budget.durations_tokens.index(duration)]
         if index:
             fixed["checkpoint.init_from"] = directories[index - 1]
         raw = apply_overrides(raw, fixed)
