@@ -210,6 +210,10 @@ def test_objective_against_duration_reads_each_length_within_a_tenth_and_names_e
     markdown = write_report(tmp_path, summary(durations=[400_000, 1_200_000]), records).read_text()
     assert "| trial | status | 400K tokens | 1.2M tokens |" in markdown
     assert "| t2 | finished | — | 41.2 |" in markdown and "| t1 | finished | 61.5 | 48 |" in markdown
+    assert "Best reading: 41.2 (trial t2, 1.2M tokens). The shortest length within 1% of it: 1.2M tokens" in markdown
+    records[0].durations[0] = (395_000, 41.5)  # 0.73% above the best, at a third of the tokens
+    markdown = write_report(tmp_path / "near", summary(durations=[400_000, 1_200_000]), records).read_text()
+    assert "within 1% of it: 400K tokens, 41.5 (trial t1), 33% of the longest length's tokens" in markdown
     epochs = summary(durations=[400_000, 1_200_000], duration_epochs=[1, 3])
     markdown = write_report(tmp_path / "epochs", epochs, records).read_text()
     assert "| trial | status | 1 epoch (400K tokens) | 3 epochs (1.2M tokens) |" in markdown

@@ -291,6 +291,8 @@ def _gain_sentence(summary: SweepSummary, best: TrialRecord, baseline: TrialReco
 
 
 DURATION_TOLERANCE = 0.1
+NEAR_BEST = 0.01
+"""A reading this close to the best one (relative) counts as reaching it, for the cheapest length."""
 """A reading stands for a duration within this share of it (a branch ends on a step boundary)."""
 
 
@@ -317,16 +319,35 @@ def _duration_blocks(summary: SweepSummary, records: list[TrialRecord]) -> list[
     if len(summary.duration_epochs) == len(summary.durations):
         epochs = summary.duration_epochs
         header[2:] = [f"{e} epoch{'s' if e > 1 else ''} ({cell})" for e, cell in zip(epochs, header[2:])]
-    rows = []
+    rows, readings = [], []
     for record in _ranked(records, summary.mode):
         values = [reading_at(record.durations, duration) for duration in summary.durations]
         if any(value is not None for value in values):
             rows.append([record.trial_id, record.status, *(_fmt_value(value) for value in values)])
+        readings += [(value, index, record.trial_id) for index, value in enumerate(values) if value is not None]
     text = (
         f"`{summary.objective}` of each trial had it ended at each length: a shorter length is a cooldown branch "
         "of the trial's one run (the decay a run of that length would have), the longest its end."
     )
-    return [("h2", "Objective against duration"), ("p", text), ("table", header, rows)]
+    blocks = [("h2", "Objective against duration"), ("p", text), ("table", header, rows)]
+    if readings:
+        blocks.append(("p", _cheapest_near_best(summary, header[2:], readings)))
+    return blocks
+
+
+def _cheapest_near_best(summary: SweepSummary, lengths: list[str], readings: list[tuple[float, int, str]]) -> str:
+    """The best reading, and the shortest length with a reading within ``NEAR_BEST`` of it: what a run that only
+    has to come close to the best needs to train."""
+    sign = 1.0 if summary.mode == "min" else -1.0
+    best, best_index, best_trial = min(readings, key=lambda r: (sign * r[0], r[1]))
+    near = [r for r in readings if sign * (r[0] - best) <= NEAR_BEST * abs(best)]
+    value, index, trial_id = min(near, key=lambda r: (r[1], sign * r[0]))
+    share = summary.durations[index] / summary.durations[-1]
+    return (
+        f"Best reading: {_fmt_value(best)} (trial {best_trial}, {lengths[best_index]}). The shortest length within "
+        f"{NEAR_BEST:.0%} of it: {lengths[index]}, {_fmt_value(value)} (trial {trial_id}), {share:.0%} of the longest "
+        "length's tokens."
+    )
 
 
 def _fidelity_blocks(summary: SweepSummary, records: list[TrialRecord]) -> list[tuple]:
