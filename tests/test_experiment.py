@@ -343,6 +343,7 @@ def test_the_readme_job_twice_at_once_one_killed_runs_each_step_once_then_none_a
     assert set(again.values()) == {"cached"}, again
     steps = record["steps"]
     assert steps["pretrain"]["summary"]["tokens"] == 24 * 8 * 128  # max_steps x batch x seq_len
+    assert steps["pretrain"]["gpu_hours"] == 0.0 and "gpu_hours" not in steps["eval"]  # CPU workers
     assert steps["sft"]["config"]["checkpoint"]["init_from"] == steps["pretrain"]["output"]
     assert steps["eval"]["config"]["checkpoint"] == steps["sft"]["output"]
     assert 1 < steps["eval"]["summary"]["val_perplexity"] < 6400
@@ -487,6 +488,13 @@ def test_experiments_compared_mark_the_pareto_front_and_the_config_differences(t
     assert "On the Pareto front (val_bits_per_byte, model FLOPs): a, b." in text
     assert "`sft`, a -> c: `optim.lr: 0.001 -> 0.002`" in text and "`sft`, a -> b: the same config" in text
     assert "data:image/png;base64," in open(page).read()
+
+    # GPU-hours as experiment.json records them: 2 workers x 1 GPU x the 1,800 s its task measured; none on CPU.
+    from minimind.experiment.record import gpu_hours
+
+    on_gpus = {"config": {"distributed": {"use_gpu": True, "num_workers": 2}}, "seconds": 0.0,
+               "summary": {"seconds": 1800.0}}  # fmt: skip
+    assert gpu_hours(on_gpus) == 1.0 and gpu_hours({**on_gpus, "config": {"distributed": {}}}) == 0.0
 
 
 SWEPT = f"""\

@@ -15,6 +15,7 @@ import json
 import time
 
 from minimind import storage
+from minimind.experiment.record import gpu_hours
 from minimind.pages import to_html, to_markdown
 from minimind.tune.records import read_rows
 
@@ -74,18 +75,14 @@ def _compute_blocks(steps: dict, curves: dict, gpu_hour_usd: float | None) -> li
     for name, step in steps.items():
         if step["kind"] != "train":
             continue
-        summary, config = step.get("summary") or {}, step["config"]
-        distributed = config.get("distributed", {})
-        seconds = _train_seconds(step)
-        gpus = distributed.get("num_workers", 1) * (distributed.get("gpus_per_worker", 1) or 1)
-        gpu_hours = gpus * seconds / 3600 if distributed.get("use_gpu") else 0.0
+        summary, used = step.get("summary") or {}, gpu_hours(step)
         flops = float(summary.get("model_flops") or 0.0)
         total_flops += flops
-        total_gpu_hours += gpu_hours
+        total_gpu_hours += used
         mfu = next((row["mfu"] for row in reversed(curves[name]) if row.get("mfu") is not None), None)
-        cost = f"${gpu_hours * gpu_hour_usd:,.2f}" if gpu_hour_usd is not None and gpu_hours else "-"
+        cost = f"${used * gpu_hour_usd:,.2f}" if gpu_hour_usd is not None and used else "-"
         rows.append([name, f"{int(summary.get('tokens', 0)):,}", f"{flops:.3g}", f"{mfu:.1%}" if mfu else "-",
-                     f"{gpu_hours:.2f}" if gpu_hours else "CPU", cost])  # fmt: skip
+                     f"{used:.2f}" if used else "CPU", cost])  # fmt: skip
     if not rows:
         return []
     total_cost = f"${total_gpu_hours * gpu_hour_usd:,.2f}" if gpu_hour_usd is not None else "-"
@@ -176,11 +173,6 @@ def _eval_blocks(evals: dict) -> list[tuple]:
 def _eval_result(output: str) -> dict | None:
     path = storage.join(output, "eval.json")
     return json.loads(storage.read_text(path)) if storage.is_file(path) else None
-
-
-def _train_seconds(step: dict) -> float:
-    """The step's time as its task measured it when it last ran (a cached step's too)."""
-    return float((step.get("summary") or {}).get("seconds", step["seconds"]))
 
 
 def _counts(steps: dict) -> dict[str, int]:

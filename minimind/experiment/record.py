@@ -2,8 +2,8 @@
 
 It holds the git commit, the experiment file as it was (and the command line's settings over it), and for
 every step its resolved config, hash, output, status for this invocation (cached, ran, failed, skipped), wall
-time, and what the step reported (tokens and model FLOPs for training, the scores for evaluation). The previous
-record is what lets the next invocation say *why* a step runs again (``graph.plan``).
+time, and what the step reported (tokens, model FLOPs and GPU-hours for training, the scores for evaluation).
+The previous record is what lets the next invocation say *why* a step runs again (``graph.plan``).
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def write_record(experiment: Experiment, planned: dict[str, PlannedStep], outcom
         }
         if outcome is not None and outcome.status == "cached":
             steps[name]["summary"] = _done_summary(entry.output)
+        if entry.step.kind == "train":
+            steps[name]["gpu_hours"] = gpu_hours(steps[name])
     record = {
         "name": experiment.name,
         "file": experiment.path,
@@ -62,6 +64,21 @@ def write_record(experiment: Experiment, planned: dict[str, PlannedStep], outcom
     path = storage.join(experiment.root, RECORD_FILE)
     storage.write_text(path, json.dumps(record, indent=1, ensure_ascii=False, default=str))
     return path
+
+
+def train_seconds(step: dict) -> float:
+    """A train step's time as its task measured it when it last ran (a cached step's too)."""
+    return float((step.get("summary") or {}).get("seconds", step["seconds"]))
+
+
+def gpu_hours(step: dict) -> float:
+    """A train step's GPU-hours: its workers x GPUs per worker x its time when it last ran (start-up included);
+    0 on CPU workers."""
+    distributed = step["config"].get("distributed", {})
+    if not distributed.get("use_gpu"):
+        return 0.0
+    gpus = distributed.get("num_workers", 1) * (distributed.get("gpus_per_worker", 1) or 1)
+    return gpus * train_seconds(step) / 3600
 
 
 def git_commit() -> str | None:
