@@ -1,6 +1,7 @@
 import json
 import math
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from minimind.data.dataset import collate
 from minimind.model import count_parameters
 from minimind.model.checkpoint import load_model
 from minimind.train.compute import model_flops_per_token
+from minimind.train.cooldown import cooldown_steps
 from minimind.train.loop import Trainer, train
 from minimind.train.metrics import peak_bf16_tflops
 from minimind.train.objectives import DPO
@@ -175,6 +177,11 @@ def test_cooldown_evaluations_leave_the_run_as_it_was_and_score_the_shorter_run(
     # 8 x 64 = 512 tokens a step; the run's position counts its own steps, the branches' (1 + 2) apart.
     assert rows[8]["val_loss_stable"] == plain_rows[8]["val_loss"]
     assert (rows[8]["tokens"], rows[8]["duration_tokens"], rows[12]["cooldown_tokens"]) == (8 * 512, 10 * 512, 3 * 512)
+    # In the warmup there is no branch: it would decay from the peak lr, which the run has not reached. With a
+    # 10-step warmup the lr of step s is (s + 1) / 10 of the peak, so the peak comes at step 9, the first branched.
+    warming = SimpleNamespace(config=tiny_config(optim={**WSD, "warmup_steps": 10}, eval={"cooldown_fraction": 0.25}),
+                              total_steps=100)  # fmt: skip
+    assert [cooldown_steps(warming, step) for step in (4, 8, 9, 12)] == [0, 0, 2, 3]
 
 
 def test_next_steps_batches_are_collated_ahead_on_another_thread_and_are_the_steps_own():

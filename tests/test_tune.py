@@ -163,6 +163,7 @@ def test_epochs_under_wsd_are_durations_of_one_trial_counted_as_the_loop_counts_
 def test_durations_come_from_one_trial_whose_cooldown_branches_are_the_shorter_runs(monkeypatch):
     from minimind.train.loop import Trainer
     from minimind.tune.plan import Objective, SweepPlan
+    from minimind.tune.results import duration_position
 
     monkeypatch.chdir(ROOT)
     space = load_space(ROOT / "search_spaces" / "tiny_wsd.yaml", {"eval.every_steps": 0, "data.seq_len": 64})
@@ -180,6 +181,10 @@ def test_durations_come_from_one_trial_whose_cooldown_branches_are_the_shorter_r
     long_run = Trainer(config).fit()
     cooled = next(row for row in long_run.history if row["step"] == 16)
     assert (cooled["step"], cooled["cooldown_steps"], cooled["duration_tokens"]) == (16, 4, 20 * 1024)
+    # Placed as the budget counts lengths (padding included): 20 steps of 1,024, the first duration exactly.
+    assert duration_position(cooled) == 20 * 1024 == space.budget.durations_tokens[0]
+    padded = {"step": 16, "cooldown_steps": 4, "budget_tokens": 16 * 1024, "tokens": 9_000, "duration_tokens": 11_000}
+    assert duration_position(padded) == 20 * 1024  # an SFT row: real tokens fall short of the budget's
     short = plan.trial_config({"optim.lr": 1e-2, "optim.batch_size": 16})
     short.optim.max_steps, short.eval.at_steps, short.eval.every_steps = 20, [], 0
     # The same batches, lrs and optimizer state in the same order: the 20-step run's value exactly.

@@ -214,6 +214,16 @@ def test_objective_against_duration_reads_each_length_within_a_tenth_and_names_e
     records[0].durations[0] = (395_000, 41.5)  # 0.73% above the best, at a third of the tokens
     markdown = write_report(tmp_path / "near", summary(durations=[400_000, 1_200_000]), records).read_text()
     assert "within 1% of it: 400K tokens, 41.5 (trial t1), 33% of the longest length's tokens" in markdown
+    # The best trial of a duration sweep is the one with the best reading at any length: t1's 41.5 at 400K tokens
+    # beats t2's 41.2 only once t2's end is worse; the gain is read at that length, the baseline's too.
+    records[1].durations = [(1_200_000, 41.8)]
+    records.append(trial("t0", 3e-3, 16, 55.0, is_baseline=True))
+    records[2].durations = [(400_000, 50.0), (1_200_000, 55.0)]
+    assert best_trial(records, "min").trial_id == "t2"  # by the longest length alone
+    assert best_trial(records, "min", [400_000, 1_200_000]).trial_id == "t1"
+    markdown = write_report(tmp_path / "best", summary(durations=[400_000, 1_200_000]), records).read_text()
+    assert "Best trial: `t1` (finished), `val_perplexity` = 41.5 at 400K tokens (the best length" in markdown
+    assert "vs baseline 50: 17.0% better (8.5 lower). Both are read at 400K tokens." in markdown
     epochs = summary(durations=[400_000, 1_200_000], duration_epochs=[1, 3])
     markdown = write_report(tmp_path / "epochs", epochs, records).read_text()
     assert "| trial | status | 1 epoch (400K tokens) | 3 epochs (1.2M tokens) |" in markdown

@@ -24,12 +24,13 @@ from minimind.train.schedule import cooldown_lr, decay_start, decay_steps, set_l
 
 
 def cooldown_steps(trainer, step: int) -> int:
-    """Length of the cooldown branch evaluated at ``step``: 0 when off, or once the decay has begun
-    (an evaluation there is of the decaying run itself). At the stable end of a run of one of
-    ``eval.cooldown_durations``, that run's decay; elsewhere ``eval.cooldown_fraction`` of the steps so far."""
+    """Length of the cooldown branch evaluated at ``step``: 0 when off, once the decay has begun (an
+    evaluation there is of the decaying run itself), or while the run's next step is still warming up.
+    At the stable end of a run of one of ``eval.cooldown_durations``, that run's decay; elsewhere
+    ``eval.cooldown_fraction`` of the steps so far."""
     evaluation, optim = trainer.config.eval, trainer.config.optim
-    if step >= decay_start(trainer.total_steps, optim):
-        return 0
+    if step >= decay_start(trainer.total_steps, optim) or step + 1 < optim.warmup_steps:
+        return 0  # in the warmup a branch would jump to the peak lr the run has not reached
     for duration in evaluation.cooldown_durations:
         if duration < trainer.total_steps and duration - decay_steps(duration, optim) == step:
             return decay_steps(duration, optim)

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     from minimind.tune.records import TrialFile, trial_ids
-    from minimind.tune.results import write_sweep_report
+    from minimind.tune.results import best_length, write_sweep_report
     from minimind.tune.search import close_lost_optuna_trials
     from minimind.tune.sweep import build_tuner, restore_tuner, sweep_concurrency
 
@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
               f"python ray_jobs/tune.py --resume {plan.sweep_dir}", file=sys.stderr, flush=True)  # fmt: skip
         raise SystemExit(130)
     if best is not None:
-        print(f"[sweep] best trial {best.trial_id}: {plan.objective.spec} {best.objective:.4g} with {best.params}; "
+        length = best_length(plan, best)
+        value = f"{best.objective:.4g}" if length is None else f"{length[1]:.4g} at {length[0]:,.0f} tokens"
+        print(f"[sweep] best trial {best.trial_id}: {plan.objective.spec} {value} with {best.params}; "
               f"run it with: python ray_jobs/{plan.space.stage}.py --config {plan.sweep_dir}/best.yaml",
               flush=True)  # fmt: skip
         if plan.space.target is not None:

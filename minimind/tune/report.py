@@ -92,12 +92,27 @@ class SweepSummary:
     against one target run (``minimind/tune/transfer.py``); empty without a target."""
 
 
-def best_trial(records: list[TrialRecord], mode: str) -> TrialRecord | None:
+def best_reading(record: TrialRecord, durations: list[float], mode: str) -> tuple[float, int] | None:
+    """A duration sweep's trial: its best reading at the sweep's ``durations`` and that duration's index
+    (ties to the shorter), or None when it has none."""
+    values = [(value, index) for index, duration in enumerate(durations)
+              if (value := reading_at(record.durations, duration)) is not None]  # fmt: skip
+    return min(values, key=lambda pair: (_directed(pair[0], mode), pair[1])) if values else None
+
+
+def best_trial(records: list[TrialRecord], mode: str, durations: list[float] | None = None) -> TrialRecord | None:
     """The finished trial with the best objective; if none finished, the best pruned one; else None.
 
     A pruned trial's objective is an early reading at fewer tokens, so it only stands in when no
-    trial ran to the end. Ties go to the earlier trial.
+    trial ran to the end. Ties go to the earlier trial. In a duration sweep (``durations``) every reading
+    at a duration is the end of a run of that length, so the trial with the best of them wins (ties to the
+    shorter length), whatever its status.
     """
+    if durations:
+        scored = [(reading, order, record) for order, record in enumerate(records)
+                  if (reading := best_reading(record, durations, mode)) is not None]  # fmt: skip
+        if scored:
+            return min(scored, key=lambda s: (_directed(s[0][0], mode), s[0][1], s[1]))[2]
     for status in ("finished", "pruned"):
         scored = [record for record in records if record.status == status and _objective(record) is not None]
         if scored:
@@ -115,7 +130,7 @@ def write_report(
     sweep_dir = Path(sweep_dir)
     plots_dir = sweep_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
-    best = best_trial(records, summary.mode)
+    best = best_trial(records, summary.mode, summary.durations)
     blocks = _summary_blocks(summary, records) + _best_blocks(location or str(sweep_dir), summary, records, best)
     blocks += _transfer_blocks(summary)
     blocks += _duration_blocks(summary, records)
@@ -234,11 +249,17 @@ def _best_blocks(
     blocks: list[tuple] = [("h2", "Best trial")]
     if best is None:
         return blocks + [("p", "No trial finished, and no pruned trial has an objective: there is no best trial.")]
-    if best.status != "finished":
-        blocks.append(("p", "No trial finished: the best pruned trial stands in; its objective is an early reading."))
-    blocks.append(
-        ("p", f"Best trial: `{best.trial_id}` ({best.status}), `{summary.objective}` = {_fmt_value(best.objective)}.")
-    )
+    reading = best_reading(best, summary.durations, summary.mode) if summary.durations else None
+    if reading is not None:
+        value, index = reading
+        at = f"{_fmt_value(value)} at {length_labels(summary)[index]} (the best length of the best trial)"
+        blocks.append(("p", f"Best trial: `{best.trial_id}` ({best.status}), `{summary.objective}` = {at}."))
+    else:
+        if best.status != "finished":
+            note = "No trial finished: the best pruned trial stands in; its objective is an early reading."
+            blocks.append(("p", note))
+        value = _fmt_value(best.objective)
+        blocks.append(("p", f"Best trial: `{best.trial_id}` ({best.status}), `{summary.objective}` = {value}."))
     if best.params:
         blocks.append(("ul", [f"`{name}` = {_fmt_value(value)}" for name, value in best.params.items()]))
     blocks.append(("p", _gain_sentence(summary, best, _baseline(records))))
@@ -257,6 +278,14 @@ def _gain_sentence(summary: SweepSummary, best: TrialRecord, baseline: TrialReco
         return "No baseline trial in this sweep, so there is no gain to report."
     if baseline is best:
         return f"The baseline `{baseline.trial_id}` is the best trial: no searched config beat it."
+    reading = best_reading(best, summary.durations, summary.mode) if summary.durations else None
+    if reading is not None:  # like with like: both runs' values at the best length
+        best_value, index = reading
+        base_value = reading_at(baseline.durations, summary.durations[index])
+        label = length_labels(summary)[index]
+        if base_value is None:
+            return f"The baseline `{baseline.trial_id}` has no reading at {label}, so there is no gain to report."
+        return _gain_words(summary, baseline, best_value, base_value) + f" Both are read at {label}."
     base_value = _objective(baseline)
     if base_value is None:
         why = f"failed ({baseline.reason or 'no reason recorded'})" if baseline.status == "failed" else baseline.status
@@ -273,16 +302,7 @@ def _gain_sentence(summary: SweepSummary, best: TrialRecord, baseline: TrialReco
                 f"{baseline.status} there); at its end the best trial reached {_fmt_value(best_value)}."
             )
             best_value = earlier
-    difference = best_value - base_value
-    absolute = f"{_fmt_value(abs(difference))} {'lower' if difference < 0 else 'higher'}"
-    comparison = f"`{summary.objective}` {_fmt_value(best_value)} vs baseline {_fmt_value(base_value)}"
-    if base_value == 0:
-        sentence = f"Gain over the baseline `{baseline.trial_id}`: {comparison}: {absolute} (no relative gain over 0)."
-    else:
-        improvement = -difference if summary.mode == "min" else difference
-        percent = improvement / abs(base_value) * 100
-        relative = f"{abs(percent):.1f}% {'better' if improvement >= 0 else 'worse'}"
-        sentence = f"Gain over the baseline `{baseline.trial_id}`: {comparison}: {relative} ({absolute})."
+    sentence = _gain_words(summary, baseline, best_value, base_value)
     if at_baseline_end:
         sentence += at_baseline_end
     elif baseline.status != "finished":
@@ -290,10 +310,22 @@ def _gain_sentence(summary: SweepSummary, best: TrialRecord, baseline: TrialReco
     return sentence
 
 
+def _gain_words(summary: SweepSummary, baseline: TrialRecord, best_value: float, base_value: float) -> str:
+    difference = best_value - base_value
+    absolute = f"{_fmt_value(abs(difference))} {'lower' if difference < 0 else 'higher'}"
+    comparison = f"`{summary.objective}` {_fmt_value(best_value)} vs baseline {_fmt_value(base_value)}"
+    if base_value == 0:
+        return f"Gain over the baseline `{baseline.trial_id}`: {comparison}: {absolute} (no relative gain over 0)."
+    improvement = -difference if summary.mode == "min" else difference
+    percent = improvement / abs(base_value) * 100
+    relative = f"{abs(percent):.1f}% {'better' if improvement >= 0 else 'worse'}"
+    return f"Gain over the baseline `{baseline.trial_id}`: {comparison}: {relative} ({absolute})."
+
+
 DURATION_TOLERANCE = 0.1
+"""A reading stands for a duration within this share of it (a branch ends on a step boundary)."""
 NEAR_BEST = 0.01
 """A reading this close to the best one (relative) counts as reaching it, for the cheapest length."""
-"""A reading stands for a duration within this share of it (a branch ends on a step boundary)."""
 
 
 def reading_at(durations: list[tuple[float, float]], duration: float) -> float | None:
@@ -311,14 +343,19 @@ def _transfer_blocks(summary: SweepSummary) -> list[tuple]:
     return [("h2", "Transfer to the target"), ("p", text), ("ul", summary.transfer)]
 
 
+def length_labels(summary: SweepSummary) -> list[str]:
+    """Each candidate duration as the report names it: its tokens, and its epochs when given so."""
+    labels = [f"{_fmt_tokens(duration)} tokens" for duration in summary.durations]
+    if len(summary.duration_epochs) == len(labels):
+        return [f"{e} epoch{'s' if e > 1 else ''} ({label})" for e, label in zip(summary.duration_epochs, labels)]
+    return labels
+
+
 def _duration_blocks(summary: SweepSummary, records: list[TrialRecord]) -> list[tuple]:
     """Each trial's objective at each candidate duration (cooldown branches, and a finished run's end)."""
     if not summary.durations:
         return []
-    header = ["trial", "status", *(f"{_fmt_tokens(d)} tokens" for d in summary.durations)]
-    if len(summary.duration_epochs) == len(summary.durations):
-        epochs = summary.duration_epochs
-        header[2:] = [f"{e} epoch{'s' if e > 1 else ''} ({cell})" for e, cell in zip(epochs, header[2:])]
+    header = ["trial", "status", *length_labels(summary)]
     rows, readings = [], []
     for record in _ranked(records, summary.mode):
         values = [reading_at(record.durations, duration) for duration in summary.durations]

@@ -15,7 +15,7 @@ import yaml
 from minimind import storage
 from minimind.config import TrainConfig, apply_overrides
 from minimind.train.compute import tokens_per_step
-from minimind.tune.plan import TIME_ATTR, SweepPlan, duration_steps, rung_milestones
+from minimind.tune.plan import RUNG_ATTR, TIME_ATTR, SweepPlan, duration_steps, rung_milestones
 from minimind.tune.records import (
     TrialFile,
     evaluations,
@@ -25,7 +25,7 @@ from minimind.tune.records import (
     trial_ids,
     wall_seconds_so_far,
 )
-from minimind.tune.report import SweepSummary, TrialRecord, best_trial, reading_at, write_report
+from minimind.tune.report import SweepSummary, TrialRecord, best_reading, best_trial, write_report
 from minimind.tune.settings import SweepSettings
 from minimind.tune.transfer import TransferredRecipe, transfer, transfer_cost
 
@@ -43,11 +43,12 @@ def collect_records(plan: SweepPlan) -> list[TrialRecord]:
         curve = read_rows(storage.join(judged, "metrics.jsonl"))
         evaluated = evaluations(judged, plan.objective)
         readings = [(rung_position(row), float(row["objective"])) for row in evaluated]
-        # What the run would have scored, ended at each length: cooled readings, and the end of a finished run.
-        durations = [(float(row["duration_tokens"]), float(row["objective"])) for row in evaluated
+        # What the run would have scored, ended at each length: cooled readings, and the end of a finished run,
+        # placed as the budget counts lengths (padding included, as durations_tokens are).
+        durations = [(duration_position(row), float(row["objective"])) for row in evaluated
                      if "duration_tokens" in row]  # fmt: skip
         if evaluated and trial.get("status") == "finished":
-            durations.append((float(evaluated[-1][TIME_ATTR]), float(evaluated[-1]["objective"])))
+            durations.append((rung_position(evaluated[-1]), float(evaluated[-1]["objective"])))
         last_eval = evaluated[-1] if evaluated else {}
         objective = last_eval.pop("objective", None)
         status, reason = trial.get("status", "running"), trial.get("reason")
@@ -74,6 +75,15 @@ def collect_records(plan: SweepPlan) -> list[TrialRecord]:
     return records
 
 
+def duration_position(row: dict) -> float:
+    """The length, in the budget's tokens (padding included), of the run a cooled reading ends: the row's step
+    plus its branch's steps, at the row's tokens per step (rows from before budget tokens were logged: the
+    real tokens the branch ended at)."""
+    if RUNG_ATTR in row and row.get("step"):
+        return float(row[RUNG_ATTR]) * (row["step"] + row["cooldown_steps"]) / row["step"]
+    return float(row["duration_tokens"])
+
+
 def tokens_trained(plan: SweepPlan, trial_id: str) -> int:
     """Tokens a trial trained, over all its stages, its cooldown branches' included."""
     total = 0
@@ -84,16 +94,12 @@ def tokens_trained(plan: SweepPlan, trial_id: str) -> int:
     return total
 
 
-def best_duration(plan: SweepPlan, record: TrialRecord) -> float | None:
-    """A duration sweep's best length for ``record``, in tokens: the best of its readings at the space's
-    durations, ties to the shorter; None without durations."""
+def best_length(plan: SweepPlan, record: TrialRecord) -> tuple[float, float] | None:
+    """A duration sweep's best length for ``record``: (its duration in tokens, the reading there), the best of
+    its readings at the space's durations, ties to the shorter; None without durations or readings."""
     durations = plan.space.budget.durations_tokens
-    if not durations:
-        return None
-    sign = 1.0 if plan.objective.mode == "min" else -1.0
-    scored = [(sign * value, duration) for duration in durations
-              if (value := reading_at(record.durations, duration)) is not None]  # fmt: skip
-    return min(scored)[1] if scored else None
+    reading = best_reading(record, durations, plan.objective.mode) if durations else None
+    return None if reading is None else (durations[reading[1]], reading[0])
 
 
 def write_best_configs(plan: SweepPlan, record: TrialRecord) -> list[tuple[str, str]]:
@@ -111,8 +117,9 @@ def write_best_configs(plan: SweepPlan, record: TrialRecord) -> list[tuple[str, 
         fixed = {"optim.max_steps": config.optim.max_steps, "eval.every_steps": config.eval.every_steps,
                  "checkpoint.every_steps": config.checkpoint.every_steps,
                  "checkpoint.dir": directories[index]}  # fmt: skip
-        duration = best_duration(plan, record) if index == 0 else None
-        if duration is not None:  # the best length as a plain WSD run of that length (no branches)
+        length = best_length(plan, record) if index == 0 else None
+        if length is not None:  # the best length as a plain WSD run of that length (no branches)
+            duration = length[0]
             steps = duration_steps(duration, tokens_per_step(config))
             fixed.update({"optim.max_steps": steps, "eval.cooldown_fraction": 0.0, "eval.cooldown_durations": [],
                           "eval.at_steps": []})  # fmt: skip
@@ -123,8 +130,9 @@ def write_best_configs(plan: SweepPlan, record: TrialRecord) -> list[tuple[str, 
             fixed["checkpoint.init_from"] = directories[index - 1]
         raw = apply_overrides(raw, fixed)
         path = storage.join(plan.sweep_dir, file_name)
+        value = f"{record.objective:.6g}" if length is None else f"{length[1]:.6g} at {length[0]:,.0f} tokens"
         header = (
-            f"# Best trial {record.trial_id} of sweep {plan.name}: {plan.objective.spec} = {record.objective:.6g}\n"
+            f"# Best trial {record.trial_id} of sweep {plan.name}: {plan.objective.spec} = {value}\n"
             f"# Run it: python ray_jobs/{entry_points[index]}.py --config {path}\n"
         )
         storage.write_text(path, header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
@@ -190,7 +198,7 @@ def write_sweep_report(settings: SweepSettings, plan: SweepPlan) -> tuple[str, T
     A sweep in object storage gets its report written locally first, then uploaded (the plots folder replaced
     whole, so no plot of an earlier report outlives it)."""
     records = collect_records(plan)
-    best = best_trial(records, plan.objective.mode)
+    best = best_trial(records, plan.objective.mode, plan.space.budget.durations_tokens)
     best_configs = write_best_configs(plan, best) if best is not None else []
     summary = SweepSummary(
         name=settings.name,
