@@ -174,7 +174,7 @@ def test_durations_come_from_one_trial_whose_cooldown_branches_are_the_shorter_r
     # the decay of a 20-step run being its last round(0.2 * 20) = 4 steps.
     # ASHA's rungs, at 10,240 and 20,480 tokens, are reached at steps 10 and 20: evaluated and saved there.
     config = plan.trial_config({"optim.lr": 1e-2, "optim.batch_size": 16})
-    config.eval.every_steps = 0  # only the duration's and the rungs' evaluations (the budget's every 10 steps)
+    config.eval.every_steps = 0  # only the duration's and the rungs' evaluations (not the recipe's own)
     assert (config.optim.max_steps, config.eval.at_steps, config.eval.cooldown_fraction) == (40, [10, 16, 20], 0.25)
     assert config.eval.cooldown_durations == [20]
     assert config.checkpoint.at_steps == [10, 20]
@@ -192,6 +192,12 @@ def test_durations_come_from_one_trial_whose_cooldown_branches_are_the_shorter_r
     with pytest.raises(ConfigError, match="budget.durations_tokens: .*set optim.schedule: wsd"):
         SweepPlan("x", "unused", load_space(ROOT / "search_spaces" / "tiny_wsd.yaml", {"optim.schedule": "cosine"}),
                   Objective.parse("val_loss")).check()  # fmt: skip
+    # Batch 16, a choice the baseline (8) is not, halves the steps: a 10-step duration inside a 10-step warmup,
+    # refused before any trial runs, naming the parameter's line.
+    with pytest.raises(ConfigError, match=r"tiny_wsd\.yaml:\d+: params\.optim\.batch_size = 16: a trial with it "
+                       r"would be refused: budget\.durations_tokens: 20480 tokens are 10 steps"):  # fmt: skip
+        SweepPlan("x", "unused", load_space(ROOT / "search_spaces" / "tiny_wsd.yaml",
+                  {"optim.batch_size": 8, "optim.warmup_steps": 10}), Objective.parse("val_loss")).check()  # fmt: skip
     # A 10-step run with a 10-step warmup never decays (its last step is still warming up): no branch ends it.
     with pytest.raises(ConfigError, match="budget.durations_tokens: 20480 tokens .* start at step 9, inside the warm"):
         SweepPlan("x", "unused", load_space(ROOT / "search_spaces" / "tiny_wsd.yaml", {"optim.warmup_steps": 10}),

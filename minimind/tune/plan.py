@@ -151,6 +151,12 @@ class SweepPlan:
         if self.space.budget.durations_tokens and self.space.then:
             raise ConfigError("budget.durations_tokens: durations apply to one-stage sweeps (this one has then:)")
         baseline = self.stage_configs(self.space.baseline(), "unused")[-1]
+        for param, value, values in self._one_change_each():  # what only a sampled trial would hit (its batch)
+            try:
+                self.stage_configs(values, "unused")
+            except ConfigError as error:
+                where = f"{self.space.path}:{param.line}: params.{param.name} = {value!r}"
+                raise ConfigError(f"{where}: a trial with it would be refused: {error}") from None
         if self.objective.needs_eval() and not baseline.eval.enabled:
             raise ConfigError(
                 f"eval: the objective {self.objective.spec!r} needs held-out data; set eval.val_fraction or "
@@ -160,6 +166,18 @@ class SweepPlan:
             raise ConfigError(f"objective: DPO trials report reward_accuracy/reward_margin, not {self.objective.spec}")
         if baseline.stage != "dpo" and any(m.startswith("reward_") for m in self.objective.weights):
             raise ConfigError(f"objective: only DPO trials report {self.objective.spec}")
+
+    def _one_change_each(self):
+        """The baseline with one parameter moved to each of its choices, or each end of its range."""
+        baseline = self.space.baseline()
+        for param in self.space.params:
+            if param.name not in baseline:
+                continue  # a conditional one that does not apply to the baseline
+            ends = param.choices if param.kind == "choice" else [param.low, param.high]
+            for value in ends:
+                value = int(value) if param.integer else value
+                if value != baseline[param.name]:
+                    yield param, value, {**baseline, param.name: value}
 
 
 def rung_steps(budget: Budget, tokens_per_step: float) -> list[int]:
