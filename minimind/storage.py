@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def write_text(path: str | Path, text: str) -> None:
     if not is_uri(path):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
+        # A name of its own: two writers of one file (two invocations of an experiment) must not share it.
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
         return

@@ -95,6 +95,22 @@ class Lease:
                 Path(self.path).unlink(missing_ok=True)
 
 
+def renew_leases(leases: list[Lease], lost: list[Lease]) -> None:
+    """One heartbeat: renew each lease; one another run took over goes to ``lost``. A renewal that fails (a
+    storage hiccup) is tried again at the next beat, well before the lease is stale, instead of ending the
+    heartbeat (another run would then take every step over after ``STALE_S``)."""
+    for lease in leases:
+        try:
+            renewed = lease.renew()
+        except Exception as error:
+            print(f"[experiment] warning: could not renew {lease.path} ({error}); trying again", flush=True)
+            continue
+        if not renewed and lease not in lost:
+            lost.append(lease)
+            print(f"[experiment] warning: another run took over {lease.path} (this one missed renewing "
+                  f"it for {STALE_S:.0f} s); both may now run that step", flush=True)  # fmt: skip
+
+
 def _alive(owner: str) -> bool:
     """Whether a lease's holder may still be running: not when it was a process of this machine that has
     ended (a run killed and started again takes its steps back at once, not after ``STALE_S``)."""
@@ -133,11 +149,7 @@ def run_experiment(
 
     def heartbeat():
         while not stop.wait(HEARTBEAT_S):
-            for lease in list(leases):
-                if not lease.renew() and lease not in lost:
-                    lost.append(lease)
-                    print(f"[experiment] warning: another run took over {lease.path} (this one missed renewing "
-                          f"it for {STALE_S:.0f} s); both may now run that step", flush=True)  # fmt: skip
+            renew_leases(list(leases), lost)
 
     threading.Thread(target=heartbeat, daemon=True).start()
     try:
