@@ -134,6 +134,7 @@ def test_the_server_answers_as_the_model_does_streams_batches_and_refuses_bad_re
         (openai.BadRequestError, dict(model="minimind", messages=CHAT, max_tokens=10**6), "max_tokens",
          "context_length_exceeded"),
         (openai.BadRequestError, dict(model="minimind", messages=CHAT, temperature="hot"), "temperature", None),
+        (openai.BadRequestError, dict(model="minimind", messages=CHAT, seed=2**64), "seed", None),  # torch's limit
         (openai.BadRequestError, dict(model="minimind", messages="hello"), "messages", None),
         (openai.BadRequestError, dict(model="minimind", messages=[{"role": "robot", "content": "x"}]),
          "messages[0].role", None),
@@ -143,6 +144,9 @@ def test_the_server_answers_as_the_model_does_streams_batches_and_refuses_bad_re
             client.chat.completions.create(**request)
         assert raised.value.body["type"] == "invalid_request_error", raised.value.body
         assert (raised.value.body["param"], raised.value.body["code"]) == (param, code), raised.value.body
+    with pytest.raises(openai.BadRequestError) as raised:  # a completion's prompt is its own field
+        client.completions.create(model="minimind", prompt="你好" * 2000)
+    assert (raised.value.body["param"], raised.value.body["code"]) == ("prompt", "context_length_exceeded")
     malformed = httpx.post(f"{client.base_url}chat/completions", content=b'{"model": "minimind", "messages": [',
                            headers={"Content-Type": "application/json"}, timeout=60)  # fmt: skip
     assert malformed.status_code == 400 and "not valid JSON" in malformed.json()["error"]["message"]

@@ -123,7 +123,7 @@ class MiniMindServer:
             # A prompt that opens a <think> block (minimind-3, asked to think) starts the reply in reasoning.
             text, thinking = render_chat(self.tokenizer, request) if chat else (request.prompt, False)
             prompt_ids = self.tokenizer.encode(text)
-            budget = token_budget(len(prompt_ids), request.max_tokens, self.context)
+            budget = token_budget(len(prompt_ids), request.max_tokens, self.context, "messages" if chat else "prompt")
         except ApiError as error:
             return JSONResponse(error.body(), status_code=error.status)
         generator = torch.Generator(device=self.device).manual_seed(

@@ -95,8 +95,8 @@ def parse_request(body, chat: bool, models: list[str]) -> GenerationRequest:
         raise ApiError(400, f"'n' must be 1 (one choice per request), got {n!r}", "n")
     request.stop = _stop(body.get("stop"))
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, f"'seed' must be an integer, got {seed!r}", "seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+        raise ApiError(400, f"'seed' must be an integer of 64 bits, got {seed!r}", "seed")
     request.seed = seed
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -188,12 +188,13 @@ def _stop(stop) -> list[str]:
     return stops
 
 
-def token_budget(prompt_tokens: int, max_tokens: int | None, context: int) -> int:
-    """How many tokens the reply may have; an :class:`ApiError` when the prompt and ``max_tokens`` do not fit."""
+def token_budget(prompt_tokens: int, max_tokens: int | None, context: int, field: str = "messages") -> int:
+    """How many tokens the reply may have; an :class:`ApiError` when the prompt (the request's ``field``) and
+    ``max_tokens`` do not fit."""
     room = context - prompt_tokens
     if room < 1:
         raise ApiError(400, f"This model's maximum context length is {context} tokens; the prompt has "
-                       f"{prompt_tokens}", "messages", "context_length_exceeded")  # fmt: skip
+                       f"{prompt_tokens}", field, "context_length_exceeded")  # fmt: skip
     if max_tokens is None:
         return min(room, DEFAULT_MAX_TOKENS)
     if max_tokens > room:
