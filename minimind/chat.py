@@ -8,13 +8,12 @@ end of input quits.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
 from minimind.devices import select_device
 from minimind.model.generate import stream_text
-from minimind.model.hf import load_for_inference
+from minimind.model.hf import checkpoint_tokenizer, load_for_inference
 from minimind.tokenizer import load_tokenizer
 
 
@@ -30,11 +29,7 @@ def prompt_ids(tokenizer, system: str | None, history: list[dict], budget: int) 
 
 
 def run_chat(args, sampling: dict) -> None:
-    tokenizer = load_tokenizer(
-        args.tokenizer
-        if args.tokenizer
-        else (args.checkpoint if (Path(args.checkpoint) / "tokenizer.json").exists() else None)
-    )
+    tokenizer = load_tokenizer(checkpoint_tokenizer(args.checkpoint, args.tokenizer))
     device = select_device(args.device)  # auto: a GPU when present; a GPU asked for and missing is refused
     model = load_for_inference(args.checkpoint, device, args.adapter)
     generator = torch.Generator(device=device).manual_seed(args.seed)

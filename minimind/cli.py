@@ -93,10 +93,11 @@ def _cmd_generate(args: argparse.Namespace, overrides: dict) -> None:
     from minimind.devices import select_device
     from minimind.eval.samples import CHAT_PROMPTS, CONTINUATION_PROMPTS, generate_samples
     from minimind.model.checkpoint import load_model
+    from minimind.model.hf import checkpoint_tokenizer
     from minimind.tokenizer import load_tokenizer
 
     model = load_model(args.checkpoint, select_device(args.device), merge=True)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(checkpoint_tokenizer(args.checkpoint, args.tokenizer))
     prompts = args.prompt or list(CHAT_PROMPTS if args.chat else CONTINUATION_PROMPTS)
     started: list[int] = []
 
@@ -122,11 +123,12 @@ def _cmd_chat(args: argparse.Namespace, overrides: dict) -> None:
 
 def _cmd_export_hf(args: argparse.Namespace, overrides: dict) -> None:
     from minimind.model.checkpoint import load_model
-    from minimind.model.hf import export_hf
+    from minimind.model.hf import checkpoint_tokenizer, export_hf
     from minimind.tokenizer import load_tokenizer
 
     model = load_model(args.checkpoint, merge=True)
-    print(f"wrote {export_hf(model, load_tokenizer(args.tokenizer), args.out)}")
+    tokenizer = load_tokenizer(checkpoint_tokenizer(args.checkpoint, args.tokenizer))
+    print(f"wrote {export_hf(model, tokenizer, args.out)}")
 
 
 def _cmd_import_hf(args: argparse.Namespace, overrides: dict) -> None:

@@ -219,3 +219,29 @@ def test_sft_trains_with_the_minimind3_tokenizer(tmp_path):
     )
     history = Trainer(config).fit().history
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+
+
+def test_a_checkpoint_is_used_with_the_tokenizer_it_trained_with(tmp_path):
+    """A run trained with minimind-3's tokenizer: under the bundled one its ids mean other text, so serving,
+    chat, generate, eval and export take the run's data.tokenizer, and refuse another."""
+    import yaml
+
+    from minimind.config import ConfigError, model_config
+    from minimind.model import MiniMindLM
+    from minimind.model.checkpoint import save_model
+    from minimind.model.hf import checkpoint_tokenizer
+
+    minimind3 = load_tokenizer(MINIMIND3)
+    assert minimind3.encode("你好，世界。") != load_tokenizer().encode("你好，世界。")
+    run = tmp_path / "run"
+    checkpoint = run / "step_00000010"
+    checkpoint.mkdir(parents=True)
+    save_model(MiniMindLM(model_config("tiny")), checkpoint, extra={"tokenizer": minimind3.fingerprint})
+    with pytest.raises(ConfigError, match=rf"trained with tokenizer {minimind3.fingerprint}, but the bundled"):
+        checkpoint_tokenizer(checkpoint)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"tokenizer": str(MINIMIND3)}}))
+    assert checkpoint_tokenizer(checkpoint) == checkpoint_tokenizer(run) == str(MINIMIND3)
+    assert checkpoint_tokenizer(checkpoint, MINIMIND3) == str(MINIMIND3)
+    if load_tokenizer(MINIMIND2).fingerprint != minimind3.fingerprint:
+        with pytest.raises(ConfigError, match=r"minimind2_tokenizer \(--tokenizer\) is"):
+            checkpoint_tokenizer(checkpoint, MINIMIND2)

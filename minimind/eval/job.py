@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from minimind import storage
 from minimind.config import ConfigError
@@ -101,6 +102,10 @@ def run_eval(options: EvalOptions) -> tuple[str, str, dict]:
         raise ConfigError(f"shots: {options.shots} solved questions need a dev file to take them from (dev)")
     if options.contamination and not options.choices:
         raise ConfigError("contamination: the training corpora are checked for multiple-choice questions (choices)")
+    from minimind.model.hf import checkpoint_tokenizer
+
+    tokenizer = checkpoint_tokenizer(options.checkpoint, options.tokenizer)  # the one it trained with
+    options.tokenizer = None if tokenizer is None else str(Path(tokenizer).resolve())  # actors run elsewhere
     job = ScoringJob(
         options.checkpoint,
         options.format,

@@ -87,10 +87,10 @@ def run_export(config: dict) -> dict:
     if storage.is_uri(config["out"]):
         raise ValueError("export: write exports to a local or shared path (object storage is not supported yet)")
     if config["format"] == "hf":
-        from minimind.model.hf import export_hf
+        from minimind.model.hf import checkpoint_tokenizer, export_hf
         from minimind.tokenizer import load_tokenizer
 
-        written = export_hf(model, load_tokenizer(), config["out"])
+        written = export_hf(model, load_tokenizer(checkpoint_tokenizer(config["checkpoint"])), config["out"])
     else:
         from pathlib import Path
 

@@ -198,6 +198,45 @@ def is_hf_export(path: str | Path) -> bool:
     return (Path(path) / "config.json").exists()
 
 
+def checkpoint_tokenizer(source: str | Path, given: str | Path | None = None) -> str | None:
+    """The tokenizer to use with the model at ``source`` (a checkpoint, a run directory, or a Hugging Face
+    export), as a path for :func:`~minimind.tokenizer.load_tokenizer` (None: the bundled one): ``given``
+    (``--tokenizer``), else an export's own ``tokenizer.json``, else the training run's ``data.tokenizer`` (its
+    ``config.yaml`` beside the checkpoint). A tokenizer other than the one the checkpoint records having
+    trained with is refused: its ids mean other text, and the model would read and write nonsense."""
+    import yaml
+
+    from minimind import storage
+    from minimind.config import ConfigError
+    from minimind.model.checkpoint import META_FILE, checkpoint_location
+    from minimind.tokenizer import load_tokenizer
+
+    if not storage.is_uri(source) and is_hf_export(source):
+        return str(given or source) if (given or (Path(source) / "tokenizer.json").exists()) else None
+    location = checkpoint_location(source)
+    meta = json.loads(storage.read_text(storage.join(location, META_FILE)))
+    chosen, how = given, "--tokenizer"
+    if chosen is None:
+        run_config = storage.join(location.rsplit("/", 1)[0], "config.yaml")
+        if storage.is_file(run_config):
+            chosen = ((yaml.safe_load(storage.read_text(run_config)) or {}).get("data") or {}).get("tokenizer")
+            how = f"the data.tokenizer of {run_config}"
+    recorded = meta.get("tokenizer")
+    if recorded:
+        try:
+            fingerprint = load_tokenizer(chosen).fingerprint
+        except FileNotFoundError as error:
+            message = f"{source}: its tokenizer, {how}, cannot be read here ({error}); give --tokenizer"
+            raise ConfigError(message) from None
+        if fingerprint != recorded:
+            named = f"{chosen} ({how})" if chosen else "the bundled tokenizer"
+            raise ConfigError(
+                f"{source}: trained with tokenizer {recorded}, but {named} is {fingerprint}: its ids mean other "
+                "text; give --tokenizer the tokenizer the run trained with (its data.tokenizer)"
+            )
+    return None if chosen is None else str(chosen)
+
+
 def load_for_inference(source: str | Path, device: str = "cpu", adapter: str | Path | None = None) -> MiniMindLM:
     """An eval-mode model from a checkpoint, a run directory or a Hugging Face export, plus an
     optional LoRA adapter checkpoint applied on top."""

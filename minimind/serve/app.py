@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from minimind.model.generate import BatchDecoder, Sampling
+from minimind.model.hf import checkpoint_tokenizer
 from minimind.serve.openai_api import (
     ApiError,
     GenerationRequest,
@@ -87,9 +88,7 @@ class MiniMindServer:
 
         if options.threads:
             torch.set_num_threads(options.threads)
-        checkpoint = Path(options.checkpoint)
-        own_tokenizer = options.tokenizer or (checkpoint if (checkpoint / "tokenizer.json").exists() else None)
-        self.tokenizer = load_tokenizer(own_tokenizer)
+        self.tokenizer = load_tokenizer(options.tokenizer)  # the checkpoint's, chosen by application()
         self.models = {options.name: load_for_inference(options.checkpoint, options.device)}
         for name, adapter in options.adapters.items():
             self.models[name] = load_for_inference(options.checkpoint, options.device, adapter)
@@ -237,6 +236,8 @@ def application(options: ServeOptions, replicas: int = 1, cpus_per_replica: floa
         options.device = "cuda"
     options.threads = options.threads or max(1, int(cpus_per_replica))  # not every core of a shared node
     options.checkpoint = str(Path(options.checkpoint).resolve())  # replicas run in other directories
+    tokenizer = checkpoint_tokenizer(options.checkpoint, options.tokenizer)  # refused here, before any replica
+    options.tokenizer = None if tokenizer is None else str(Path(tokenizer).resolve())
     options.adapters = {name: str(Path(path).resolve()) for name, path in options.adapters.items()}
     deployment = MiniMindServer.options(
         num_replicas=replicas,
