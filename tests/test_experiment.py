@@ -92,6 +92,9 @@ def experiment_file(tmp_path, corpus, storage=None, **replace):
         ({"optim.max_steps: 4, optim.batch_size: 4}": "optim.max_steps: 4, data.seq_len: 128}"}, 13,
          "steps.pretrain.train.overrides: data.seq_len 128 differs from its data's seq_len 64"),
         ({"steps:\n": "overrides: {optim.lrr: 1.0}\nsteps:\n"}, 3, "overrides.optim.lrr: unknown key"),
+        # A recipe that starts from a run outside the experiment (the 26M SFT recipe's runs/minimind-26m/pretrain).
+        ({"recipes/tiny/sft.yaml": "recipes/minimind-26m/sft.yaml", "      init_from: pretrain\n": ""}, 14,
+         "steps.sft.train.init_from: the recipe starts from 'runs/minimind-26m/pretrain'"),
         # A cycle: pretrain starts from sft, which starts from pretrain.
         ({"      data: pretrain_data\n": "      data: pretrain_data\n      init_from: sft\n"}, 8,
          "steps.pretrain: the steps form a cycle: pretrain -> sft -> pretrain"),
@@ -195,6 +198,21 @@ def test_hashes_change_exactly_downstream_of_what_changed_and_not_with_where_out
     ]:
         with pytest.raises(ConfigError, match=message):
             load_experiment(path, [setting])
+    # A start outside the experiment is pinned to the checkpoint it stands for: a newer one is another start.
+    outside = tmp_path / "outside-run"
+    (outside / "step_00000002").mkdir(parents=True)
+    (outside / "step_00000002" / "model.json").write_text("{}")
+    started = {
+        "      init_from: pretrain\n": "",
+        "        optim.lr: 1.0e-3\n": f"        optim.lr: 1.0e-3\n        checkpoint.init_from: {outside}\n",
+    }
+    pinned = load_experiment(experiment_file(tmp_path, corpus, **started)).steps["sft"]
+    assert pinned.config["checkpoint"]["init_from"] == str(outside / "step_00000002")
+    before = hashes(experiment_file(tmp_path, corpus, **started))
+    (outside / "step_00000004").mkdir()
+    (outside / "step_00000004" / "model.json").write_text("{}")
+    after = hashes(experiment_file(tmp_path, corpus, **started))
+    assert {name for name in before if before[name] != after[name]} == {"sft", "eval"}
     # The corpus's content, not its name or time, is what a prepare step's hash covers.
     text = corpus.read_text(encoding="utf-8")
     os.utime(corpus, (time.time() + 100, time.time() + 100))

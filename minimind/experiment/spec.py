@@ -380,6 +380,18 @@ class _StepParser:
             self.fail(field, f"{value!r} is neither a step of this experiment nor an existing file or directory")
         self.inputs.append(value)
 
+    def outside_checkpoint(self, path: str) -> str:
+        """A start the recipe (or the overrides) names outside this experiment: pinned to the exact checkpoint it
+        stands for now, which the step's hash then covers (a newer checkpoint of that run is another start)."""
+        from minimind.model.checkpoint import checkpoint_location
+
+        try:
+            return checkpoint_location(path)
+        except (OSError, FileNotFoundError):
+            self.fail("init_from", f"the recipe starts from {path!r} (checkpoint.init_from), which is neither a "
+                      "step of this experiment nor a checkpoint here: name a train step in init_from, or set "
+                      "overrides checkpoint.init_from: null to train from scratch")  # fmt: skip
+
     def only(self, allowed: typing.Iterable[str]) -> None:
         allowed = list(allowed)
         for key in self.fields:
@@ -469,6 +481,10 @@ class _StepParser:
             resolved["checkpoint.init_from"] = init_from
         elif run_stage in ("dpo",) or stage == "lora":
             self.fail("init_from", f"a {stage} step starts from a train step's model: name it here")
+        elif outside := overrides.get("checkpoint.init_from", (raw.get("checkpoint") or {}).get("init_from")):
+            resolved["checkpoint.init_from"] = self.outside_checkpoint(outside)
+        if data_tokenizer := overrides.get("data.tokenizer", (raw.get("data") or {}).get("tokenizer")):
+            self.input_path("overrides.data.tokenizer", data_tokenizer)
         teacher = self.step_ref("teacher", ("train",), required=stage == "distill")
         if teacher is not None:
             if stage != "distill":
