@@ -354,3 +354,12 @@ def test_zero_templates_accumulate_bf16_gradients_in_fp32(tmp_path):
             assert error < 1e-6, (stage, name, float(error))
     # ZeRO-2 sums the same bf16 gradients in fp32 in the same order as stage 1: equal.
     assert all(torch.equal(grad, runs[1]["accumulated"][name]) for name, grad in runs[2]["accumulated"].items())
+
+
+def test_cpu_adam_builds_with_the_cpu_builder_on_cuda_nodes_too():
+    """What docs/cluster.md and the cluster files tell users: the offload optimizer's op needs g++, not a CUDA
+    toolkit, because DeepSpeed's CUDA accelerator hands out the CPU accelerator's builder for it."""
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+    from deepspeed.ops.op_builder.cpu.builder import CPUOpBuilder
+
+    assert issubclass(CUDA_Accelerator().get_op_builder("CPUAdamBuilder"), CPUOpBuilder)
