@@ -12,8 +12,9 @@
 #   c_ray_zero2     the same with --strategy deepspeed --zero-stage 2, 30 steps            [ray + deepspeed]
 #   d_generate      `minimind generate --device cuda` from a_pretrain's checkpoint
 #   d_ray_eval      ray_jobs/eval.py --use-gpu on a_pretrain's checkpoint                                [ray]
-#   e_tests         pytest tests/test_train.py tests/test_eval.py (their device auto is cuda there; a test that
-#                   compares two runs bit for bit may fail on a GPU without a fault: read the failures listed)
+#   e_tests         pytest tests/test_train.py tests/test_eval.py and the MoE grouped-GEMM kernel's test (device
+#                   auto is cuda there; a test that compares two runs bit for bit may fail on a GPU without a
+#                   fault: read the failures listed)
 # tokens/s and MFU are the mean over the log windows after the first (metrics.jsonl); b/a is the Ray path's cost.
 #
 # Environment: the repository's .venv when there is one; else the image's python3 with PYTHONPATH=<repo>,
@@ -34,7 +35,7 @@ while [ $# -gt 0 ]; do
     --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
     --out=*) OUT="${1#--out=}"; shift ;;
     --dry-run) DRY=1; shift ;;
-    -h | --help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -155,7 +156,9 @@ E_ARGS=(--checkpoint "$WORK/runs/a_pretrain" --data data/sample/pretrain.jsonl -
   --actors 1 --device cuda --continuation-docs 8 --max-new-tokens 32 --out "$WORK/eval")
 # No -x: some of these tests compare two runs bit for bit, which one CPU guarantees and a GPU (atomic adds in
 # embedding and attention backward) may not; every failure is listed (-rf) so one of those hides no other.
-T_ARGS=(-m pytest tests/test_train.py tests/test_eval.py -q -rf -p no:cacheprovider --basetemp "$WORK/pytest")
+T_ARGS=(-m pytest tests/test_train.py tests/test_eval.py
+  tests/test_model.py::test_the_grouped_gemm_kernel_gives_the_loop_s_outputs_and_gradients_on_a_gpu
+  -q -rf -p no:cacheprovider --basetemp "$WORK/pytest")
 export A_ARGS_S="${A_ARGS[*]@Q}" B_ARGS_S="${B_ARGS[*]@Q}" C_ARGS_S="${C_ARGS[*]@Q}" G_ARGS_S="${G_ARGS[*]@Q}" \
   E_ARGS_S="${E_ARGS[*]@Q}" T_ARGS_S="${T_ARGS[*]@Q}"
 

@@ -172,6 +172,36 @@ def test_moe_dispatch_gives_the_token_by_token_outputs_and_gradients(layout):
             torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, msg=name)
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+    reason="torch's grouped GEMM kernel runs on CUDA GPUs of compute capability 8.0 and up",
+)
+def test_the_grouped_gemm_kernel_gives_the_loop_s_outputs_and_gradients_on_a_gpu():
+    """The bf16 kernel MoE layers take on a GPU (the CPU suite only ever runs the loop), against the loop in fp32
+    on the same bf16 values: the kernel accumulates in fp32 and rounds once, so each value is within a bf16 ulp
+    (2^-7 relative) of the reference; an expert that gets no row gets an exactly zero weight gradient."""
+    from minimind.model.grouped_gemm import _kernel_applies, grouped_linear
+
+    torch.manual_seed(0)
+    rows = torch.randn(24, 64, device="cuda").bfloat16().requires_grad_()
+    weight = torch.randn(4, 128, 64, device="cuda").div(8).bfloat16().requires_grad_()
+    upstream = torch.randn(24, 128, device="cuda").bfloat16()
+    assert _kernel_applies(rows, weight)
+    for counts in ([6, 0, 18, 0], [0, 0, 0, 24], [24, 0, 0, 0], [6, 6, 6, 6]):
+        ends = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+        out = grouped_linear(rows, weight, ends)
+        grads = torch.autograd.grad((out.float() * upstream.float()).sum(), [rows, weight])
+        rows32, weight32 = rows.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+        expected = torch.ops.minimind.grouped_linear_loop(rows32, weight32, ends)
+        expected_grads = torch.autograd.grad((expected * upstream.float()).sum(), [rows32, weight32])
+        torch.testing.assert_close(out.float(), expected, rtol=2**-7, atol=1e-3, msg=str(counts))
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-3, msg=str(counts))
+        for expert, count in enumerate(counts):
+            if count == 0:
+                assert not grads[1][expert].any(), (counts, expert)
+
+
 def test_moe_layer_compiles_to_one_graph_forward_and_backward():
     layer = moe_layer("minimind2")
     x = torch.randn(2, 12, 64, requires_grad=True)
