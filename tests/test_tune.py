@@ -303,6 +303,64 @@ STOPPED_SWEEP = FAILING_SWEEP.replace("max_tokens: 5120", "max_tokens: 8192").re
 )
 
 
+EPOCH_SWEEP = """\
+stage: sft
+recipe: recipes/tiny/sft.yaml
+objective: val_loss
+budget: {{grace_tokens: 3000, reduction_factor: 2}}
+overrides:
+  data.train_files: [{data}]
+  data.seq_len: 128
+  optim.schedule: wsd
+  optim.warmup_steps: 1
+  eval.val_fraction: 0.1
+  eval.max_examples: 8
+  eval.continuation_docs: 0
+  logging.every_steps: 4
+params:
+  optim.lr: {{loguniform: [1.0e-3, 1.0e-2]}}
+  optim.batch_size: {{choice: [16, 8]}}
+  optim.epochs: {{choice: [1, 2]}}
+"""
+
+
+def test_a_wsd_sweep_over_epochs_judges_cooled_values_and_reports_each_length_from_one_run(ray_cluster, tmp_path):
+    """End to end on SFT data, whose padding leaves real tokens short of the budget's: each trial trains 2 epochs
+    once; its readings at the rungs (what ASHA judges) are cooldown branches; the report's 1-epoch column is the
+    branch that is a 1-epoch run's decay, the 2-epoch column the run's end; best.yaml is the best of those, as a
+    plain run."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join((SAMPLE / "sft.jsonl").read_text(encoding="utf-8").splitlines(True)[:160]))
+    space = write_space(tmp_path, EPOCH_SWEEP.format(data=data))
+    done = subprocess.run([sys.executable, "ray_jobs/tune.py", "--space", str(space), "--num-samples", "2",
+                           "--name", "sweep", "--storage-path", str(tmp_path), "--max-concurrent", "2",
+                           "--no-early-stopping"],  # both trials to the end (ASHA's own runs are tested above)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    sweep_dir = tmp_path / "sweep"
+    report = (sweep_dir / "report.md").read_text()
+    readings = {}
+    for tid, trial in trial_records(sweep_dir).items():
+        rows = [row for row in metrics(sweep_dir / "trials" / tid) if "val_loss" in row]
+        assert rows[-1]["tokens"] < rows[-1]["budget_tokens"]  # padding: real tokens fall short
+        for row in rows[:-1] if trial["status"] == "finished" else rows:
+            if row["step"] * 2 <= rows[-1]["step"] or trial["status"] != "finished":
+                assert row["cooldown_steps"] > 0 and row["val_loss"] != row["val_loss_stable"]  # judged cooled
+        if trial["status"] != "finished":
+            continue
+        epoch = rows[-1]["step"] // 2  # 2 epochs trained: the loop's own epoch
+        one = min((row for row in rows if row.get("cooldown_steps")),
+                  key=lambda row: abs(row["step"] + row["cooldown_steps"] - epoch))  # fmt: skip
+        assert abs(one["step"] + one["cooldown_steps"] - epoch) <= 1
+        readings[tid] = (one["val_loss"], rows[-1]["val_loss"])
+        assert f"| {tid} | finished | {one['val_loss']:.4g} | {rows[-1]['val_loss']:.4g} |" in report
+    assert readings and "| trial | status | 1 epoch (" in report
+    value, best_id, epochs = min((v, tid, e) for tid, pair in readings.items() for e, v in zip((1, 2), pair))
+    best = load_yaml(sweep_dir / "best.yaml")
+    assert f"Best trial {best_id} of sweep sweep: val_loss = {value:.6g}" in (sweep_dir / "best.yaml").read_text()
+    assert best["optim"]["epochs"] == epochs and best["eval"]["cooldown_durations"] == []
+
+
 def test_a_sweep_fails_its_bad_trials_exits_130_when_stopped_at_a_rung_resumes_and_reports_a_best_config_that_runs(
     ray_cluster, tmp_path
 ):
