@@ -92,6 +92,10 @@ def experiment_file(tmp_path, corpus, storage=None, **replace):
         ({"optim.max_steps: 4, optim.batch_size: 4}": "optim.max_steps: 4, data.seq_len: 128}"}, 13,
          "steps.pretrain.train.overrides: data.seq_len 128 differs from its data's seq_len 64"),
         ({"steps:\n": "overrides: {optim.lrr: 1.0}\nsteps:\n"}, 3, "overrides.optim.lrr: unknown key"),
+        ({"    prepare: {inputs: [": f"    prepare: {{inputs: [{SAMPLE}, "}, 5,
+         "steps.pretrain_data.prepare.inputs: '" + str(SAMPLE) + "' is a directory: name its files, or a glob"),
+        ({"seq_len: 128}": f"seq_len: 128, tokenizer: {ROOT / 'tests/reference/minimind3_tokenizer'}}}"}, 19,
+         "steps.sft.train.data: prepare step sft_data tokenizes with "),
         # A recipe that starts from a run outside the experiment (the 26M SFT recipe's runs/minimind-26m/pretrain).
         ({"recipes/tiny/sft.yaml": "recipes/minimind-26m/sft.yaml", "      init_from: pretrain\n": ""}, 14,
          "steps.sft.train.init_from: the recipe starts from 'runs/minimind-26m/pretrain'"),

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import glob
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,6 +345,25 @@ class _StepParser:
             self.fail(field, f"its prepare steps pack to different sequence lengths ({sorted(map(str, lengths))})")
         return lengths.pop() if lengths else None
 
+    def check_prepared_tokenizer(self, field: str, tokenizer: str | None) -> None:
+        """A train step reads its prepare steps' token ids with its own tokenizer (``data.tokenizer``): they must
+        be the same, or training refuses the shards only once the prepare steps have run."""
+        from minimind.tokenizer import load_tokenizer
+
+        for name in self.parents.get(field, []):
+            fields = self.steps_raw[name]["prepare"] or {}
+            prepared = fields.get("tokenizer") if isinstance(fields, dict) else None
+            if prepared == tokenizer:
+                continue
+            try:
+                same = load_tokenizer(prepared).fingerprint == load_tokenizer(tokenizer).fingerprint
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                theirs, ours = prepared or "the bundled tokenizer", tokenizer or "the bundled tokenizer"
+                self.fail(field, f"prepare step {name} tokenizes with {theirs}, this step with {ours} "
+                          "(data.tokenizer): give both the same")  # fmt: skip
+
     def held_out(self, field: str) -> list[str]:
         """The outputs of the prepare steps ``field`` names that hold a validation split (val_fraction > 0)."""
         from minimind.data.pipeline.prepare import PrepareOptions
@@ -410,9 +430,18 @@ class _StepParser:
         if isinstance(inputs, str):
             inputs = [inputs]
         if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
-            self.fail("inputs", "required: the jsonl files (or directories of them) to prepare")
+            self.fail("inputs", "required: the jsonl files (or globs of them, data/*.jsonl) to prepare")
         for item in inputs:
-            self.input_path("inputs", item)
+            if storage.is_uri(item):
+                self.input_path("inputs", item)
+                continue
+            matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+            if not matches:
+                self.fail("inputs", f"no file matches {item!r}")
+            for match in matches:  # each file's content is part of the hash: a file added to a glob changes it
+                if Path(match).is_dir():
+                    self.fail("inputs", f"{match!r} is a directory: name its files, or a glob ({match}/*.jsonl)")
+                self.input_path("inputs", match)
         try:
             options = from_dict(PrepareOptions, {**self.fields, "inputs": inputs, "out": SELF})
         except ConfigError as error:
@@ -476,6 +505,7 @@ class _StepParser:
                 self.fail("overrides", f"data.seq_len {overrides['data.seq_len']} differs from its data's seq_len "
                           f"{prepared} (prepare steps {', '.join(self.parents['data'])})")  # fmt: skip
             resolved["data.seq_len"] = prepared
+        self.check_prepared_tokenizer("data", overrides.get("data.tokenizer", (raw.get("data") or {}).get("tokenizer")))
         init_from = self.step_ref("init_from", ("train",))
         if init_from is not None:
             resolved["checkpoint.init_from"] = init_from
