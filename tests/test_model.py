@@ -218,6 +218,20 @@ def test_moe_layer_compiles_to_one_graph_forward_and_backward():
         torch.testing.assert_close(got, want)
 
 
+def test_a_served_batch_never_cuts_a_request_below_its_budget_for_another_s_prompt():
+    """Rows of one batch share the context: in a 1,024-token model a 900-token prompt would leave a 10-token
+    prompt's row 124 tokens of its 300. The server splits such rows apart; rows that fit share a batch."""
+    from minimind.model.generate import BatchDecoder, Sampling, context_groups
+
+    assert context_groups([900, 10, 20], [100, 300, 300], 1024) == [[1, 2], [0]]
+    assert context_groups([10, 500, 20], [1000, 300, 300], 1024) == [[0, 2], [1]]  # 500 + 1000 > 1024
+    assert context_groups([10, 20, 30], [300, 300, 300], 1024) == [[0, 1, 2]]
+    assert context_groups([5], [1019], 1024) == [[0]]
+    model = MiniMindLM(model_config("tiny", max_seq_len=1024))
+    together = BatchDecoder(model, [[5] * 900, [5] * 10], [Sampling(100), Sampling(300)])
+    assert together.left == [100, 1024 - 900]  # what a batch of both gave the short prompt
+
+
 def test_streamed_text_joins_to_the_decoded_reply(tokenizer):
     from minimind.model.generate import stream_text
 

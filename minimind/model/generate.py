@@ -73,6 +73,23 @@ def _sample(logits: torch.Tensor, seen: torch.Tensor, sampling: Sampling) -> int
     return int(torch.multinomial(logits.softmax(-1), 1, generator=sampling.generator))
 
 
+def context_groups(prompt_lengths: Sequence[int], budgets: Sequence[int], limit: int) -> list[list[int]]:
+    """Rows split into batches that each fit the context: a batch's rows share it, so each row can grow only to
+    ``limit`` less the batch's longest prompt. Rows that fit together (longest prompt + largest budget <= limit)
+    share a batch, shortest prompts first; a row is never cut below its own budget by another's prompt."""
+    groups: list[list[int]] = []
+    width = most = 0
+    for row in sorted(range(len(prompt_lengths)), key=lambda r: prompt_lengths[r]):
+        longer, larger = max(width, prompt_lengths[row]), max(most, budgets[row])
+        if groups and longer + larger <= limit:
+            groups[-1].append(row)
+            width, most = longer, larger
+        else:
+            groups.append([row])
+            width, most = prompt_lengths[row], budgets[row]
+    return groups
+
+
 class BatchDecoder:
     """Several prompts decoded together, one forward pass per step for all of them.
 

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from minimind.model.generate import BatchDecoder, Sampling
+from minimind.model.generate import BatchDecoder, Sampling, context_groups
 from minimind.model.hf import checkpoint_tokenizer
 from minimind.serve.openai_api import (
     ApiError,
@@ -206,12 +206,17 @@ class MiniMindServer:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=2)
     async def _generate(self, jobs: list[Job]):
         """Each job's tokens, one per step, all jobs of the batch decoded together (one group per model)."""
-        groups: dict[str, list[int]] = {}
+        by_model: dict[str, list[int]] = {}
         for index, job in enumerate(jobs):
-            groups.setdefault(job.model, []).append(index)
+            by_model.setdefault(job.model, []).append(index)
+        groups = []  # each model's rows, in batches whose longest prompt leaves every row its whole budget
+        for name, indices in by_model.items():
+            lengths = [len(jobs[i].prompt_ids) for i in indices]
+            budgets = [jobs[i].sampling.max_new_tokens for i in indices]
+            groups += [(name, [indices[r] for r in rows]) for rows in context_groups(lengths, budgets, self.context)]
         decoders = [(rows, BatchDecoder(self.models[name], [jobs[i].prompt_ids for i in rows],
                                         [jobs[i].sampling for i in rows], self.tokenizer.eos_id))
-                    for name, rows in groups.items()]  # fmt: skip
+                    for name, rows in groups]  # fmt: skip
         ended = [False] * len(jobs)
         while not all(ended):
             results: list = [StopIteration] * len(jobs)
