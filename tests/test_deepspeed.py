@@ -40,10 +40,10 @@ STEPS = 12
 # ZeRO optimizers must keep from the client optimizer's groups (a lost lr scale doubles their lr).
 MUP = ["--model.parametrization", "mup", "--model.mup_base_width", "32"]
 STANDARD = tiny_pretrain_args(STEPS, lr="1e-3", checkpoint_every=5, placement="STRICT_SPREAD")
-# Warmup-stable-decay, evaluated every 3 steps: the decay is the last round(0.2 x 12) = 2 steps, so the
-# evaluations at 3, 6 and 9 are stable-phase ones, where runs with cooldown evaluations branch.
-EVALUATED = ["--optim.schedule", "wsd", "--eval.every_steps", "3", "--eval.val_fraction", "0.05",
-             "--eval.max_examples", "8", "--eval.continuation_docs", "0"]  # fmt: skip
+# Warmup-stable-decay, evaluated every 3 steps: a 2-step warmup and the decay the last round(0.2 x 12) = 2 steps,
+# so the evaluations at 3, 6 and 9 are stable-phase ones, where runs with cooldown evaluations branch.
+EVALUATED = ["--optim.schedule", "wsd", "--optim.warmup_steps", "2", "--eval.every_steps", "3",
+             "--eval.val_fraction", "0.05", "--eval.max_examples", "8", "--eval.continuation_docs", "0"]  # fmt: skip
 COMMON = [*STANDARD, *MUP, *EVALUATED]
 COOLED = ["--eval.cooldown_fraction", "0.25"]
 
