@@ -550,6 +550,22 @@ def test_experiments_compared_mark_the_pareto_front_and_the_config_differences(t
     on_gpus = {"config": {"distributed": {"use_gpu": True, "num_workers": 2}}, "seconds": 0.0,
                "summary": {"seconds": 1800.0}}  # fmt: skip
     assert gpu_hours(on_gpus) == 1.0 and gpu_hours({**on_gpus, "config": {"distributed": {}}}) == 0.0
+    # Hardware FLOPs from the logged MFU: 1e18 model FLOPs over 1e9 tokens is 1e9 a token; at 1e5 tokens/s on 2
+    # devices an MFU of 0.4 means a peak of 5e4 x 1e9 / 0.4 = 1.25e14 FLOP/s a device, for the 1e9 / 1e5 = 1e4 s.
+    from minimind.experiment.page import hardware_flops
+
+    on_gpus["summary"].update(model_flops=1e18, tokens=1e9)
+    windows = [{"tokens_per_second": 1e5, "mfu": 0.4}, {"tokens_per_second": 1e5, "mfu": 0.4}, {"val_loss": 2.0}]
+    assert hardware_flops(on_gpus, windows) == pytest.approx((1.25e14 * 2 * 1e4, 0.4))
+    assert hardware_flops(on_gpus, [{"tokens_per_second": 1e5}]) is None  # no MFU logged: a CPU run
+    # An evaluation's multiple-choice subjects, each a row of the page.
+    from minimind.experiment.page import _eval_blocks
+
+    history = {"accuracy": 2 / 3, "accuracy_per_byte": 1 / 3, "chance": 0.25, "questions": 3, "contaminated": 1}
+    [_, _, subjects] = _eval_blocks({"eval": {"metrics": {"choice_accuracy": 2 / 3, "choice_subjects":
+                                                          {"history": history}}}})  # fmt: skip
+    assert subjects == ("table", ["subject", "questions", "accuracy", "per byte", "chance", "contaminated"],
+                        [["history", "3", "66.7%", "33.3%", "25.0%", "1"]])  # fmt: skip
 
 
 SWEPT = f"""\

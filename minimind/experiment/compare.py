@@ -17,12 +17,19 @@ import sys
 from dataclasses import dataclass
 
 from minimind import storage
-from minimind.experiment.record import RECORD_FILE
+from minimind.experiment.record import RECORD_FILE, gpu_hours
 from minimind.experiment.spec import dotted_changes
 from minimind.pages import to_html, to_markdown
 
-SCORES = ("val_bits_per_byte", "val_perplexity", "continuation_accuracy", "chat_adherence")
-HIGHER_IS_BETTER = {"continuation_accuracy", "chat_adherence"}
+SCORES = (
+    "val_bits_per_byte",
+    "val_perplexity",
+    "continuation_accuracy",
+    "chat_adherence",
+    "choice_accuracy",
+    "choice_accuracy_per_byte",
+)
+HIGHER_IS_BETTER = {"continuation_accuracy", "chat_adherence", "choice_accuracy", "choice_accuracy_per_byte"}
 
 
 @dataclass
@@ -48,16 +55,10 @@ def load_entry(root: str, eval_step: str | None = None) -> Entry:
         raise ValueError(f"{root}: no eval step {eval_step!r} (eval steps: {', '.join(evals) or 'none'})")
     chosen = eval_step or (evals[-1] if evals else None)
     scores = dict((steps[chosen].get("summary") or {}) if chosen else {})
-    flops = gpu_hours = 0.0
-    for step in steps.values():
-        if step["kind"] == "train":
-            summary = step.get("summary") or {}
-            flops += float(summary.get("model_flops") or 0.0)
-            distributed = step["config"].get("distributed", {})
-            if distributed.get("use_gpu"):
-                gpus = distributed.get("num_workers", 1) * distributed.get("gpus_per_worker", 1)
-                gpu_hours += gpus * float(summary.get("seconds", step.get("seconds", 0.0))) / 3600
-    return Entry(record["name"], root, record, scores, flops, gpu_hours)
+    trained = [step for step in steps.values() if step["kind"] == "train"]
+    flops = sum(float((step.get("summary") or {}).get("model_flops") or 0.0) for step in trained)
+    used = sum(step.get("gpu_hours", gpu_hours(step)) for step in trained)  # older records: counted here
+    return Entry(record["name"], root, record, scores, flops, used)
 
 
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = False) -> list[int]:

@@ -70,6 +70,24 @@ def _graph_blocks(steps: dict) -> list[tuple]:
     ]
 
 
+def hardware_flops(step: dict, rows: list[dict]) -> tuple[float, float] | None:
+    """(hardware FLOPs, MFU) of a train step from its logged windows, or None where no MFU was logged (CPU, or a
+    GPU whose peak is unknown). Each window's MFU gives the device's peak (its tokens/s per device x FLOPs per
+    token / MFU); the hardware FLOPs are that peak x the devices x the training time (the tokens at the windows'
+    mean tokens/s: step times, without start-up), and the MFU their ratio to the model FLOPs."""
+    summary = step.get("summary") or {}
+    flops, tokens = float(summary.get("model_flops") or 0.0), float(summary.get("tokens") or 0.0)
+    logged = [row for row in rows if row.get("mfu") and row.get("tokens_per_second")]
+    if not (logged and flops and tokens):
+        return None
+    devices = int(step["config"].get("distributed", {}).get("num_workers", 1))
+    per_token = flops / tokens
+    peak = sum(row["tokens_per_second"] / devices * per_token / row["mfu"] for row in logged) / len(logged)
+    seconds = tokens / (sum(row["tokens_per_second"] for row in logged) / len(logged))
+    hardware = peak * devices * seconds
+    return hardware, flops / hardware
+
+
 def _compute_blocks(steps: dict, curves: dict, gpu_hour_usd: float | None) -> list[tuple]:
     rows, total_flops, total_gpu_hours = [], 0.0, 0.0
     for name, step in steps.items():
@@ -79,24 +97,26 @@ def _compute_blocks(steps: dict, curves: dict, gpu_hour_usd: float | None) -> li
         flops = float(summary.get("model_flops") or 0.0)
         total_flops += flops
         total_gpu_hours += used
-        mfu = next((row["mfu"] for row in reversed(curves[name]) if row.get("mfu") is not None), None)
+        measured = hardware_flops(step, curves[name])
+        hardware, mfu = (f"{measured[0]:.3g}", f"{measured[1]:.1%}") if measured else ("-", "-")
         cost = f"${used * gpu_hour_usd:,.2f}" if gpu_hour_usd is not None and used else "-"
-        rows.append([name, f"{int(summary.get('tokens', 0)):,}", f"{flops:.3g}", f"{mfu:.1%}" if mfu else "-",
+        rows.append([name, f"{int(summary.get('tokens', 0)):,}", f"{flops:.3g}", hardware, mfu,
                      f"{used:.2f}" if used else "CPU", cost])  # fmt: skip
     if not rows:
         return []
     total_cost = f"${total_gpu_hours * gpu_hour_usd:,.2f}" if gpu_hour_usd is not None else "-"
-    rows.append(["all", "", f"{total_flops:.3g}", "", f"{total_gpu_hours:.2f}", total_cost])
+    rows.append(["all", "", f"{total_flops:.3g}", "", "", f"{total_gpu_hours:.2f}", total_cost])
     price = f"at ${gpu_hour_usd}/GPU-hour" if gpu_hour_usd is not None else "(give --gpu-hour-usd for a cost)"
     return [
         ("h2", "Compute"),
         (
             "p",
             "Model FLOPs: training FLOPs per token (6N plus attention, the tied embedding counted once) times the "
-            "tokens trained, cooldown branches included. MFU as the run logged it on a GPU. GPU-hours: workers x "
+            "tokens trained, cooldown branches included. Hardware FLOPs: the device's peak (from the MFU the run "
+            "logged on a GPU) x its devices x its step times; MFU: model over hardware FLOPs. GPU-hours: workers x "
             f"GPUs per worker x the step's time when it last ran (start-up included); cost {price}.",
         ),  # fmt: skip
-        ("table", ["train step", "tokens", "model FLOPs", "MFU", "GPU-hours", "cost"], rows),
+        ("table", ["train step", "tokens", "model FLOPs", "hardware FLOPs", "MFU", "GPU-hours", "cost"], rows),
     ]
 
 
@@ -164,6 +184,14 @@ def _eval_blocks(evals: dict) -> list[tuple]:
         )
         blocks += [("h2", f"Evaluation: {name}"),
                    ("table", ["metric", "value"], [[key, f"{metrics[key]:.4g}"] for key in shown])]  # fmt: skip
+        subjects = metrics.get("choice_subjects") or {}
+        if subjects:  # multiple choice by subject, with the questions found in the training corpora
+            header = ["subject", "questions", "accuracy", "per byte", "chance", "contaminated"]
+            rows = [[subject, str(block["questions"]), f"{block['accuracy']:.1%}",
+                     f"{block['accuracy_per_byte']:.1%}", f"{block['chance']:.1%}",
+                     str(block["contaminated"]) if "contaminated" in block else "-"]
+                    for subject, block in subjects.items()]  # fmt: skip
+            blocks.append(("table", header, rows))
         samples = result.get("samples") or []
         if samples:
             blocks.append(("table", ["prompt", "output"], [[s["prompt"], s["output"]] for s in samples]))

@@ -68,7 +68,7 @@ def write_record(experiment: Experiment, planned: dict[str, PlannedStep], outcom
 
 def train_seconds(step: dict) -> float:
     """A train step's time as its task measured it when it last ran (a cached step's too)."""
-    return float((step.get("summary") or {}).get("seconds", step["seconds"]))
+    return float((step.get("summary") or {}).get("seconds", step.get("seconds", 0.0)))
 
 
 def gpu_hours(step: dict) -> float:
