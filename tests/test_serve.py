@@ -197,3 +197,11 @@ def test_a_request_asks_minimind3_to_think_as_minimind_s_server_is_asked():
         with pytest.raises(ApiError) as refused:
             parse_request({**body, **bad}, True, ["m"])
         assert refused.value.status == 400 and refused.value.param == field
+    # Tools: minimind-3's template writes them into the prompt; the bundled one has no place for them, so a
+    # request with tools is refused rather than answered as if the model had seen them.
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    with_tools = parse_request({**body, "tools": [weather]}, True, ["m"])
+    assert "get_weather" in render_chat(minimind3, with_tools)[0]
+    with pytest.raises(ApiError) as refused:
+        render_chat(load_tokenizer(), with_tools)
+    assert refused.value.status == 400 and refused.value.param == "tools"

@@ -18,6 +18,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from minimind.tokenizer.chat_template import dropped_fields
+
 ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 4
 DEFAULT_MAX_TOKENS = 512
@@ -134,6 +136,9 @@ def render_chat(tokenizer, request: GenerationRequest) -> tuple[str, bool]:
     if request.open_thinking:
         extra["open_thinking"] = True
     text = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, **extra)
+    if request.tools and dropped_fields(text, [{"role": "system", "tools": request.tools}]):
+        raise ApiError(400, "this model's chat template does not render tools (the bundled one does not; minimind-3's "
+                       "does), so the model would never see them", "tools")  # fmt: skip
     return text, text.rstrip().endswith(THINK_OPEN)
 
 
