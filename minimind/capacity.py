@@ -147,6 +147,11 @@ def present_trials(nodes: list[dict[str, float]], per_worker: dict[str, float], 
     return sum(workers_per_node(node, per_worker) for node in nodes) // workers_per_trial
 
 
+def _resources(per_worker: dict[str, float]) -> str:
+    """``1 CPU, 1 GPU``: a worker's resources in words."""
+    return ", ".join(f"{value:g} {key}" for key, value in per_worker.items())
+
+
 def check_placeable(
     present: list[dict[str, float]],
     limits: ClusterLimits | None,
@@ -173,15 +178,14 @@ def check_placeable(
     most = max_trials(limits, per_worker, workers) if limits is not None else 0
     if fit_now or most is None or most > 0:
         return
-    need = ", ".join(f"{value:g} {key}" for key, value in per_worker.items())
     if limits is None:
         scale = "and it does not autoscale"
     else:
         scale = f"and {max_trials(limits, per_worker, 1)} at its largest ({limits.source})"
     raise ConfigError(
-        f"{what}: {workers} worker(s) of {need} each ({placement}) do not fit this Ray cluster: its nodes hold "
-        f"{sum(holds)} such worker(s) now, {scale}, so Ray would wait for them for ever; ask for fewer workers or "
-        "fewer CPUs/GPUs per worker (or no --use-gpu), or start the nodes first"
+        f"{what}: {workers} worker(s) of {_resources(per_worker)} each ({placement}) do not fit this Ray cluster: "
+        f"its nodes hold {sum(holds)} such worker(s) now, {scale}, so Ray would wait for them for ever; ask for "
+        "fewer workers or fewer CPUs/GPUs per worker (or no --use-gpu), or start the nodes first"
     )
 
 
@@ -198,7 +202,7 @@ def choose_concurrency(
     trial fits (:func:`check_placeable`)."""
     check_placeable(present, limits, per_worker, workers_per_trial, placement, kuberay, "a sweep trial's workers")
     now = present_trials(present, per_worker, workers_per_trial)
-    need = ", ".join(f"{value:g} {key}" for key, value in per_worker.items())
+    need = _resources(per_worker)
     if limits is None:
         if kuberay:
             raise ConfigError(

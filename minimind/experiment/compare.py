@@ -57,8 +57,7 @@ def load_entry(root: str, eval_step: str | None = None) -> Entry:
     scores = dict((steps[chosen].get("summary") or {}) if chosen else {})
     trained = [step for step in steps.values() if step["kind"] == "train"]
     flops = sum(float((step.get("summary") or {}).get("model_flops") or 0.0) for step in trained)
-    used = sum(step.get("gpu_hours", gpu_hours(step)) for step in trained)  # older records: counted here
-    return Entry(record["name"], root, record, scores, flops, used)
+    return Entry(record["name"], root, record, scores, flops, sum(gpu_hours(step) for step in trained))
 
 
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = False) -> list[int]:

@@ -505,7 +505,8 @@ class _StepParser:
                 self.fail("overrides", f"data.seq_len {overrides['data.seq_len']} differs from its data's seq_len "
                           f"{prepared} (prepare steps {', '.join(self.parents['data'])})")  # fmt: skip
             resolved["data.seq_len"] = prepared
-        self.check_prepared_tokenizer("data", overrides.get("data.tokenizer", (raw.get("data") or {}).get("tokenizer")))
+        data_tokenizer = overrides.get("data.tokenizer", (raw.get("data") or {}).get("tokenizer"))
+        self.check_prepared_tokenizer("data", data_tokenizer)
         init_from = self.step_ref("init_from", ("train",))
         if init_from is not None:
             resolved["checkpoint.init_from"] = init_from
@@ -513,7 +514,7 @@ class _StepParser:
             self.fail("init_from", f"a {stage} step starts from a train step's model: name it here")
         elif outside := overrides.get("checkpoint.init_from", (raw.get("checkpoint") or {}).get("init_from")):
             resolved["checkpoint.init_from"] = self.outside_checkpoint(outside)
-        if data_tokenizer := overrides.get("data.tokenizer", (raw.get("data") or {}).get("tokenizer")):
+        if data_tokenizer:
             self.input_path("overrides.data.tokenizer", data_tokenizer)
         teacher = self.step_ref("teacher", ("train",), required=stage == "distill")
         if teacher is not None:

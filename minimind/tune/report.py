@@ -375,10 +375,10 @@ def _duration_blocks(summary: SweepSummary, records: list[TrialRecord]) -> list[
 def _cheapest_near_best(summary: SweepSummary, lengths: list[str], readings: list[tuple[float, int, str]]) -> str:
     """The best reading, and the shortest length with a reading within ``NEAR_BEST`` of it: what a run that only
     has to come close to the best needs to train."""
-    sign = 1.0 if summary.mode == "min" else -1.0
-    best, best_index, best_trial = min(readings, key=lambda r: (sign * r[0], r[1]))
-    near = [r for r in readings if sign * (r[0] - best) <= NEAR_BEST * abs(best)]
-    value, index, trial_id = min(near, key=lambda r: (r[1], sign * r[0]))
+    mode = summary.mode
+    best, best_index, best_trial = min(readings, key=lambda r: (_directed(r[0], mode), r[1]))
+    near = [r for r in readings if _directed(r[0], mode) - _directed(best, mode) <= NEAR_BEST * abs(best)]
+    value, index, trial_id = min(near, key=lambda r: (r[1], _directed(r[0], mode)))
     share = summary.durations[index] / summary.durations[-1]
     return (
         f"Best reading: {_fmt_value(best)} (trial {best_trial}, {lengths[best_index]}). The shortest length within "

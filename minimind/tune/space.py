@@ -161,6 +161,15 @@ class Param:
             return False
         return self.low <= value <= self.high
 
+    def listed_values(self) -> list | None:
+        """Every value the parameter takes, where they can be listed: its choices, or an integer range by its step
+        (None for a continuous or log range)."""
+        if self.kind == "choice":
+            return list(self.choices)
+        if self.integer and not self.log:
+            return list(range(int(self.low), int(self.high) + 1, self.step or 1))
+        return None
+
     def describe(self) -> str:
         if self.kind == "choice":
             return f"one of {self.choices}"
@@ -221,12 +230,10 @@ class SearchSpace:
             where = f"{self.path}:{param.line}: params.{param.name}"
             if param.when:
                 raise ConfigError(f"{where}: a grid cannot hold a conditional parameter")
-            if param.kind == "choice":
-                grid[param.name] = list(param.choices)
-            elif param.integer and not param.log:
-                grid[param.name] = list(range(int(param.low), int(param.high) + 1, param.step or 1))
-            else:
+            values = param.listed_values()
+            if values is None:
                 raise ConfigError(f"{where}: a grid needs its values listed; give it as a choice")
+            grid[param.name] = values
         return grid
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -367,12 +374,7 @@ def _durations_from_epochs(params: list[Param], budget: Budget, fail) -> list[Pa
             fail(where, "under optim.schedule: wsd list the lengths as budget.durations_tokens (or optim.epochs): "
                  "each trial trains once, to the longest, and is scored at every shorter one by a cooldown branch "
                  "ending there; steps as a parameter would train each length from scratch", param.line)  # fmt: skip
-        if param.kind == "choice":
-            values = param.choices
-        elif param.integer and not param.log:
-            values = list(range(int(param.low), int(param.high) + 1, param.step or 1))
-        else:
-            values = []
+        values = param.listed_values() or []
         if len(set(values)) < 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
             fail(where, "under optim.schedule: wsd the epochs are durations a trial is scored at: a choice (or int "
                  "range) of at least two positive whole numbers of epochs", param.line)  # fmt: skip
@@ -382,9 +384,9 @@ def _durations_from_epochs(params: list[Param], budget: Budget, fail) -> list[Pa
         if any(param.name in other.when for other in params):
             fail(where, "a duration is not sampled, so no parameter can depend on it", param.line)
         budget.durations_epochs = sorted(set(values))
-    if len(kept) == len(params) or kept:
-        return kept
-    fail("params", "searches only the duration; add a parameter to tune (optim.lr, optim.batch_size, ...)")
+    if not kept:
+        fail("params", "searches only the duration; add a parameter to tune (optim.lr, optim.batch_size, ...)")
+    return kept
 
 
 def _stage_overrides(cli_overrides: dict[str, Any], stage_name: str | None) -> dict[str, Any]:
