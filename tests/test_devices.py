@@ -50,27 +50,22 @@ def test_the_cli_stops_before_any_work_when_its_gpu_is_missing(argv, capsys):
     assert exit_code.value.code == 2 and "device error:" in err and "asks for a GPU" in err, err
 
 
-def test_what_a_gpu_worker_is_given_as_a_cpu_can_check_it(monkeypatch, tmp_path):
-    """The GPU-only branches, with torch.cuda's answers stubbed: dtype auto by compute capability, a worker's own
-    GPU random stream restored from a checkpoint of one stream per visible GPU, and DDP's settings."""
+def test_what_a_gpu_worker_is_given_as_a_cpu_can_check_it(tmp_path):
+    """The GPU-only choices, as the pure functions that make them: dtype auto by compute capability, a worker's
+    own GPU random stream picked from a checkpoint of one stream per visible GPU, and DDP's settings (real gloo)."""
     import torch.distributed as dist
 
-    from minimind.train.checkpointing import set_rng_state
+    from minimind.train.checkpointing import own_gpu_stream
     from minimind.train.parallel import DataParallel
-    from minimind.train.runtime import resolve_dtype
+    from minimind.train.runtime import gpu_dtype, resolve_dtype
 
-    runtime = tiny_config().runtime
-    for capability, dtype in (((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert resolve_dtype(runtime, torch.device("cuda", 0)) == dtype, capability  # fp16 below Ampere
-    assert resolve_dtype(runtime, torch.device("cpu")) == torch.float32
+    assert [gpu_dtype(c) for c in ((7, 5), (8, 0), (9, 0))] == [torch.float16, torch.bfloat16, torch.bfloat16]
+    assert resolve_dtype(tiny_config().runtime, torch.device("cpu")) == torch.float32
 
-    restored = {}
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update({str(device): state}))
     streams = [torch.tensor([10], dtype=torch.uint8), torch.tensor([11], dtype=torch.uint8)]
-    set_rng_state({"cpu": torch.get_rng_state(), "cuda": streams}, torch.device("cuda", 1))
-    set_rng_state({"cpu": torch.get_rng_state(), "cuda": streams[0]}, torch.device("cuda", 3))
-    assert (restored["cuda:1"].item(), restored["cuda:3"].item()) == (11, 10)
+    assert own_gpu_stream({"cuda": streams}, torch.device("cuda", 1)).item() == 11  # an old list: its own entry
+    assert own_gpu_stream({"cuda": streams[0]}, torch.device("cuda", 3)).item() == 10  # one stream: its own
+    assert own_gpu_stream({"cuda": streams}, torch.device("cpu")) is None
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)
     try:

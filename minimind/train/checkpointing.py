@@ -62,11 +62,18 @@ def rng_state(device: torch.device) -> dict:
 
 def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
-    own = state.get("cuda")
-    if isinstance(own, list):  # written before one device per worker: [device 0, device 1, ...]
-        own = own[device.index or 0] if own and device.type == "cuda" else None
-    if own is not None and device.type == "cuda":
+    own = own_gpu_stream(state, device)
+    if own is not None:
         torch.cuda.set_rng_state(own, device)
+
+
+def own_gpu_stream(state: dict, device: torch.device) -> torch.Tensor | None:
+    """The saved random stream of ``device``'s GPU (None on CPU): the one stream a checkpoint holds, or, in one
+    written before one device per worker (a list, one stream per visible GPU), the entry of ``device``'s index."""
+    own = state.get("cuda")
+    if isinstance(own, list):
+        own = own[device.index or 0] if own and device.type == "cuda" else None
+    return own if device.type == "cuda" else None
 
 
 def write_checkpoint(trainer, directory: Path, rng_states: list[dict]) -> None:

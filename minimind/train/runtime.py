@@ -32,8 +32,13 @@ def resolve_dtype(runtime: RuntimeConfig, device: torch.device) -> torch.dtype:
     if runtime.dtype != "auto":
         return DTYPES[runtime.dtype]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+        return gpu_dtype(torch.cuda.get_device_capability(device))
     return torch.float32
+
+
+def gpu_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """dtype auto on a GPU of this compute capability: bf16 from Ampere (8.0), fp16 below."""
+    return torch.bfloat16 if capability >= (8, 0) else torch.float16
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
